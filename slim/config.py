@@ -1,0 +1,171 @@
+"""Typed configuration: dataclass schemas registered in Hydra's ConfigStore, and validation.
+
+The YAML files under ``conf/`` fill these schemas; a wrong type or an unknown key fails at compose time.
+``validate`` adds the cross-field checks that Hydra cannot express, with messages that name the fix.
+Seed (reference project) keys keep their meaning: ``model.name/load_type/low_cpu_mem_usage/device_map`` and
+``quantization.name/bits/low_memory/quant_method/group_size/ignore_layers`` live at ``scheme.*`` here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from slim.errors import SlimError
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+SCHEMES = ("fp8_static", "w4a8", "w4a8_dynamic")
+LOAD_TYPES = ("fp8", "bf16")
+MODES = ("quantize", "plan", "eval")
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # seed: model.name (e.g. DeepSeek)
+    path: str = MISSING  # directory with config.json, safetensors and tokenizer
+    load_type: str = "fp8"  # seed: fp8 = DeepSeek 128x128 block-FP8 weights, bf16 = plain floating-point weights
+    low_cpu_mem_usage: bool = True  # seed: keep weights on the host, stream one layer at a time
+    device_map: str = "cpu"  # seed: where weights wait between layers
+    dtype: str = "bfloat16"  # compute dtype for calibration and evaluation
+    trust_remote_code: bool = False
+    convert_from: str | None = None  # fp8 checkpoint converted into `path` (bf16) when `path` is missing
+    copy_mtp: bool = False  # copy DeepSeek's multi-token-prediction layer through unquantized
+
+
+@dataclass
+class SchemeConfig:
+    name: str = MISSING  # seed: quantization.name
+    bits: int = 8  # seed: quantization.bits (weight bits)
+    quant_method: str = "per-tensor"  # seed: weight granularity, per-tensor | per-group
+    group_size: int | None = None  # seed: quantization.group_size (per-group only)
+    ignore_layers: list[str] = field(default_factory=lambda: ["lm_head"])  # seed: layers left unquantized
+    low_memory: bool = True  # seed: quantization.low_memory (one layer resident at a time)
+    weight_observer: str = "minmax"
+    activation_observer: str = "minmax"
+    format: str = "compressed-tensors"
+
+
+@dataclass
+class HardwareConfig:
+    name: str = MISSING
+    nodes: int = 1
+    procs_per_node: int = 1
+    device: str = "cpu"  # cpu | cuda
+    device_memory_gb: float = 0.0  # per device; 0 = host memory only
+    host_memory_gb: float = 24.0
+    backend: str = "gloo"  # gloo (cpu) | nccl (cuda)
+    low_memory: bool = True
+    threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+
+
+@dataclass
+class CalibrationConfig:
+    name: str = MISSING
+    source: str = "embedded"  # embedded | jsonl | hf
+    path: str | None = None  # jsonl file (source=jsonl)
+    dataset: str | None = None  # dataset name (source=hf), needs dataset access
+    split: str = "train"
+    text_field: str = "text"
+    num_samples: int = 32
+    seq_len: int = 256
+    batch_size: int = 8
+    seed: int = 0
+    route_all_experts: bool = False  # every token visits every routed expert while observing
+    propagate: str = "unquantized"  # unquantized | quantized: what layer i+1 sees during calibration
+
+
+@dataclass
+class EvalConfig:
+    name: str = MISSING
+    tasks: list[str] = field(default_factory=list)
+    backend: str = "hf"  # hf (in-process, CPU or GPU) | vllm (GPU machines)
+    batch_size: int = 8
+    limit: float | None = None
+    num_fewshot: int | None = None
+    baseline: bool = True  # also evaluate the unquantized model
+
+
+@dataclass
+class LoggerConfig:
+    name: str = MISSING
+    project: str = "slim"
+    entity: str | None = None
+    mode: str = "offline"  # offline | online | disabled
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SlimConfig:
+    model: ModelConfig = MISSING
+    scheme: SchemeConfig = MISSING
+    hardware: HardwareConfig = MISSING
+    calibration: CalibrationConfig = MISSING
+    eval: EvalConfig = MISSING
+    logger: LoggerConfig = MISSING
+    mode: str = "quantize"
+    seed: int = 0
+    run_dir: str = "."  # filled from hydra.runtime.output_dir by the entry point
+    overwrite: bool = False
+
+
+def register_configs() -> None:
+    """Register the schemas; YAML files in conf/<group>/ start with ``defaults: [base_<group>]``."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=SlimConfig)
+    for group, node in (
+        ("model", ModelConfig),
+        ("scheme", SchemeConfig),
+        ("hardware", HardwareConfig),
+        ("calibration", CalibrationConfig),
+        ("eval", EvalConfig),
+        ("logger", LoggerConfig),
+    ):
+        cs.store(group=group, name=f"base_{group}", node=node)
+    if not OmegaConf.has_resolver("asset"):
+        OmegaConf.register_new_resolver("asset", lambda name: str(ASSETS / name))
+
+
+def _choice(value: Any, valid: tuple[str, ...], key: str) -> None:
+    if value not in valid:
+        raise SlimError(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
+
+
+def validate(cfg: SlimConfig) -> SlimConfig:
+    """Cross-field checks. Raises SlimError naming the key and the fix."""
+    _choice(cfg.mode, MODES, "mode")
+    _choice(cfg.model.load_type, LOAD_TYPES, "model.load_type")
+    _choice(cfg.model.dtype, DTYPES, "model.dtype")
+    _choice(cfg.scheme.name, SCHEMES, "scheme.name")
+    _choice(cfg.scheme.quant_method, ("per-tensor", "per-group"), "scheme.quant_method")
+    _choice(cfg.calibration.source, ("embedded", "jsonl", "hf"), "calibration.source")
+    _choice(cfg.calibration.propagate, ("unquantized", "quantized"), "calibration.propagate")
+    _choice(cfg.logger.mode, ("offline", "online", "disabled"), "logger.mode")
+    _choice(cfg.eval.backend, ("hf", "vllm"), "eval.backend")
+    s = cfg.scheme
+    if s.quant_method == "per-group":
+        if not s.group_size or s.group_size <= 0:
+            raise SlimError(f"scheme.quant_method=per-group needs a positive scheme.group_size (got {s.group_size})")
+    elif s.group_size is not None:
+        raise SlimError("scheme.group_size is only used with scheme.quant_method=per-group; set it to null")
+    if s.name == "fp8_static" and (s.bits != 8 or s.quant_method != "per-tensor"):
+        raise SlimError("fp8_static quantizes weights to 8 bits per-tensor: set scheme.bits=8 scheme.quant_method=per-tensor")
+    if cfg.model.low_cpu_mem_usage and cfg.model.device_map != "cpu":
+        raise SlimError(
+            "model.low_cpu_mem_usage=true keeps weights on the host: set model.device_map=cpu "
+            "(or model.low_cpu_mem_usage=false)"
+        )
+    c = cfg.calibration
+    if c.num_samples <= 0 or c.seq_len <= 0 or c.batch_size <= 0:
+        raise SlimError("calibration.num_samples, seq_len and batch_size must be positive")
+    if c.source == "jsonl" and not c.path:
+        raise SlimError("calibration.source=jsonl needs calibration.path=<file.jsonl>")
+    if c.source == "hf" and not c.dataset:
+        raise SlimError("calibration.source=hf needs calibration.dataset=<name>")
+    return cfg

@@ -1,0 +1,35 @@
+"""Entry point: ``python -m slim.main [group=option ...] [key=value ...]`` (Hydra; ``-m`` for sweeps)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from slim.config import SlimConfig, register_configs
+from slim.errors import SlimError
+
+register_configs()
+log = logging.getLogger("slim")
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from slim import pipeline
+
+    cfg.run_dir = HydraConfig.get().runtime.output_dir
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    typed: SlimConfig = OmegaConf.to_object(cfg)
+    try:
+        pipeline.run(typed, resolved)
+    except SlimError as exc:
+        log.error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Model adapters: how to build a model skeleton and walk it layer by layer, one registry entry per family.
+
+Every supported family follows transformers' decoder layout (``model.embed_tokens``, ``model.layers``,
+``model.norm``, ``model.rotary_emb``, ``lm_head``); adapters differ in how they prepare MoE blocks and which
+checkpoint tensors lie outside the main model (DeepSeek's multi-token-prediction layer).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from slim.errors import SlimError
+from slim.models.moe import unfuse_experts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """Generic transformers decoder (Llama, Qwen2/3, Mistral)."""
+
+    name: str = "decoder"
+
+    def prepare(self, model: PreTrainedModel) -> None:
+        """Adjust a freshly built meta skeleton (e.g. unfuse experts). Default: nothing."""
+
+    def layers(self, model: PreTrainedModel) -> nn.ModuleList:
+        return model.model.layers
+
+    def layer_prefix(self, index: int) -> str:
+        return f"model.layers.{index}."
+
+    def num_layers(self, config: PretrainedConfig) -> int:
+        return config.num_hidden_layers
+
+    def extra_layer_prefixes(self, config: PretrainedConfig) -> list[str]:
+        """Checkpoint tensors outside the main model (skipped, or copied through on request)."""
+        return []
+
+    def head_modules(self, model: PreTrainedModel) -> dict[str, nn.Module]:
+        """Modules before the decoder layers, by checkpoint prefix."""
+        return {"model.embed_tokens.": model.model.embed_tokens}
+
+    def tail_modules(self, model: PreTrainedModel) -> dict[str, nn.Module]:
+        """Modules after the decoder layers, by checkpoint prefix."""
+        return {"model.norm.": model.model.norm, "lm_head.": model.lm_head}
+
+
+@dataclass(frozen=True)
+class DeepseekV3Adapter(ModelAdapter):
+    """DeepSeek-V3/R1: MLA attention, dense first layers, shared + routed experts, optional MTP layers."""
+
+    name: str = "deepseek_v3"
+
+    def prepare(self, model: PreTrainedModel) -> None:
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts
+
+        n = unfuse_experts(model, DeepseekV3Experts, model.config.hidden_act)
+        log.debug("unfused the routed experts of %d MoE layers", n)
+
+    def extra_layer_prefixes(self, config: PretrainedConfig) -> list[str]:
+        n = getattr(config, "num_nextn_predict_layers", 0) or 0
+        return [f"model.layers.{config.num_hidden_layers + i}." for i in range(n)]
+
+
+ADAPTERS: dict[str, ModelAdapter] = {
+    "deepseek_v3": DeepseekV3Adapter(),
+    "llama": ModelAdapter(),
+    "mistral": ModelAdapter(),
+    "qwen2": ModelAdapter(),
+    "qwen3": ModelAdapter(),
+}
+
+
+def adapter_for(config: PretrainedConfig) -> ModelAdapter:
+    try:
+        return ADAPTERS[config.model_type]
+    except KeyError:
+        raise SlimError(
+            f"model_type {config.model_type!r} is not supported; supported: {', '.join(sorted(ADAPTERS))}"
+        ) from None
+
+
+def load_config(path: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        raise SlimError(f"cannot read {path}/config.json: {exc}") from exc
+
+
+def build_skeleton(config: PretrainedConfig, dtype: torch.dtype) -> tuple[PreTrainedModel, ModelAdapter]:
+    """The model with every weight on the meta device (no memory), prepared by its adapter.
+
+    Built with ``from_config(dtype=...)``: casting a built model with ``.to(bf16)`` would corrupt buffers
+    that must stay fp32 (rotary ``inv_freq``, DeepSeek's router correction bias).
+    """
+    adapter = adapter_for(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval().requires_grad_(False)
+    adapter.prepare(model)
+    # Non-persistent buffers (rotary frequencies) are computed, not loaded: rebuild them for real.
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config=model.config)
+    return model, adapter
+
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    m = _LAYER_RE.match(name)
+    return int(m.group(1)) if m else None

@@ -1,0 +1,105 @@
+"""Read a safetensors checkpoint tensor by tensor, memory-mapped, shard by shard.
+
+Nothing here builds a model or loads a whole state dict: callers ask for the tensors of one module at a
+time. DeepSeek's FP8 release stores a Linear weight as float8_e4m3fn plus ``<name>_scale_inv`` with one fp32
+scale per 128x128 block; ``load_type="fp8"`` dequantizes those on the fly, ``load_type="bf16"`` refuses them.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from slim.errors import SlimError
+from slim.quant.fp8 import FP8_DTYPE, dequantize_fp8_block
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+BLOCK_SCALE_SUFFIX = "_scale_inv"  # weight -> weight_scale_inv
+
+
+class CheckpointReader:
+    """Tensors of a safetensors checkpoint directory, by name."""
+
+    def __init__(self, path: str | Path, load_type: str = "bf16", block: tuple[int, int] = (128, 128)):
+        self.path = Path(path)
+        self.load_type = load_type
+        self.block = block
+        if not (self.path / "config.json").is_file():
+            raise SlimError(f"model path {self.path} has no config.json; point model.path at a checkpoint directory")
+        self.weight_map = self._weight_map()
+        self._handles: dict[str, object] = {}
+
+    def _weight_map(self) -> dict[str, str]:
+        if (self.path / INDEX).is_file():
+            weight_map = json.loads((self.path / INDEX).read_text())["weight_map"]
+            for shard in sorted(set(weight_map.values())):
+                if not (self.path / shard).is_file():
+                    raise SlimError(f"{self.path / INDEX} names shard {shard}, which is missing; re-download it")
+            return weight_map
+        shards = sorted(self.path.glob("*.safetensors"))
+        if not shards:
+            pickles = sorted(p.name for p in self.path.glob("*.bin")) + sorted(p.name for p in self.path.glob("*.pt"))
+            hint = f" (found {', '.join(pickles)}: pickle files are never loaded; convert them to safetensors)" if pickles else ""
+            raise SlimError(f"no safetensors weights in {self.path}{hint}")
+        weight_map = {}
+        for shard in shards:
+            with safe_open(shard, framework="pt") as f:
+                weight_map.update({name: shard.name for name in f.keys()})
+        return weight_map
+
+    def _handle(self, shard: str):
+        if shard not in self._handles:
+            try:
+                self._handles[shard] = safe_open(self.path / shard, framework="pt")
+            except Exception as exc:  # safetensors raises its own error types for truncated headers
+                raise SlimError(f"cannot read {self.path / shard}: {exc}; the file is truncated or corrupt") from exc
+        return self._handles[shard]
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def raw(self, name: str) -> torch.Tensor:
+        """The tensor exactly as stored."""
+        try:
+            shard = self.weight_map[name]
+        except KeyError:
+            raise SlimError(f"tensor {name} is not in the checkpoint at {self.path}") from None
+        return self._handle(shard).get_tensor(name)
+
+    @cached_property
+    def is_block_fp8(self) -> bool:
+        return any(n.endswith("weight" + BLOCK_SCALE_SUFFIX) for n in self.weight_map)
+
+    def check_load_type(self) -> None:
+        if self.load_type == "bf16" and self.is_block_fp8:
+            raise SlimError(
+                f"{self.path} holds FP8 block-quantized weights (weight_scale_inv); set model.load_type=fp8, "
+                f"or convert it first: python -m slim.models.convert {self.path} <bf16 dir>"
+            )
+        if self.load_type == "fp8" and not self.is_block_fp8:
+            raise SlimError(f"{self.path} has no FP8 block scales (weight_scale_inv); set model.load_type=bf16")
+
+    def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """A tensor as the model uses it: FP8 block weights dequantized, floats cast to ``dtype``."""
+        t = self.raw(name)
+        if t.dtype == FP8_DTYPE:
+            scale_name = name + BLOCK_SCALE_SUFFIX
+            if scale_name not in self.weight_map:
+                raise SlimError(f"FP8 tensor {name} has no {scale_name}; the checkpoint is incomplete")
+            return dequantize_fp8_block(t, self.raw(scale_name), self.block, dtype)
+        return t.to(dtype) if t.is_floating_point() else t
+
+    def is_aux(self, name: str) -> bool:
+        """True for tensors that are folded into another one on read (block scales)."""
+        return name.endswith(BLOCK_SCALE_SUFFIX) and name[: -len(BLOCK_SCALE_SUFFIX)] in self.weight_map
+
+    def config(self) -> dict:
+        return json.loads((self.path / "config.json").read_text())

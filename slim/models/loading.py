@@ -1,0 +1,74 @@
+"""Load whole models for evaluation: the source checkpoint (baseline) or an exported quantized checkpoint.
+
+Both go through the same skeleton + materialize path as quantization. A quantized checkpoint is read back
+through its format (``slim.formats``) into :class:`SimQuantLinear` modules, so evaluation scores exactly the
+values that ship, not the in-memory objects of the run that produced them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from slim.errors import SlimError
+from slim.models.adapters import build_skeleton, load_config
+from slim.models.checkpoint import CheckpointReader
+from slim.models.materialize import materialize_own
+from slim.models.simulated import SimQuantLinear, swap_in
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def format_for_config(qcfg: dict | None):
+    """The slim format that wrote a checkpoint, from its ``quantization_config`` (None: not quantized by slim)."""
+    from slim.formats import FORMATS
+
+    if not qcfg:
+        return None
+    method = qcfg.get("quant_method")
+    if method == "compressed-tensors":
+        return FORMATS["compressed-tensors"]
+    if method == "fp8" and "weight_block_size" not in qcfg:
+        return FORMATS["fp8_native"]
+    if method == "fp8":
+        return None  # DeepSeek block FP8 source checkpoint: read by CheckpointReader(load_type="fp8")
+    raise SlimError(f"quantization_config.quant_method={method!r} cannot be loaded; slim reads compressed-tensors and fp8")
+
+
+def load_model(path: str, load_type: str = "bf16", dtype: str = "bfloat16", trust_remote_code: bool = False,
+               device: str = "cpu") -> PreTrainedModel:
+    """A ready-to-run model from a checkpoint directory; quantized Linears become SimQuantLinear."""
+    from slim.formats import quantized_modules
+
+    config = load_config(path, trust_remote_code)
+    model, _ = build_skeleton(config, DTYPES[dtype])
+    qcfg = getattr(config, "quantization_config", None)
+    fmt = format_for_config(qcfg if isinstance(qcfg, dict) else None)
+    reader = CheckpointReader(path, load_type="fp8" if fmt is None and load_type == "fp8" else "bf16")
+    if fmt is None:
+        reader.check_load_type()
+    else:
+        for name, tensor_names in quantized_modules(reader.names(), fmt).items():
+            q = fmt.read(name, {n: reader.raw(n) for n in tensor_names})
+            bias = reader.get(name + ".bias", DTYPES[dtype]) if name + ".bias" in reader else None
+            swap_in(model, name, SimQuantLinear(q, bias))
+    materialize_rest(model, reader, device)
+    model.to(device)
+    return model
+
+
+def materialize_rest(model: nn.Module, reader: CheckpointReader, device: str) -> None:
+    """Materialize every parameter/buffer still on the meta device (SimQuantLinear holds its own tensors)."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, SimQuantLinear):
+            continue
+        direct = list(mod.named_parameters(recurse=False)) + [
+            (b, t) for b, t in mod.named_buffers(recurse=False) if b not in mod._non_persistent_buffers_set
+        ]
+        if any(t.is_meta for _, t in direct):
+            materialize_own(mod, f"{name}." if name else "", reader, device)

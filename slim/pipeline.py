@@ -1,0 +1,177 @@
+"""The stages of a slim run, in order: load -> quantize (calibrate + export) -> evaluate -> track."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slim import __version__
+from slim.config import SlimConfig, validate
+from slim.errors import SlimError
+from slim.tracking import Tracker, flat_metrics, peak_memory, results_table, write_results
+
+log = logging.getLogger(__name__)
+
+
+class Stages:
+    """Wall seconds per stage, with a log line each."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+        log.info("stage %-15s %7.1f s   peak host RSS %.0f MiB", name, self.seconds[name], peak_memory()["host_rss_mib"])
+
+
+def prepare_source(cfg: SlimConfig) -> Path:
+    """The checkpoint to read; converts ``model.convert_from`` (FP8) into ``model.path`` (bf16) once if needed."""
+    path = Path(cfg.model.path)
+    if not path.exists() and cfg.model.convert_from:
+        from slim.models.convert import convert_fp8_to_bf16
+
+        log.info("converting %s to bf16 into %s (once)", cfg.model.convert_from, path)
+        convert_fp8_to_bf16(cfg.model.convert_from, path)
+    if not (path / "config.json").is_file():
+        raise SlimError(f"model.path={path} is not a checkpoint directory (no config.json); set model.path")
+    return path
+
+
+def _load_tokenizer(path: Path, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
+def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer) -> dict[str, Any]:
+    from slim.calibration.data import calibration_tokens
+    from slim.export import CheckpointWriter
+    from slim.formats import FORMATS
+    from slim.models.adapters import build_skeleton
+    from slim.models.checkpoint import CheckpointReader
+    from slim.models.loading import DTYPES
+    from slim.quant.schemes import SCHEMES
+    from slim.quantize import quantize_model
+
+    reader = CheckpointReader(source, load_type=cfg.model.load_type)
+    reader.check_load_type()
+    src_config = reader.config()
+    model, adapter = build_skeleton(_hf_config(source, cfg), DTYPES[cfg.model.dtype])
+    ids = calibration_tokens(cfg.calibration, tokenizer, getattr(model.config, "max_position_embeddings", None))
+    scheme = SCHEMES[cfg.scheme.name]
+    if cfg.scheme.format not in FORMATS:
+        raise SlimError(f"scheme.format={cfg.scheme.format!r} is unknown; choose one of: {', '.join(FORMATS)}")
+    fmt = FORMATS[cfg.scheme.format]
+    writer = CheckpointWriter(out_dir)
+    device = torch.device(cfg.hardware.device)
+    result = quantize_model(model=model, adapter=adapter, reader=reader, writer=writer, fmt=fmt, scheme=scheme,
+                            input_ids=ids, cfg=cfg, device=device)
+    config = {k: v for k, v in src_config.items() if k != "quantization_config"}
+    config["torch_dtype"] = config["dtype"] = cfg.model.dtype
+    config["quantization_config"] = fmt.quantization_config(
+        scheme.name, result.ignored, cfg.scheme.group_size, not scheme.static_activations
+    )
+    config["slim"] = {
+        "version": __version__,
+        "scheme": scheme.name,
+        "group_size": cfg.scheme.group_size,
+        "ignore_layers": list(cfg.scheme.ignore_layers),
+        "weight_observer": cfg.scheme.weight_observer,
+        "source": str(source),
+        "source_load_type": cfg.model.load_type,
+        "calibration": {
+            "name": cfg.calibration.name,
+            "num_samples": int(ids.shape[0]),
+            "seq_len": int(ids.shape[1]),
+            "tokens_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
+            "route_all_experts": cfg.calibration.route_all_experts,
+        },
+        "fallback_input_scales": result.fallbacks,
+    }
+    writer.finalize(config, source)
+    return result.to_dict() | {"checkpoint_bytes": writer.total_bytes}
+
+
+def _hf_config(path: Path, cfg: SlimConfig):
+    from slim.models.adapters import load_config
+
+    return load_config(str(path), cfg.model.trust_remote_code)
+
+
+def eval_stage(cfg: SlimConfig, path: Path, load_type: str, tokenizer, workdir: Path) -> dict:
+    from slim.evaluate import evaluate
+    from slim.models.loading import load_model
+
+    model = load_model(str(path), load_type=load_type, dtype=cfg.model.dtype,
+                       trust_remote_code=cfg.model.trust_remote_code, device=cfg.hardware.device)
+    try:
+        return evaluate(model, tokenizer, cfg.eval, workdir)
+    finally:
+        del model
+
+
+def run(cfg: SlimConfig, resolved: dict[str, Any]) -> dict[str, Any]:
+    """Run the configured job; returns what results.json holds."""
+    validate(cfg)
+    if cfg.hardware.nodes * cfg.hardware.procs_per_node > 1:
+        raise SlimError(
+            f"hardware={cfg.hardware.name} runs {cfg.hardware.nodes * cfg.hardware.procs_per_node} processes; "
+            "multi-process calibration is not available in this version: use hardware=cpu or hardware=h20x1_lowmem"
+        )
+    if cfg.mode == "plan":
+        raise SlimError("mode=plan (memory planning) is not available in this version; use mode=quantize")
+    if cfg.hardware.threads:
+        torch.set_num_threads(cfg.hardware.threads)
+    torch.manual_seed(cfg.seed)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = run_dir / "checkpoint"
+    if (out_dir / "config.json").exists() and not cfg.overwrite and cfg.mode == "quantize":
+        raise SlimError(f"{out_dir} already holds a finished checkpoint; choose another hydra.run.dir or set overwrite=true")
+
+    stages = Stages()
+    results: dict[str, Any] = {"slim_version": __version__, "mode": cfg.mode, "model": cfg.model.name,
+                               "scheme": cfg.scheme.name, "run_dir": str(run_dir), "metrics": {}}
+    tracker = Tracker(cfg.logger, run_dir, resolved, name=f"{cfg.model.name}-{cfg.scheme.name}")
+    exit_code = 1
+    try:
+        with stages("load"):
+            source = prepare_source(cfg)
+            tokenizer = _load_tokenizer(source, cfg.model.trust_remote_code)
+        if cfg.mode == "quantize":
+            with stages("quantize"):
+                qres = quantize_stage(cfg, source, out_dir, tokenizer)
+            results["checkpoint"] = str(out_dir)
+            results["checkpoint_bytes"] = qres["checkpoint_bytes"]
+            results["quantization"] = {k: qres[k] for k in ("ignored", "fallbacks", "skipped_prefixes", "num_samples")}
+            tracker.table("modules", qres["modules"])
+            (run_dir / "modules.json").write_text(__import__("json").dumps(qres["modules"], indent=1) + "\n")
+        if cfg.eval.tasks:
+            if cfg.mode == "quantize" and cfg.eval.baseline:
+                with stages("eval_baseline"):
+                    results["metrics"]["baseline"] = eval_stage(cfg, source, cfg.model.load_type, tokenizer, run_dir)
+            target, which = (out_dir, "quantized") if cfg.mode == "quantize" else (source, "model")
+            with stages(f"eval_{which}"):
+                results["metrics"][which] = eval_stage(cfg, target, cfg.model.load_type, tokenizer, run_dir)
+        results["timings_s"] = stages.seconds
+        results["peak_memory"] = peak_memory()
+        write_results(run_dir, results)
+        tracker.log(flat_metrics(results["metrics"]))
+        tracker.summary({"checkpoint_bytes": results.get("checkpoint_bytes"), **{f"time/{k}": v for k, v in stages.seconds.items()},
+                         **{f"memory/{k}": v for k, v in results["peak_memory"].items()}})
+        if results["metrics"]:
+            print(results_table(results["metrics"]))
+        print(f"results: {run_dir / 'results.json'}" + (f"\ncheckpoint: {out_dir}" if "checkpoint" in results else ""))
+        exit_code = 0
+        return results
+    finally:
+        tracker.finish(exit_code)

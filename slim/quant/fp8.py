@@ -1,0 +1,80 @@
+"""FP8 e4m3 numerics: per-tensor scales, quantize/dequantize, and DeepSeek's 128x128 block format.
+
+Pure functions of tensors. Arithmetic is done in fp32 whatever the input dtype, and values are clamped
+to +-448 before the cast because the overflow behaviour of the fp8 cast differs across devices.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
+# compressed-tensors replaces a zero scale by the fp32 epsilon; we do the same so files agree.
+_SCALE_EPS = torch.finfo(torch.float32).eps
+
+
+def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
+    """Symmetric FP8 scale ``amax / 448`` in fp32; a zero amax gives the fp32 epsilon, never 0."""
+    scale = amax.float() / FP8_MAX
+    return torch.where(scale == 0, torch.full_like(scale, _SCALE_EPS), scale)
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``clamp(x / scale, -448, 448)`` cast to float8_e4m3fn (division in fp32)."""
+    return torch.clamp(x.float() / scale.float(), -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``q * scale`` computed in fp32, returned as ``dtype``."""
+    return (q.float() * scale.float()).to(dtype)
+
+
+def fake_quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Quantize-dequantize round trip, same dtype as ``x`` (simulated FP8)."""
+    return dequantize_fp8(quantize_fp8(x, scale), scale, x.dtype)
+
+
+def _block_view(x: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+    """Zero-pad a 2D tensor to whole blocks; return it as [rb, bm, cb, bn] plus the original shape."""
+    rows, cols = x.shape
+    bm, bn = block
+    rb, cb = -(-rows // bm), -(-cols // bn)
+    padded = torch.zeros(rb * bm, cb * bn, dtype=x.dtype, device=x.device)
+    padded[:rows, :cols] = x
+    return padded.view(rb, bm, cb, bn), rows, cols
+
+
+def quantize_fp8_block(
+    weight: torch.Tensor, block: tuple[int, int] = (128, 128)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3/R1 block FP8: one fp32 ``weight_scale_inv`` per block, ragged edges zero-padded.
+
+    weight [out, in] -> (fp8 [out, in], scale_inv fp32 [ceil(out/bm), ceil(in/bn)]),
+    with ``weight ~= fp8 * scale_inv`` block by block.
+    """
+    blocks, rows, cols = _block_view(weight.float(), block)  # [rb, bm, cb, bn]
+    amax = blocks.abs().amax(dim=(1, 3))  # [rb, cb]
+    scale_inv = fp8_scale(amax)
+    q = quantize_fp8(blocks, scale_inv[:, None, :, None])
+    q = q.view(blocks.shape[0] * block[0], blocks.shape[2] * block[1])[:rows, :cols].contiguous()
+    return q, scale_inv
+
+
+def dequantize_fp8_block(
+    q: torch.Tensor,
+    scale_inv: torch.Tensor,
+    block: tuple[int, int] = (128, 128),
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_fp8_block`: ``q * scale_inv`` per block, in fp32, cast to ``dtype``."""
+    rows, cols = q.shape
+    bm, bn = block
+    rb, cb = scale_inv.shape
+    if rb != -(-rows // bm) or cb != -(-cols // bn):
+        raise ValueError(
+            f"weight_scale_inv shape {tuple(scale_inv.shape)} does not match weight {tuple(q.shape)} "
+            f"with {bm}x{bn} blocks (expected {(-(-rows // bm), -(-cols // bn))})"
+        )
+    scale = scale_inv.float().repeat_interleave(bm, 0)[:rows].repeat_interleave(bn, 1)[:, :cols]
+    return (q.float() * scale).to(dtype)

@@ -1,0 +1,44 @@
+"""Symmetric int4 per-group weight numerics (groups of ``group_size`` along the input dim).
+
+Scale convention is compressed-tensors': ``s_g = absmax_g / 7.5`` and ``q = clamp(round(w / s_g), -8, 7)``,
+computed in fp32 whatever the weight dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+INT4_MIN, INT4_MAX = -8, 7
+INT4_HALF_RANGE = (INT4_MAX - INT4_MIN) / 2  # 7.5
+_SCALE_EPS = torch.finfo(torch.float32).eps
+
+
+def group_view(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[out, in] -> [out, in // group_size, group_size] (fp32)."""
+    out_features, in_features = weight.shape
+    if in_features % group_size:
+        raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
+    return weight.float().reshape(out_features, in_features // group_size, group_size)
+
+
+def int4_scale(absmax: torch.Tensor) -> torch.Tensor:
+    """``absmax / 7.5`` in fp32; zero groups get the fp32 epsilon (compressed-tensors does the same)."""
+    scale = absmax.float() / INT4_HALF_RANGE
+    return torch.where(scale == 0, torch.full_like(scale, _SCALE_EPS), scale)
+
+
+def quantize_int4(weight: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
+    """weight [out, in], scale [out, in // g] -> int8 codes in [-8, 7], shape [out, in]."""
+    groups = group_view(weight, group_size)  # [out, G, g]
+    q = torch.clamp(torch.round(groups / scale.float()[..., None]), INT4_MIN, INT4_MAX)
+    return q.to(torch.int8).reshape(weight.shape)
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, group_size: int, dtype=torch.float32) -> torch.Tensor:
+    """int8 codes [out, in] * per-group scale [out, in // g] -> weight [out, in] (fp32 math)."""
+    groups = q.float().reshape(q.shape[0], -1, group_size)  # [out, G, g]
+    return (groups * scale.float()[..., None]).reshape(q.shape).to(dtype)
+
+
+def valid_group_sizes(in_features: int, candidates=(32, 64, 128, 256)) -> list[int]:
+    return [g for g in candidates if in_features % g == 0]

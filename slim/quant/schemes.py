@@ -1,0 +1,66 @@
+"""Quantization schemes: what each named scheme does to one Linear. Adding a scheme = adding one entry.
+
+``fp8_static``   FP8 e4m3 weight, one scale per tensor; FP8 activations, one static scale per tensor.
+``w4a8``         int4 symmetric weight per group of ``group_size`` input channels; FP8 static per-tensor
+                 activations (the seed's W4A8; no vLLM kernel serves it).
+``w4a8_dynamic`` the same weights with FP8 dynamic per-token activations (what vLLM's int4 + FP8 path serves).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from slim.quant import fp8, int4
+from slim.quant.observers import WEIGHT_OBSERVERS
+from slim.quant.types import QuantizedLinear
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    weight_bits: int
+    per_group: bool
+    static_activations: bool
+
+    def quantize(
+        self,
+        weight: torch.Tensor,  # [out, in], any float dtype
+        input_amax: torch.Tensor | None,  # fp32 scalar from calibration (static activations)
+        group_size: int | None = None,
+        weight_observer: str = "minmax",
+        group_scale_dtype: torch.dtype | None = None,
+    ) -> QuantizedLinear:
+        """Quantize one Linear. ``group_scale_dtype``: the dtype the format stores int4 group scales in;
+        scales are rounded to it *before* the codes are computed, so what is written is what was simulated."""
+        observe = WEIGHT_OBSERVERS[weight_observer]
+        input_scale = None
+        if self.static_activations:
+            if input_amax is None:
+                raise ValueError(f"{self.name} needs an input amax from calibration")
+            input_scale = fp8.fp8_scale(input_amax.reshape(1))
+        if self.weight_bits == 8:
+            w = weight.float().reshape(1, -1)  # one group: the whole tensor
+            scale = fp8.fp8_scale(observe(w, fp8.FP8_MAX).reshape(1))
+            return QuantizedLinear(fp8.quantize_fp8(weight, scale), scale, input_scale, 8)
+        assert group_size is not None
+        groups = int4.group_view(weight, group_size)  # [out, G, g]
+        scale = int4.int4_scale(observe(groups, int4.INT4_HALF_RANGE))  # [out, G] fp32
+        if group_scale_dtype is not None:
+            scale = scale.to(group_scale_dtype)
+        codes = int4.quantize_int4(weight, scale, group_size)
+        return QuantizedLinear(codes, scale, input_scale, 4, group_size)
+
+
+SCHEMES: dict[str, Scheme] = {
+    "fp8_static": Scheme("fp8_static", weight_bits=8, per_group=False, static_activations=True),
+    "w4a8": Scheme("w4a8", weight_bits=4, per_group=True, static_activations=True),
+    "w4a8_dynamic": Scheme("w4a8_dynamic", weight_bits=4, per_group=True, static_activations=False),
+}
+
+
+def dequantize_weight(q: QuantizedLinear, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    if q.weight_bits == 8:
+        return fp8.dequantize_fp8(q.weight, q.weight_scale, dtype)
+    return int4.dequantize_int4(q.weight, q.weight_scale, q.group_size, dtype)

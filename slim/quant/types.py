@@ -1,0 +1,28 @@
+"""Plain containers passed between the numerics (slim.quant) and the checkpoint formats (slim.formats)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class QuantizedLinear:
+    """One quantized ``nn.Linear`` as the numerics produce it, before any on-disk packing.
+
+    weight:        fp8 e4m3 [out, in] (``weight_bits=8``) or int8 codes in [-8, 7] [out, in] (``weight_bits=4``)
+    weight_scale:  fp32; [1] per-tensor (fp8) or [out, in // group_size] per-group (int4)
+    input_scale:   fp32 [1] static per-tensor FP8 activation scale, or None for dynamic activations
+    group_size:    int4 group size along the input dim; None for per-tensor
+    """
+
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    input_scale: torch.Tensor | None
+    weight_bits: int
+    group_size: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)  # type: ignore[return-value]

@@ -1,0 +1,229 @@
+"""The quantize stage: stream the model layer by layer, calibrate, quantize, and hand tensors to the writer.
+
+Per decoder layer: materialize its weights from the checkpoint, run the calibration hidden states through it
+with input observers on its target Linears, quantize those Linears, write every tensor of the layer, free the
+layer, move on. Peak memory = one layer + the calibration hidden states, whatever the model's depth.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from slim.calibration.runner import LayerRunner, observe, route_all
+from slim.errors import SlimError
+from slim.export import CheckpointWriter
+from slim.models.adapters import ModelAdapter
+from slim.models.checkpoint import CheckpointReader
+from slim.models.materialize import materialize, release
+from slim.models.simulated import SimQuantLinear, swap_in
+from slim.quant.fp8 import FP8_DTYPE
+from slim.quant.int4 import valid_group_sizes
+from slim.quant.observers import MinMaxObserver
+from slim.quant.schemes import Scheme, dequantize_weight
+from slim.quant.types import QuantizedLinear
+
+log = logging.getLogger(__name__)
+_EXPERT_RE = re.compile(r"\.experts\.\d+\.")
+
+
+@dataclass
+class ModuleReport:
+    name: str
+    in_features: int
+    out_features: int
+    tokens: int
+    input_amax: float | None
+    input_scale: float | None
+    weight_scale_max: float
+    weight_scale_min: float
+    sqnr_db: float
+    fallback: bool = False
+
+
+@dataclass
+class QuantizeResult:
+    modules: list[ModuleReport] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    ignore_matches: dict[str, list[str]] = field(default_factory=dict)
+    skipped_prefixes: list[str] = field(default_factory=list)
+    num_samples: int = 0
+
+    @property
+    def fallbacks(self) -> list[str]:
+        return [m.name for m in self.modules if m.fallback]
+
+    def to_dict(self) -> dict:
+        return {
+            "modules": [asdict(m) for m in self.modules],
+            "ignored": self.ignored,
+            "ignore_matches": self.ignore_matches,
+            "fallbacks": self.fallbacks,
+            "skipped_prefixes": self.skipped_prefixes,
+            "num_samples": self.num_samples,
+        }
+
+
+def sqnr_db(weight: torch.Tensor, q: QuantizedLinear) -> float:
+    w = weight.float()
+    noise = (w - dequantize_weight(q)).pow(2).sum().item()
+    signal = w.pow(2).sum().item()
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
+
+
+def check_group_size(targets: dict[str, nn.Linear], group_size: int) -> None:
+    for name, mod in targets.items():
+        if mod.in_features % group_size:
+            divisors = valid_group_sizes(mod.in_features, (16, 32, 64, 128, 256, 512)) or ["none of 16..512"]
+            raise SlimError(
+                f"group_size {group_size} does not divide in_features {mod.in_features} of {name}; "
+                f"use {', '.join(map(str, divisors))} or add it to scheme.ignore_layers"
+            )
+
+
+def resolve_amax(observers: dict[str, MinMaxObserver]) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """Observed amax per module; an expert that saw no token takes the max over its layer's experts
+    (same projection), flagged as fallback. Never 1.0, never 0."""
+    amax = {n: o.amax for n, o in observers.items() if o.tokens > 0}
+    fallback: set[str] = set()
+    for name, obs in observers.items():
+        if obs.nonfinite:
+            raise SlimError(f"calibration inputs of {name} contain NaN/Inf; check the checkpoint and calibration data")
+        if obs.tokens > 0:
+            continue
+        group = _EXPERT_RE.sub(".experts.*.", name)
+        peers = [amax[n] for n in amax if _EXPERT_RE.sub(".experts.*.", n) == group and n != name]
+        if name == group or not peers:
+            raise SlimError(
+                f"{name} received no calibration token and has no calibrated sibling expert; "
+                "raise calibration.num_samples or set calibration.route_all_experts=true"
+            )
+        amax[name] = torch.stack(peers).max()
+        fallback.add(name)
+    return amax, fallback
+
+
+class LayerQuantizer:
+    """Quantizes the target Linears of one module tree and writes all of its tensors."""
+
+    def __init__(self, scheme: Scheme, fmt, writer: CheckpointWriter, reader: CheckpointReader,
+                 group_size: int | None, weight_observer: str, result: QuantizeResult):
+        self.scheme, self.fmt, self.writer, self.reader = scheme, fmt, writer, reader
+        self.group_size, self.weight_observer, self.result = group_size, weight_observer, result
+
+    def quantize(self, modules: dict[str, nn.Linear], observers: dict[str, MinMaxObserver],
+                 static: bool) -> dict[str, QuantizedLinear]:
+        amax, fallback = resolve_amax(observers) if static else ({}, set())
+        if fallback:
+            log.warning("%d expert projection(s) saw no calibration token, e.g. %s; used the max over their "
+                        "layer's experts", len(fallback), min(fallback))
+        out = {}
+        for name, mod in modules.items():
+            q = self.scheme.quantize(mod.weight, amax.get(name), self.group_size, self.weight_observer,
+                                    getattr(self.fmt, "group_scale_dtype", None))
+            for tname, t in self.fmt.tensors(name, q).items():
+                self.writer.add(tname, t)
+            obs_amax = amax.get(name)
+            self.result.modules.append(ModuleReport(
+                name=name, in_features=mod.in_features, out_features=mod.out_features,
+                tokens=observers[name].tokens,
+                input_amax=None if obs_amax is None else float(obs_amax),
+                input_scale=None if q.input_scale is None else float(q.input_scale),
+                weight_scale_max=float(q.weight_scale.max()), weight_scale_min=float(q.weight_scale.min()),
+                sqnr_db=sqnr_db(mod.weight, q), fallback=name in fallback,
+            ))
+            out[name] = q
+        return out
+
+    def write_rest(self, module: nn.Module, prefix: str, quantized: set[str]) -> None:
+        """Every other tensor of ``module``: bit-exact from the source unless it was block-FP8 (then dequantized)."""
+        for local, tensor in module.state_dict().items():
+            name = prefix + local
+            if name.endswith(".weight") and name[: -len(".weight")] in quantized:
+                continue
+            if name in self.reader and self.reader.raw(name).dtype != FP8_DTYPE:
+                tensor = self.reader.raw(name)
+            self.writer.add(name, tensor)
+
+
+def quantize_model(
+    *, model, adapter: ModelAdapter, reader: CheckpointReader, writer: CheckpointWriter, fmt, scheme: Scheme,
+    input_ids: torch.Tensor, cfg, device: torch.device,
+) -> QuantizeResult:
+    """Stream, calibrate, quantize and write the whole model. ``cfg`` is the full SlimConfig."""
+    from slim.targets import resolve_ignored
+
+    result = QuantizeResult(num_samples=int(input_ids.shape[0]))
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    ignored, matches = resolve_ignored(cfg.scheme.ignore_layers, linears)
+    for pattern, names in matches.items():
+        log.info("ignore_layers %r matched %d module(s)%s", pattern, len(names), f": {names[0]} ..." if names else "")
+    targets = {n: m for n, m in linears.items() if n not in ignored}
+    if scheme.per_group:
+        check_group_size(targets, cfg.scheme.group_size)
+    result.ignored, result.ignore_matches = sorted(ignored), matches
+    lq = LayerQuantizer(scheme, fmt, writer, reader, cfg.scheme.group_size, cfg.scheme.weight_observer, result)
+    runner = LayerRunner(model, device)
+    bs = cfg.calibration.batch_size
+
+    head = adapter.head_modules(model)
+    for prefix, mod in head.items():
+        materialize(mod, prefix, reader, device)
+    hidden = runner.embed(input_ids, bs)
+    for prefix, mod in head.items():
+        lq.write_rest(mod, prefix, set())
+        release(mod)
+
+    layers = adapter.layers(model)
+    for i, layer in enumerate(tqdm(layers, desc="quantize layers", unit="layer", leave=False)):
+        prefix = adapter.layer_prefix(i)
+        materialize(layer, prefix, reader, device)
+        mine = {n: m for n, m in targets.items() if n.startswith(prefix)}
+        with observe(mine, cfg.scheme.activation_observer) as obs, route_all(layer, cfg.calibration.route_all_experts):
+            outputs = runner.forward(layer, hidden, prefix.rstrip("."))
+        qs = lq.quantize(mine, obs, scheme.static_activations)
+        lq.write_rest(layer, prefix, set(qs))
+        if cfg.calibration.propagate == "quantized":  # layer i+1 sees the quantized layer i
+            originals = {n: swap_in(model, n, SimQuantLinear(q, mine[n].bias)) for n, q in qs.items()}
+            outputs = runner.forward(layer, hidden, prefix.rstrip("."))
+            for n, m in originals.items():
+                swap_in(model, n, m)
+        hidden = outputs
+        release(layer)
+        writer.maybe_flush()
+
+    tail = adapter.tail_modules(model)
+    for prefix, mod in tail.items():
+        materialize(mod, prefix, reader, device)
+    tail_targets = {n: m for n, m in targets.items() if any(n + "." == p or n.startswith(p) for p in tail)}
+    if tail_targets:  # lm_head when a user chose to quantize it: its input is the final-norm output
+        with torch.no_grad():
+            normed = [model.model.norm(h) for h in hidden]
+        obs = {n: MinMaxObserver() for n in tail_targets}
+        for n in tail_targets:
+            for h in normed:
+                obs[n].update(h)
+        lq.quantize(tail_targets, obs, scheme.static_activations)
+    for prefix, mod in tail.items():
+        lq.write_rest(mod, prefix, set(tail_targets))
+        release(mod)
+
+    for p in adapter.extra_layer_prefixes(model.config):
+        extra = [n for n in reader.names() if n.startswith(p) and not reader.is_aux(n)]
+        if not extra:
+            continue
+        if cfg.model.copy_mtp:
+            log.info("copying %s* through unquantized (%d tensors, model.copy_mtp=true)", p, len(extra))
+            for n in extra:
+                writer.add(n, reader.get(n, model.dtype) if reader.raw(n).dtype == FP8_DTYPE else reader.raw(n))
+        else:
+            log.info("skipping %s* (multi-token-prediction layer, not part of the main model; "
+                     "model.copy_mtp=true copies it)", p)
+            result.skipped_prefixes.append(p)
+    return result

@@ -1,0 +1,40 @@
+"""Which modules get quantized: target Linears minus ``ignore_layers``, with every pattern accounted for.
+
+Pattern forms (the same a user would write in the seed's ``ignore_layers``):
+- ``re:<regex>``   matched with ``re.match`` against the full module name (compressed-tensors' convention);
+- glob (``*``, ``?``, ``[``) matched with fnmatch against the name or any dotted suffix of it;
+- plain text       an exact name, or a run of whole dotted components inside the name, so ``lm_head``,
+                   ``self_attn``, ``shared_experts`` or ``mlp.down_proj`` select what a user expects.
+A pattern that matches no target module is an error: a typo must never silently quantize everything.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable
+
+from slim.errors import SlimError
+
+
+def matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], name) is not None
+    if any(ch in pattern for ch in "*?["):
+        parts = name.split(".")
+        return any(fnmatch.fnmatchcase(".".join(parts[i:]), pattern) for i in range(len(parts)))
+    return f".{pattern}." in f".{name}."
+
+
+def resolve_ignored(patterns: Iterable[str], names: Iterable[str]) -> tuple[set[str], dict[str, list[str]]]:
+    """Return (ignored module names, pattern -> names it matched). Raises on a pattern matching nothing."""
+    names = list(names)
+    matched = {p: [n for n in names if matches(p, n)] for p in patterns}
+    unused = [p for p, hit in matched.items() if not hit]
+    if unused:
+        sample = ", ".join(names[:3] + (["..."] if len(names) > 3 else []))
+        raise SlimError(
+            f"scheme.ignore_layers pattern(s) {unused} match no quantizable module (module names look like: "
+            f"{sample}); fix the pattern, use 're:<regex>' or a glob, or remove it"
+        )
+    return {n for hit in matched.values() for n in hit}, matched

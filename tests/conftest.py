@@ -1,0 +1,83 @@
+"""Shared fixtures. Thread counts stay small: these machines have 2 cores."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def embedded_model_path():
+    from slim.config import ASSETS
+
+    return Path(os.environ.get("SLIM_TEST_EMBEDDED", ASSETS / "tiny_deepseek"))
+
+
+def tiny_deepseek_config(**overrides):
+    """A random-weight DeepSeek-V3 config small enough for unit-speed tests (1 dense + 1 MoE layer)."""
+    from transformers import DeepseekV3Config
+
+    kw = dict(
+        vocab_size=4096, hidden_size=256, intermediate_size=512, moe_intermediate_size=256, num_hidden_layers=2,
+        first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+        n_shared_experts=1, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=128, kv_lora_rank=512,
+        qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64, max_position_embeddings=512,
+        num_nextn_predict_layers=0, tie_word_embeddings=False,
+    )
+    kw.update(overrides)
+    return DeepseekV3Config(**kw)
+
+
+def write_random_deepseek(out_dir, tokenizer_dir, seed=0, dead_expert: int | None = None, **overrides):
+    """Random DeepSeek-V3 in R1's published layout (block FP8). ``dead_expert``: router never picks it."""
+    from transformers import DeepseekV3ForCausalLM
+
+    from slim.models.deepseek_fp8 import save_r1_checkpoint
+
+    torch.manual_seed(seed)
+    config = tiny_deepseek_config(**overrides)
+    model = DeepseekV3ForCausalLM(config)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    for k in state:
+        if k.endswith("e_score_correction_bias"):
+            state[k] = torch.zeros_like(state[k])
+            if dead_expert is not None:
+                state[k][dead_expert] = -1e4
+    return save_r1_checkpoint(state, config.to_dict(), out_dir, tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def random_deepseek(tmp_path_factory, embedded_model_path):
+    return write_random_deepseek(tmp_path_factory.mktemp("rand") / "ds", embedded_model_path)
+
+
+@pytest.fixture(scope="session")
+def random_deepseek_dead_expert(tmp_path_factory, embedded_model_path):
+    return write_random_deepseek(tmp_path_factory.mktemp("rand_dead") / "ds", embedded_model_path, dead_expert=3)
+
+
+def compose_config(*overrides):
+    """The typed SlimConfig that ``python -m slim.main <overrides>`` would run."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from slim.config import register_configs
+
+    register_configs()
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        return OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))

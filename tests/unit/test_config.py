@@ -1,0 +1,55 @@
+"""Config groups compose into the typed schema; bad values fail early with the fix."""
+
+from pathlib import Path
+
+import pytest
+from conftest import compose_config as make
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from slim.config import SlimConfig, validate
+from slim.errors import SlimError
+
+
+def test_default_composes_to_typed_config():
+    cfg = make()
+    assert isinstance(cfg, SlimConfig)
+    assert (cfg.model.name, cfg.scheme.name, cfg.hardware.name, cfg.calibration.name) == (
+        "tiny_deepseek", "fp8_static", "cpu", "embedded")
+    assert Path(cfg.model.path).name == "tiny_deepseek" and cfg.model.load_type == "fp8"
+    assert cfg.scheme.ignore_layers == ["lm_head"]
+    validate(cfg)
+
+
+def test_seed_keys_exist_with_their_meaning():
+    cfg = make("scheme=w4a8")
+    for key in ("name", "load_type", "low_cpu_mem_usage", "device_map"):
+        assert hasattr(cfg.model, key)
+    for key in ("name", "bits", "low_memory", "quant_method", "group_size", "ignore_layers"):
+        assert hasattr(cfg.scheme, key)
+    assert (cfg.scheme.quant_method, cfg.scheme.group_size) == ("per-group", 128)
+
+
+@pytest.mark.parametrize("group,bad", [("scheme", "int3"), ("hardware", "tpu"), ("model", "gpt5"), ("eval", "mmlu_pro")])
+def test_unknown_choice_lists_valid_ones(group, bad):
+    with pytest.raises(ConfigCompositionException, match="Available options"):
+        make(f"{group}={bad}")
+
+
+def test_wrong_type_fails_at_compose():
+    with pytest.raises((ValidationError, ConfigCompositionException)):
+        make("calibration.num_samples=many")
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model.load_type=int8"], "model.load_type"),
+        (["scheme=w4a8", "scheme.group_size=null"], "group_size"),
+        (["model.device_map=cuda"], "device_map=cpu"),
+        (["calibration.seq_len=0"], "positive"),
+    ],
+)
+def test_validation_names_the_fix(overrides, message):
+    with pytest.raises(SlimError, match=message):
+        validate(make(*overrides))

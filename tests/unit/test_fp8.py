@@ -1,0 +1,81 @@
+"""FP8 numerics against their definition and against compressed-tensors."""
+
+import pytest
+import torch
+from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy, QuantizationType
+from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
+from compressed_tensors.quantization.utils import calculate_qparams
+
+from slim.quant.fp8 import (
+    FP8_DTYPE,
+    FP8_MAX,
+    dequantize_fp8,
+    dequantize_fp8_block,
+    fake_quantize_fp8,
+    fp8_scale,
+    quantize_fp8,
+    quantize_fp8_block,
+)
+
+FP8_TENSOR = QuantizationArgs(num_bits=8, type=QuantizationType.FLOAT, strategy=QuantizationStrategy.TENSOR, symmetric=True)
+
+
+def sqnr_db(x, y):
+    return 10 * torch.log10(x.pow(2).sum() / (x - y).pow(2).sum()).item()
+
+
+def test_scale_is_amax_over_448_and_never_zero():
+    assert fp8_scale(torch.tensor(448.0)).item() == 1.0
+    assert fp8_scale(torch.tensor(0.0)).item() == torch.finfo(torch.float32).eps
+
+
+def test_quantize_matches_definition_and_clamps():
+    x = torch.tensor([0.0, 1.0, -3.5, 1000.0, -1e9])
+    s = torch.tensor([0.5])
+    q = quantize_fp8(x, s)
+    assert q.dtype == FP8_DTYPE
+    expected = torch.clamp(x / s, -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    assert torch.equal(q.view(torch.uint8), expected.view(torch.uint8))
+    assert q.float().abs().max().item() == FP8_MAX  # overflow saturates, never NaN
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (300, 128)])
+def test_bit_exact_with_compressed_tensors(shape):
+    torch.manual_seed(0)
+    w = torch.randn(shape) * 0.02
+    scale, zp = calculate_qparams(w.amin().reshape(1), w.amax().reshape(1), FP8_TENSOR)
+    ours = fp8_scale(w.abs().amax().reshape(1))
+    assert torch.equal(scale.float(), ours)
+    ref = quantize(w, scale, zp, FP8_TENSOR, dtype=FP8_DTYPE)
+    assert torch.equal(quantize_fp8(w, ours).view(torch.uint8), ref.view(torch.uint8))
+    assert torch.equal(dequantize_fp8(ref, ours), dequantize(ref, scale, zp, FP8_TENSOR, dtype=torch.float32))
+
+
+def test_sqnr_floor_per_tensor_gaussian():
+    torch.manual_seed(1)
+    w = torch.randn(1024, 1024)
+    s = fp8_scale(w.abs().amax())
+    assert sqnr_db(w, fake_quantize_fp8(w, s)) > 25
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (576, 256), (100, 300)])
+def test_block_round_trip_ragged(shape):
+    torch.manual_seed(2)
+    w = torch.randn(shape) * 0.05
+    q, s = quantize_fp8_block(w)
+    assert q.shape == w.shape and q.dtype == FP8_DTYPE
+    assert s.shape == (-(-shape[0] // 128), -(-shape[1] // 128)) and s.dtype == torch.float32
+    # each block's scale is that block's own amax / 448 (ragged edge blocks included)
+    r, c = shape[0] - 1, shape[1] - 1
+    edge = w[(r // 128) * 128 :, (c // 128) * 128 :]
+    assert torch.isclose(s[-1, -1], edge.abs().amax() / 448)
+    d = dequantize_fp8_block(q, s, dtype=torch.float32)
+    assert sqnr_db(w, d) > 28
+    # definition: dequant = fp8 value * its block's scale
+    assert torch.equal(d[r, c], q[r, c].float() * s[-1, -1])
+
+
+def test_block_scale_shape_mismatch_is_reported():
+    q, s = quantize_fp8_block(torch.randn(256, 256))
+    with pytest.raises(ValueError, match="weight_scale_inv shape"):
+        dequantize_fp8_block(q, s[:1])
