@@ -148,6 +148,10 @@ def validate(cfg: SlimConfig) -> SlimConfig:
     _choice(cfg.calibration.propagate, ("unquantized", "quantized"), "calibration.propagate")
     _choice(cfg.logger.mode, ("offline", "online", "disabled"), "logger.mode")
     _choice(cfg.eval.backend, ("hf", "vllm"), "eval.backend")
+    from slim.quant.observers import ACTIVATION_OBSERVERS, WEIGHT_OBSERVERS
+
+    _choice(cfg.scheme.weight_observer, tuple(WEIGHT_OBSERVERS), "scheme.weight_observer")
+    _choice(cfg.scheme.activation_observer, tuple(ACTIVATION_OBSERVERS), "scheme.activation_observer")
     s = cfg.scheme
     if s.quant_method == "per-group":
         if not s.group_size or s.group_size <= 0:

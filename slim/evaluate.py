@@ -37,7 +37,7 @@ def flatten_results(results: dict) -> dict[str, dict[str, float]]:
     for task, metrics in results.items():
         for key, value in metrics.items():
             metric, _, _ = key.partition(",")
-            if metric == "alias" or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+            if metric in ("alias", "sample_len") or metric.endswith("_stderr") or not isinstance(value, (int, float)):
                 continue
             out.setdefault(task, {})[metric] = float(value)
     return out
@@ -51,6 +51,7 @@ def evaluate(model, tokenizer, cfg: EvalConfig, workdir: Path) -> dict[str, dict
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)  # keep the run log to slim's own stage lines
     task_dir = prepare_tasks(workdir / "lm_eval_tasks")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, device=str(model.device))
     out = lm_eval.simple_evaluate(

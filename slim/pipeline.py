@@ -14,7 +14,7 @@ import torch
 from slim import __version__
 from slim.config import SlimConfig, validate
 from slim.errors import SlimError
-from slim.tracking import Tracker, flat_metrics, peak_memory, results_table, write_results
+from slim.tracking import Tracker, flat_metrics, metric_deltas, peak_memory, results_table, write_results
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,8 @@ def run(cfg: SlimConfig, resolved: dict[str, Any]) -> dict[str, Any]:
             target, which = (out_dir, "quantized") if cfg.mode == "quantize" else (source, "model")
             with stages(f"eval_{which}"):
                 results["metrics"][which] = eval_stage(cfg, target, cfg.model.load_type, tokenizer, run_dir)
+        if "baseline" in results["metrics"] and "quantized" in results["metrics"]:
+            results["delta"] = metric_deltas(results["metrics"]["baseline"], results["metrics"]["quantized"])
         results["timings_s"] = stages.seconds
         results["peak_memory"] = peak_memory()
         write_results(run_dir, results)

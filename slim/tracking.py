@@ -75,6 +75,11 @@ def flat_metrics(metrics: dict[str, dict[str, dict[str, float]]]) -> dict[str, f
     return {f"{which}/{task}/{m}": v for which, tasks in metrics.items() for task, ms in tasks.items() for m, v in ms.items()}
 
 
+def metric_deltas(base: dict[str, dict[str, float]], quant: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """quantized - baseline, per task and metric present in both."""
+    return {t: {m: quant[t][m] - v for m, v in ms.items() if m in quant.get(t, {})} for t, ms in base.items()}
+
+
 def results_table(metrics: dict[str, dict[str, dict[str, float]]]) -> str:
     """Markdown table: task, metric, baseline, quantized, delta (relative, in %)."""
     base, quant = metrics.get("baseline", {}), metrics.get("quantized", {})

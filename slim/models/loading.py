@@ -24,31 +24,18 @@ log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def format_for_config(qcfg: dict | None):
-    """The slim format that wrote a checkpoint, from its ``quantization_config`` (None: not quantized by slim)."""
-    from slim.formats import FORMATS
-
-    if not qcfg:
-        return None
-    method = qcfg.get("quant_method")
-    if method == "compressed-tensors":
-        return FORMATS["compressed-tensors"]
-    if method == "fp8" and "weight_block_size" not in qcfg:
-        return FORMATS["fp8_native"]
-    if method == "fp8":
-        return None  # DeepSeek block FP8 source checkpoint: read by CheckpointReader(load_type="fp8")
-    raise SlimError(f"quantization_config.quant_method={method!r} cannot be loaded; slim reads compressed-tensors and fp8")
-
-
 def load_model(path: str, load_type: str = "bf16", dtype: str = "bfloat16", trust_remote_code: bool = False,
                device: str = "cpu") -> PreTrainedModel:
     """A ready-to-run model from a checkpoint directory; quantized Linears become SimQuantLinear."""
-    from slim.formats import quantized_modules
+    from slim.formats import detect_format, quantized_modules
 
     config = load_config(path, trust_remote_code)
     model, _ = build_skeleton(config, DTYPES[dtype])
     qcfg = getattr(config, "quantization_config", None)
-    fmt = format_for_config(qcfg if isinstance(qcfg, dict) else None)
+    try:
+        fmt = detect_format(qcfg if isinstance(qcfg, dict) else None)
+    except ValueError as exc:
+        raise SlimError(f"{path}: {exc}") from None
     reader = CheckpointReader(path, load_type="fp8" if fmt is None and load_type == "fp8" else "bf16")
     if fmt is None:
         reader.check_load_type()

@@ -27,11 +27,14 @@ def int4_scale(absmax: torch.Tensor) -> torch.Tensor:
     return torch.where(scale == 0, torch.full_like(scale, _SCALE_EPS), scale)
 
 
+def round_groups(groups: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """groups [..., g] fp32, scale [...] -> codes [..., g] as fp32 values in [-8, 7]."""
+    return torch.clamp(torch.round(groups / scale.float()[..., None]), INT4_MIN, INT4_MAX)
+
+
 def quantize_int4(weight: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
     """weight [out, in], scale [out, in // g] -> int8 codes in [-8, 7], shape [out, in]."""
-    groups = group_view(weight, group_size)  # [out, G, g]
-    q = torch.clamp(torch.round(groups / scale.float()[..., None]), INT4_MIN, INT4_MAX)
-    return q.to(torch.int8).reshape(weight.shape)
+    return round_groups(group_view(weight, group_size), scale).to(torch.int8).reshape(weight.shape)
 
 
 def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, group_size: int, dtype=torch.float32) -> torch.Tensor:

@@ -34,6 +34,8 @@ class Scheme:
     ) -> QuantizedLinear:
         """Quantize one Linear. ``group_scale_dtype``: the dtype the format stores int4 group scales in;
         scales are rounded to it *before* the codes are computed, so what is written is what was simulated."""
+        if weight_observer not in WEIGHT_OBSERVERS:
+            raise ValueError(f"unknown weight observer {weight_observer!r}; choose one of: {', '.join(WEIGHT_OBSERVERS)}")
         observe = WEIGHT_OBSERVERS[weight_observer]
         input_scale = None
         if self.static_activations:
@@ -42,15 +44,26 @@ class Scheme:
             input_scale = fp8.fp8_scale(input_amax.reshape(1))
         if self.weight_bits == 8:
             w = weight.float().reshape(1, -1)  # one group: the whole tensor
-            scale = fp8.fp8_scale(observe(w, fp8.FP8_MAX).reshape(1))
+            scale = fp8.fp8_scale(observe(w, _fp8_round_trip).reshape(1))
             return QuantizedLinear(fp8.quantize_fp8(weight, scale), scale, input_scale, 8)
         assert group_size is not None
         groups = int4.group_view(weight, group_size)  # [out, G, g]
-        scale = int4.int4_scale(observe(groups, int4.INT4_HALF_RANGE))  # [out, G] fp32
+        scale = int4.int4_scale(observe(groups, _int4_round_trip))  # [out, G] fp32
         if group_scale_dtype is not None:
             scale = scale.to(group_scale_dtype)
         codes = int4.quantize_int4(weight, scale, group_size)
         return QuantizedLinear(codes, scale, input_scale, 4, group_size)
+
+
+def _fp8_round_trip(groups: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+    """groups [..., g] quantized to FP8 with scale clip / 448 and back."""
+    return fp8.fake_quantize_fp8(groups, fp8.fp8_scale(clip)[..., None])
+
+
+def _int4_round_trip(groups: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+    """groups [..., g] quantized to int4 with scale clip / 7.5 and back."""
+    scale = int4.int4_scale(clip)
+    return int4.round_groups(groups, scale) * scale[..., None]
 
 
 SCHEMES: dict[str, Scheme] = {

@@ -78,7 +78,8 @@ def test_fp8_round_trip_is_bit_exact(fmt, shape):
         assert t[f"model.layers.0.mlp.down_proj.{s}"].dtype == torch.float32
         assert t[f"model.layers.0.mlp.down_proj.{s}"].shape == (1,)
     assert_same(fmt.read("model.layers.0.mlp.down_proj", t), q)
-    assert torch.equal(fmt.dequantize(q, torch.float32), dequantize_fp8(q.weight, q.weight_scale, torch.float32))
+    expected = dequantize_fp8(q.weight, q.weight_scale, torch.float32)
+    assert torch.equal(fmt.dequantize(q, torch.float32), expected)
 
 
 @pytest.mark.parametrize("fmt", [CT, NATIVE], ids=lambda f: f.name)
@@ -110,7 +111,8 @@ def test_fp8_reads_scalar_and_bf16_scales_of_other_writers():
 def test_fp8_equals_compressed_tensors_float_compressor():
     q = make_fp8(33, 64)
     scheme = CT.scheme("fp8_static")
-    dense = {"weight": CT.dequantize(q, torch.float32), "weight_scale": q.weight_scale, "input_scale": q.input_scale}
+    dense = {"weight": CT.dequantize(q, torch.float32), "weight_scale": q.weight_scale,
+             "input_scale": q.input_scale}
     theirs = FloatQuantizationCompressor.compress(dense, scheme)
     ours = CT.tensors("lin", q)
     assert torch.equal(theirs["weight"].view(torch.uint8), ours["lin.weight"].view(torch.uint8))
@@ -245,3 +247,17 @@ def test_quantized_modules_groups_checkpoint_names():
     assert len(groups["model.layers.1.mlp.experts.0.up_proj"]) == 4
     for module, names in groups.items():
         CT.read(module, {n: state[n] for n in names})
+
+
+# ---- the contract with slim.quant.schemes ---------------------------------------------------------
+@pytest.mark.parametrize("scheme", ["fp8_static", "w4a8", "w4a8_dynamic"])
+def test_what_the_quantizer_produces_is_written_and_read_back_exactly(scheme):
+    from slim.quant.schemes import SCHEMES, dequantize_weight
+
+    spec = SCHEMES[scheme]
+    weight = torch.randn(24, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    q = spec.quantize(weight, torch.tensor(5.0), 128 if spec.per_group else None,
+                      group_scale_dtype=CT.group_scale_dtype)
+    check_quantized("lin", q, scheme, 128 if spec.per_group else None)
+    back = CT.read("lin", CT.tensors("lin", q))
+    assert torch.equal(CT.dequantize(back, torch.float32), dequantize_weight(q, torch.float32))

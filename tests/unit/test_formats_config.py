@@ -90,8 +90,12 @@ def test_fp8_static_is_vllms_static_per_tensor_fp8():
     assert not vllm.is_fp8_w4a8(w, a) and not vllm.is_dynamic_token_w8a8(w, a)
 
 
-@pytest.mark.parametrize("capability,linear", [(90, "CompressedTensorsW8A8Fp8"), (100, "CompressedTensorsW8A8Fp8"),
-                                               (80, "CompressedTensorsW8A16Fp8"), (None, "CompressedTensorsW8A16Fp8")])
+@pytest.mark.parametrize("capability,linear", [
+    (90, "CompressedTensorsW8A8Fp8"),
+    (100, "CompressedTensorsW8A8Fp8"),
+    (80, "CompressedTensorsW8A16Fp8"),  # no FP8 tensor cores: weight-only FP8 (Marlin)
+    (None, "CompressedTensorsW8A16Fp8"),  # CPU
+])
 def test_fp8_static_selects_vllm_fp8_linear_and_moe_paths(capability, linear):
     cfg = config("fp8_static")
     assert vllm.linear_scheme(cfg, capability=capability) == linear
@@ -160,8 +164,8 @@ def test_native_config_is_what_vllm_fp8config_parses():
 def test_detect_format_tells_slim_layouts_from_the_deepseek_source():
     assert detect_format(config("w4a8_dynamic")) is CT
     assert detect_format(NATIVE.quantization_config("fp8_static", [])) is NATIVE
-    assert detect_format({"quant_method": "fp8", "weight_block_size": None, "activation_scheme": "static"}) is NATIVE
-    deepseek = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    assert detect_format({"quant_method": "fp8", "weight_block_size": None}) is NATIVE
+    deepseek = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
     assert detect_format(deepseek) is None and detect_format(None) is None
     with pytest.raises(ValueError, match="compressed-tensors and fp8"):
         detect_format({"quant_method": "gptq"})
