@@ -66,6 +66,7 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer) -> d
     reader.check_load_type()
     src_config = reader.config()
     model, adapter = build_skeleton(_hf_config(source, cfg), DTYPES[cfg.model.dtype])
+    adapter.open_reader(reader, model.config)
     ids = calibration_tokens(cfg.calibration, tokenizer, getattr(model.config, "max_position_embeddings", None))
     scheme = SCHEMES[cfg.scheme.name]
     if cfg.scheme.format not in FORMATS:

@@ -25,7 +25,7 @@ from slim.models.materialize import materialize, release
 from slim.models.simulated import SimQuantLinear, swap_in
 from slim.quant.fp8 import FP8_DTYPE
 from slim.quant.int4 import valid_group_sizes
-from slim.quant.observers import MinMaxObserver
+from slim.quant.observers import ACTIVATION_OBSERVERS, MinMaxObserver
 from slim.quant.schemes import Scheme, dequantize_weight
 from slim.quant.types import QuantizedLinear
 
@@ -205,7 +205,7 @@ def quantize_model(
     if tail_targets:  # lm_head when a user chose to quantize it: its input is the final-norm output
         with torch.no_grad():
             normed = [model.model.norm(h) for h in hidden]
-        obs = {n: MinMaxObserver() for n in tail_targets}
+        obs = {n: ACTIVATION_OBSERVERS[cfg.scheme.activation_observer]() for n in tail_targets}
         for n in tail_targets:
             for h in normed:
                 obs[n].update(h)

@@ -51,6 +51,12 @@ class ModelAdapter:
         """Modules after the decoder layers, by checkpoint prefix."""
         return {"model.norm.": model.model.norm, "lm_head.": model.lm_head}
 
+    def open_reader(self, reader, config: PretrainedConfig):
+        """Adapt name lookups to how this family saves weights (tied embeddings are stored once)."""
+        if getattr(config, "tie_word_embeddings", False):
+            reader.tie("lm_head.weight", "model.embed_tokens.weight")
+        return reader
+
 
 @dataclass(frozen=True)
 class DeepseekV3Adapter(ModelAdapter):

@@ -33,6 +33,7 @@ class CheckpointReader:
             raise SlimError(f"model path {self.path} has no config.json; point model.path at a checkpoint directory")
         self.weight_map = self._weight_map()
         self._handles: dict[str, object] = {}
+        self.aliases: dict[str, str] = {}  # name -> stored name (tied weights saved once)
 
     def _weight_map(self) -> dict[str, str]:
         if (self.path / INDEX).is_file():
@@ -60,14 +61,21 @@ class CheckpointReader:
                 raise SlimError(f"cannot read {self.path / shard}: {exc}; the file is truncated or corrupt") from exc
         return self._handles[shard]
 
+    def tie(self, name: str, stored: str) -> None:
+        """Serve ``name`` from ``stored`` when the checkpoint saved tied weights once (tie_word_embeddings)."""
+        if name not in self.weight_map and stored in self.weight_map:
+            self.aliases[name] = stored
+
     def names(self) -> list[str]:
         return list(self.weight_map)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
+        return name in self.weight_map or name in self.aliases
 
     def raw(self, name: str) -> torch.Tensor:
         """The tensor exactly as stored."""
+        if name in self.aliases:  # a copy: the stored tensor may be written under its own name too
+            return self.raw(self.aliases[name]).clone()
         try:
             shard = self.weight_map[name]
         except KeyError:

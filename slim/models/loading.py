@@ -30,13 +30,14 @@ def load_model(path: str, load_type: str = "bf16", dtype: str = "bfloat16", trus
     from slim.formats import detect_format, quantized_modules
 
     config = load_config(path, trust_remote_code)
-    model, _ = build_skeleton(config, DTYPES[dtype])
+    model, adapter = build_skeleton(config, DTYPES[dtype])
     qcfg = getattr(config, "quantization_config", None)
     try:
         fmt = detect_format(qcfg if isinstance(qcfg, dict) else None)
     except ValueError as exc:
         raise SlimError(f"{path}: {exc}") from None
     reader = CheckpointReader(path, load_type="fp8" if fmt is None and load_type == "fp8" else "bf16")
+    adapter.open_reader(reader, config)
     if fmt is None:
         reader.check_load_type()
     else:

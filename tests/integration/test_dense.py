@@ -12,17 +12,21 @@ from slim.models.simulated import SimQuantLinear
 from slim.pipeline import quantize_stage
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory, embedded_model_path):
+def save_llama(out, embedded_model_path, tie=False):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=tie)
     model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
-    out = tmp_path_factory.mktemp("llama") / "llama"
     model.save_pretrained(out)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(embedded_model_path / f, out / f)
     return out, model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory, embedded_model_path):
+    return save_llama(tmp_path_factory.mktemp("llama") / "llama", embedded_model_path)
 
 
 @pytest.mark.parametrize("scheme", ["fp8_static", "w4a8", "w4a8_dynamic"])
@@ -52,3 +56,16 @@ def test_transformers_loads_our_fp8_checkpoint(tiny_llama, tmp_path):
     with torch.no_grad():
         a, b = theirs(ids).logits.float(), ours(ids).logits.float()
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item() > 0.999
+
+
+def test_tied_embeddings_are_read_from_the_embedding(tmp_path, embedded_model_path):
+    src, ref = save_llama(tmp_path / "tied", embedded_model_path, tie=True)
+    from safetensors import safe_open
+
+    with safe_open(src / "model.safetensors", framework="pt") as f:
+        assert "lm_head.weight" not in f.keys()  # saved once, as transformers does
+    cfg = compose_config(f"model.path={src}", "model.load_type=bf16", "eval=none", "logger=none",
+                         "calibration.num_samples=4", "calibration.seq_len=64")
+    quantize_stage(cfg, src, tmp_path / "ckpt", AutoTokenizer.from_pretrained(str(src)))
+    model = load_model(str(tmp_path / "ckpt"))
+    assert torch.equal(model.lm_head.weight, ref.model.embed_tokens.weight)
