@@ -109,6 +109,17 @@ def resolve_amax(observers: dict[str, MinMaxObserver]) -> tuple[dict[str, torch.
     return amax, fallback
 
 
+def log_expert_coverage(layer: str, observers: dict[str, MinMaxObserver], fallbacks: set[str]) -> None:
+    """One line per MoE layer: calibration tokens per routed expert (min/median/max) and fallbacks."""
+    tokens = sorted(o.tokens for n, o in observers.items() if ".experts." in n and n.endswith("gate_proj"))
+    if not tokens:
+        return
+    n_fallback = sum(1 for n in observers if n in fallbacks and n.endswith("gate_proj"))
+    log.info("%s: %d routed experts, tokens per expert min %d / median %d / max %d, %d without tokens%s",
+             layer, len(tokens), tokens[0], tokens[len(tokens) // 2], tokens[-1], tokens.count(0),
+             f" ({n_fallback} use the layer-max fallback scale)" if n_fallback else "")
+
+
 class LayerQuantizer:
     """Quantizes the target Linears of one module tree and writes all of its tensors."""
 
@@ -188,6 +199,7 @@ def quantize_model(
         with observe(mine, cfg.scheme.activation_observer) as obs, route_all(layer, cfg.calibration.route_all_experts):
             outputs = runner.forward(layer, hidden, prefix.rstrip("."))
         qs = lq.quantize(mine, obs, scheme.static_activations)
+        log_expert_coverage(prefix.rstrip("."), obs, set(result.fallbacks))
         lq.write_rest(layer, prefix, set(qs))
         if cfg.calibration.propagate == "quantized":  # layer i+1 sees the quantized layer i
             originals = {n: swap_in(model, n, SimQuantLinear(q, mine[n].bias)) for n, q in qs.items()}

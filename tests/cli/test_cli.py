@@ -71,3 +71,11 @@ def test_w4a8_on_bf16_variant_writes_packed_experts(tmp_path):
     assert "model.layers.0.self_attn.q_a_proj.weight" in index
     with safe_open(ckpt / index["model.layers.0.self_attn.q_a_proj.weight"], framework="pt") as f:
         assert f.get_tensor("model.layers.0.self_attn.q_a_proj.weight").dtype == torch.bfloat16
+
+    # mode=eval scores an existing checkpoint without quantizing (here: the one just written)
+    eval_dir = tmp_path / "eval"
+    proc = slim_main("mode=eval", f"model.path={ckpt}", "eval.limit=8", "logger=none", f"hydra.run.dir={eval_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((eval_dir / "results.json").read_text())
+    assert results["mode"] == "eval" and "checkpoint" not in results
+    assert results["metrics"]["model"]["slim_text_ppl"]["word_perplexity"] > 1

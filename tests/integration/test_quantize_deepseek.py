@@ -130,3 +130,19 @@ def test_bf16_load_type_matches_fp8_load_type(random_deepseek, tmp_path):
     for k in a:
         assert torch.equal(a[k].view(torch.uint8) if a[k].dtype == FP8_DTYPE else a[k],
                            b[k].view(torch.uint8) if b[k].dtype == FP8_DTYPE else b[k]), k
+
+
+def test_fp8_native_format_holds_the_same_values(random_deepseek, tmp_path):
+    run_quantize(random_deepseek, tmp_path / "ct")
+    run_quantize(random_deepseek, tmp_path / "native", "scheme.format=fp8_native")
+    config = json.loads((tmp_path / "native" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "fp8" and config["activation_scheme"] == "static"
+    assert "lm_head" in config["ignored_layers"]
+    a, b = load_model(str(tmp_path / "ct")), load_model(str(tmp_path / "native"))
+    sa = {n: m for n, m in a.named_modules() if isinstance(m, SimQuantLinear)}
+    sb = {n: m for n, m in b.named_modules() if isinstance(m, SimQuantLinear)}
+    assert sa.keys() == sb.keys() and sa
+    for n in sa:
+        assert torch.equal(sa[n].q.weight.view(torch.uint8), sb[n].q.weight.view(torch.uint8))
+        assert torch.equal(sa[n].q.weight_scale.reshape(1), sb[n].q.weight_scale.reshape(1))
+        assert torch.equal(sa[n].q.input_scale.reshape(1), sb[n].q.input_scale.reshape(1))
