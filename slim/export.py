@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 INDEX = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 4 << 30
 # Files copied from the source checkpoint: tokenizer and generation settings (never code).
 COPY_PATTERNS = (
     "tokenizer*.json",
@@ -37,7 +38,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 class CheckpointWriter:
     """Collect tensors; flush a shard once ``max_shard_bytes`` is reached (at a caller-chosen boundary)."""
 
-    def __init__(self, out_dir: str | Path, max_shard_bytes: int = 4 << 30):
+    def __init__(self, out_dir: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = max_shard_bytes

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import shutil
 import logging
 import time
 from pathlib import Path
@@ -56,17 +58,26 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer) -> d
     from slim.calibration.data import calibration_tokens
     from slim.export import CheckpointWriter
     from slim.formats import FORMATS
-    from slim.models.adapters import build_skeleton
+    from slim.models.adapters import build_skeleton, load_config
     from slim.models.checkpoint import CheckpointReader
     from slim.models.loading import DTYPES
     from slim.quant.schemes import SCHEMES
+    from slim.plan import GiB, plan_memory
     from slim.quantize import quantize_model
+    from slim.targets import select_targets
 
     reader = CheckpointReader(source, load_type=cfg.model.load_type)
     reader.check_load_type()
     src_config = reader.config()
-    model, adapter = build_skeleton(_hf_config(source, cfg), DTYPES[cfg.model.dtype])
+    model, adapter = build_skeleton(load_config(str(source), cfg.model.trust_remote_code), DTYPES[cfg.model.dtype])
     adapter.open_reader(reader, model.config)
+    selection = select_targets(model, cfg.scheme.ignore_layers)
+    plan = plan_memory(cfg, model, adapter, selection.ignored)
+    log.info("memory plan: %.2f GiB per device, %.2f GiB host per rank, checkpoint %.2f GiB",
+             plan.device_total / GiB, plan.host_total / GiB, plan.checkpoint_bytes / GiB)
+    if not plan.feasible:
+        raise SlimError(f"this run does not fit hardware={cfg.hardware.name}: " + "; ".join(plan.problems)
+                        + " (python -m slim.main mode=plan ... prints the breakdown)")
     ids = calibration_tokens(cfg.calibration, tokenizer, getattr(model.config, "max_position_embeddings", None))
     scheme = SCHEMES[cfg.scheme.name]
     if cfg.scheme.format not in FORMATS:
@@ -75,7 +86,7 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer) -> d
     writer = CheckpointWriter(out_dir)
     device = torch.device(cfg.hardware.device)
     result = quantize_model(model=model, adapter=adapter, reader=reader, writer=writer, fmt=fmt, scheme=scheme,
-                            input_ids=ids, cfg=cfg, device=device)
+                            input_ids=ids, cfg=cfg, device=device, selection=selection)
     config = {k: v for k, v in src_config.items() if k != "quantization_config"}
     config["torch_dtype"] = config["dtype"] = cfg.model.dtype
     config["quantization_config"] = fmt.quantization_config(
@@ -102,12 +113,6 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer) -> d
     return result.to_dict() | {"checkpoint_bytes": writer.total_bytes}
 
 
-def _hf_config(path: Path, cfg: SlimConfig):
-    from slim.models.adapters import load_config
-
-    return load_config(str(path), cfg.model.trust_remote_code)
-
-
 def eval_stage(cfg: SlimConfig, path: Path, load_type: str, tokenizer, workdir: Path) -> dict:
     from slim.evaluate import evaluate
     from slim.models.loading import load_model
@@ -120,24 +125,50 @@ def eval_stage(cfg: SlimConfig, path: Path, load_type: str, tokenizer, workdir: 
         del model
 
 
+def plan_stage(cfg: SlimConfig) -> dict[str, Any]:
+    """mode=plan: size the run from config.json alone; exit non-zero (SlimError) when it does not fit."""
+    from slim.models.adapters import build_skeleton, load_config
+    from slim.models.loading import DTYPES
+    from slim.plan import plan_memory
+    from slim.targets import select_targets
+
+    path = Path(cfg.model.path)
+    if not (path / "config.json").is_file():
+        raise SlimError(f"model.path={path} has no config.json; mode=plan needs only that file")
+    model, adapter = build_skeleton(load_config(str(path), cfg.model.trust_remote_code), DTYPES[cfg.model.dtype])
+    selection = select_targets(model, cfg.scheme.ignore_layers)
+    plan = plan_memory(cfg, model, adapter, selection.ignored)
+    print(plan.table())
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results = {"slim_version": __version__, "mode": "plan", "model": cfg.model.name, "scheme": cfg.scheme.name,
+               "plan": plan.to_dict()}
+    write_results(run_dir, results)
+    if not plan.feasible:
+        raise SlimError("the run does not fit: " + "; ".join(plan.problems))
+    return results
+
+
 def run(cfg: SlimConfig, resolved: dict[str, Any]) -> dict[str, Any]:
     """Run the configured job; returns what results.json holds."""
     validate(cfg)
+    if cfg.mode == "plan":
+        return plan_stage(cfg)
     if cfg.hardware.nodes * cfg.hardware.procs_per_node > 1:
         raise SlimError(
             f"hardware={cfg.hardware.name} runs {cfg.hardware.nodes * cfg.hardware.procs_per_node} processes; "
             "multi-process calibration is not available in this version: use hardware=cpu or hardware=h20x1_lowmem"
         )
-    if cfg.mode == "plan":
-        raise SlimError("mode=plan (memory planning) is not available in this version; use mode=quantize")
     if cfg.hardware.threads:
         torch.set_num_threads(cfg.hardware.threads)
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     out_dir = run_dir / "checkpoint"
-    if (out_dir / "config.json").exists() and not cfg.overwrite and cfg.mode == "quantize":
-        raise SlimError(f"{out_dir} already holds a finished checkpoint; choose another hydra.run.dir or set overwrite=true")
+    if cfg.mode == "quantize" and out_dir.exists():
+        if (out_dir / "config.json").exists() and not cfg.overwrite:
+            raise SlimError(f"{out_dir} already holds a finished checkpoint; choose another hydra.run.dir or set overwrite=true")
+        shutil.rmtree(out_dir)  # an unfinished export (no config.json), or overwrite=true
 
     stages = Stages()
     results: dict[str, Any] = {"slim_version": __version__, "mode": cfg.mode, "model": cfg.model.name,
@@ -155,7 +186,7 @@ def run(cfg: SlimConfig, resolved: dict[str, Any]) -> dict[str, Any]:
             results["checkpoint_bytes"] = qres["checkpoint_bytes"]
             results["quantization"] = {k: qres[k] for k in ("ignored", "fallbacks", "skipped_prefixes", "num_samples")}
             tracker.table("modules", qres["modules"])
-            (run_dir / "modules.json").write_text(__import__("json").dumps(qres["modules"], indent=1) + "\n")
+            (run_dir / "modules.json").write_text(json.dumps(qres["modules"], indent=1) + "\n")
         if cfg.eval.tasks:
             if cfg.mode == "quantize" and cfg.eval.baseline:
                 with stages("eval_baseline"):

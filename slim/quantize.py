@@ -28,6 +28,7 @@ from slim.quant.int4 import valid_group_sizes
 from slim.quant.observers import ACTIVATION_OBSERVERS, MinMaxObserver
 from slim.quant.schemes import Scheme, dequantize_weight
 from slim.quant.types import QuantizedLinear
+from slim.targets import Selection
 
 log = logging.getLogger(__name__)
 _EXPERT_RE = re.compile(r"\.experts\.\d+\.")
@@ -165,20 +166,16 @@ class LayerQuantizer:
 
 def quantize_model(
     *, model, adapter: ModelAdapter, reader: CheckpointReader, writer: CheckpointWriter, fmt, scheme: Scheme,
-    input_ids: torch.Tensor, cfg, device: torch.device,
+    input_ids: torch.Tensor, cfg, device: torch.device, selection: Selection,
 ) -> QuantizeResult:
     """Stream, calibrate, quantize and write the whole model. ``cfg`` is the full SlimConfig."""
-    from slim.targets import resolve_ignored
-
     result = QuantizeResult(num_samples=int(input_ids.shape[0]))
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    ignored, matches = resolve_ignored(cfg.scheme.ignore_layers, linears)
-    for pattern, names in matches.items():
-        log.info("ignore_layers %r matched %d module(s)%s", pattern, len(names), f": {names[0]} ..." if names else "")
-    targets = {n: m for n, m in linears.items() if n not in ignored}
+    targets = selection.targets
+    for pattern, names in selection.matches.items():
+        log.info("ignore_layers %r matched %d module(s): %s", pattern, len(names), names[0] + (" ..." if len(names) > 1 else ""))
     if scheme.per_group:
         check_group_size(targets, cfg.scheme.group_size)
-    result.ignored, result.ignore_matches = sorted(ignored), matches
+    result.ignored, result.ignore_matches = sorted(selection.ignored), selection.matches
     lq = LayerQuantizer(scheme, fmt, writer, reader, cfg.scheme.group_size, cfg.scheme.weight_observer, result)
     runner = LayerRunner(model, device)
     bs = cfg.calibration.batch_size

@@ -13,6 +13,9 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
+
+from torch import nn
 
 from slim.errors import SlimError
 
@@ -38,3 +41,18 @@ def resolve_ignored(patterns: Iterable[str], names: Iterable[str]) -> tuple[set[
             f"{sample}); fix the pattern, use 're:<regex>' or a glob, or remove it"
         )
     return {n for hit in matched.values() for n in hit}, matched
+
+
+@dataclass
+class Selection:
+    """The Linears of a model that get quantized, and what ``ignore_layers`` took out (and why)."""
+
+    targets: dict[str, nn.Linear]
+    ignored: set[str]
+    matches: dict[str, list[str]]
+
+
+def select_targets(model: nn.Module, patterns: Iterable[str]) -> Selection:
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    ignored, matched = resolve_ignored(patterns, linears)
+    return Selection({n: m for n, m in linears.items() if n not in ignored}, ignored, matched)

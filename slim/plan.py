@@ -1,0 +1,139 @@
+"""Memory plan: what a run needs per rank, from the model's config.json alone (no weights are read).
+
+The model skeleton is built on the meta device (free), so every figure comes from the real module shapes:
+the largest decoder layer streamed onto the device, the calibration hidden states kept between layers,
+one batch's forward activations, quantization temporaries, and the host-side writer buffer. A run whose
+plan does not fit its hardware preset is refused before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from slim.config import SlimConfig
+from slim.export import DEFAULT_MAX_SHARD_BYTES
+from slim.quant.schemes import SCHEMES
+
+GiB = 2**30
+# Measured-order-of-magnitude fixed costs: CUDA context + allocator slack per GPU rank; Python + torch +
+# transformers + lm-eval imports per process on the host.
+DEVICE_RUNTIME_BYTES = int(1.5 * GiB)
+HOST_RUNTIME_BYTES = int(2.0 * GiB)
+USABLE_FRACTION = 0.95  # leave headroom for fragmentation
+
+
+@dataclass
+class MemoryPlan:
+    model: str
+    hardware: str
+    world_size: int
+    parameters: int
+    largest_layer: str
+    largest_layer_params: int
+    device_bytes: dict[str, int] = field(default_factory=dict)  # per rank, by component
+    host_bytes: dict[str, int] = field(default_factory=dict)  # per rank, by component
+    device_capacity: int = 0
+    host_capacity_per_rank: int = 0
+    checkpoint_bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def device_total(self) -> int:
+        return sum(self.device_bytes.values())
+
+    @property
+    def host_total(self) -> int:
+        return sum(self.host_bytes.values())
+
+    @property
+    def feasible(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"device_total": self.device_total, "host_total": self.host_total, "feasible": self.feasible}
+
+    def table(self) -> str:
+        rows = [f"memory plan: {self.model} on {self.hardware} ({self.world_size} rank(s)), "
+                f"{self.parameters / 1e9:.2f}B parameters, largest layer {self.largest_layer} "
+                f"({self.largest_layer_params / 1e9:.3f}B)",
+                "| per rank | component | GiB |", "|---|---|---:|"]
+        rows += [f"| device | {k} | {v / GiB:.2f} |" for k, v in self.device_bytes.items()]
+        rows += [f"| device | **total** (capacity {self.device_capacity / GiB:.0f}) | {self.device_total / GiB:.2f} |"]
+        rows += [f"| host | {k} | {v / GiB:.2f} |" for k, v in self.host_bytes.items()]
+        rows += [f"| host | **total** (share of node {self.host_capacity_per_rank / GiB:.0f}) | {self.host_total / GiB:.2f} |"]
+        rows.append(f"expected checkpoint size: {self.checkpoint_bytes / GiB:.2f} GiB")
+        rows.append("feasible" if self.feasible else "NOT feasible: " + "; ".join(self.problems))
+        return "\n".join(rows)
+
+
+def _quantized_bytes(mod: nn.Linear, scheme, group_size: int | None) -> int:
+    n = mod.in_features * mod.out_features
+    if scheme.weight_bits == 8:
+        return n + 8  # fp8 weight + fp32 weight_scale and input_scale
+    groups = n // group_size
+    return n // 2 + groups * 2 + 16  # packed int4 + bf16 group scales + shape + input_scale
+
+
+def plan_memory(cfg: SlimConfig, model, adapter, ignored: set[str]) -> MemoryPlan:
+    """Per-rank device and host bytes for ``cfg`` on ``model`` (a meta skeleton)."""
+    hw, cal, conf = cfg.hardware, cfg.calibration, model.config
+    world = hw.nodes * hw.procs_per_node
+    dtype_bytes = torch.finfo(model.dtype).bits // 8
+    scheme = SCHEMES[cfg.scheme.name]
+    layers = adapter.layers(model)
+    layer_params = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    big = max(range(len(layers)), key=layer_params.__getitem__)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    targets = {n: m for n, m in linears.items() if n not in ignored}
+
+    samples = math.ceil(cal.num_samples / world)
+    batch = min(cal.batch_size, samples)
+    hidden, T = conf.hidden_size, cal.seq_len
+    heads = getattr(conf, "num_attention_heads", 1)
+    inter = max(getattr(conf, "intermediate_size", 0),
+                getattr(conf, "moe_intermediate_size", 0) * (getattr(conf, "num_experts_per_tok", 1) or 1))
+    largest_linear = max((m.in_features * m.out_features for m in targets.values()), default=0)
+    layer_quantized = max(
+        sum(_quantized_bytes(m, scheme, cfg.scheme.group_size) for n, m in targets.items()
+            if n.startswith(adapter.layer_prefix(i))) for i in range(len(layers)))
+
+    device = {
+        "layer weights (compute dtype)": layer_params[big] * dtype_bytes,
+        "calibration hidden states (in + out)": 2 * samples * T * hidden * dtype_bytes,
+        "forward activations (one batch)": batch * T * (heads * T * 4 + 4 * inter * dtype_bytes + 4 * hidden * 4),
+        "quantization temporaries (fp32)": 3 * largest_linear * 4,
+    }
+    host = {
+        "writer buffer (one shard + one layer)": min(DEFAULT_MAX_SHARD_BYTES, sum(
+            _quantized_bytes(m, scheme, cfg.scheme.group_size) for m in targets.values())) + layer_quantized,
+        "runtime": HOST_RUNTIME_BYTES,
+    }
+    if hw.device == "cpu":
+        host.update(device)
+        device = {}
+    else:
+        device["runtime (CUDA context)"] = DEVICE_RUNTIME_BYTES
+        host["staging (largest dequantized tensor)"] = largest_linear * dtype_bytes
+
+    quantized = sum(_quantized_bytes(m, scheme, cfg.scheme.group_size) for m in targets.values())
+    other = sum(p.numel() for n, p in model.named_parameters()
+                if not (n.endswith(".weight") and n[: -len(".weight")] in targets)) * dtype_bytes
+    plan = MemoryPlan(
+        model=cfg.model.name, hardware=hw.name, world_size=world, parameters=sum(p.numel() for p in model.parameters()),
+        largest_layer=adapter.layer_prefix(big).rstrip("."), largest_layer_params=layer_params[big],
+        device_bytes=device, host_bytes=host, device_capacity=int(hw.device_memory_gb * GiB),
+        host_capacity_per_rank=int(hw.host_memory_gb * GiB / hw.procs_per_node), checkpoint_bytes=quantized + other,
+    )
+    if device and plan.device_total > USABLE_FRACTION * plan.device_capacity:
+        plan.problems.append(
+            f"needs {plan.device_total / GiB:.1f} GiB per device, {hw.name} has {hw.device_memory_gb:g} GiB: lower "
+            "calibration.num_samples/seq_len/batch_size or use more ranks")
+    if plan.host_total > USABLE_FRACTION * plan.host_capacity_per_rank:
+        plan.problems.append(
+            f"needs {plan.host_total / GiB:.1f} GiB host memory per rank, {hw.name} gives "
+            f"{plan.host_capacity_per_rank / GiB:.1f} GiB: lower the calibration size or use a bigger host")
+    return plan

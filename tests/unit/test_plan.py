@@ -1,0 +1,54 @@
+"""mode=plan: memory per rank from config.json alone, for the DeepSeek-R1 presets and an impossible one."""
+
+import pytest
+import torch
+from conftest import compose_config
+
+from slim.config import ASSETS
+from slim.errors import SlimError
+from slim.models.adapters import build_skeleton, load_config
+from slim.pipeline import plan_stage
+from slim.plan import GiB, plan_memory
+from slim.targets import select_targets
+
+R1 = ASSETS / "configs" / "deepseek_r1"
+
+
+@pytest.fixture(scope="module")
+def r1_skeleton():
+    return build_skeleton(load_config(str(R1)), torch.bfloat16)  # meta device: no memory
+
+
+def r1_cfg(*overrides):
+    return compose_config("model=deepseek_r1", f"model.path={R1}", "calibration=jsonl", "calibration.path=x", *overrides)
+
+
+@pytest.mark.parametrize("hardware", ["h20x1_lowmem", "h20x8", "h20x16"])
+@pytest.mark.parametrize("scheme", ["fp8_static", "w4a8"])
+def test_deepseek_r1_presets_are_feasible(r1_skeleton, hardware, scheme):
+    model, adapter = r1_skeleton
+    cfg = r1_cfg(f"hardware={hardware}", f"scheme={scheme}")
+    plan = plan_memory(cfg, model, adapter, select_targets(model, cfg.scheme.ignore_layers).ignored)
+    assert plan.feasible, plan.table()
+    assert 670e9 < plan.parameters < 672e9  # 671B without the MTP layer
+    assert plan.largest_layer_params == 11_507_286_016  # one MoE layer: 256 routed experts + shared + MLA
+    # the layer streamed onto the device, in bf16
+    assert plan.device_bytes["layer weights (compute dtype)"] == plan.largest_layer_params * 2
+    expected_ckpt = {"fp8_static": (600, 650), "w4a8": (320, 370)}[scheme]
+    assert expected_ckpt[0] < plan.checkpoint_bytes / GiB < expected_ckpt[1]
+
+
+def test_hidden_states_shrink_with_ranks(r1_skeleton):
+    model, adapter = r1_skeleton
+    per = {}
+    for hw in ("h20x1_lowmem", "h20x16"):
+        cfg = r1_cfg(f"hardware={hw}")
+        per[hw] = plan_memory(cfg, model, adapter, {"lm_head"}).device_bytes["calibration hidden states (in + out)"]
+    assert per["h20x1_lowmem"] == 16 * per["h20x16"]
+
+
+def test_too_small_device_is_refused_with_the_fix(tmp_path):
+    cfg = r1_cfg("hardware=h20x1_lowmem", "hardware.device_memory_gb=24", f"run_dir={tmp_path}")
+    with pytest.raises(SlimError, match="needs .* GiB per device.*lower calibration"):
+        plan_stage(cfg)
+    assert (tmp_path / "results.json").is_file()  # the breakdown is still written
