@@ -62,6 +62,7 @@ class HardwareConfig:
     backend: str = "gloo"  # gloo (cpu) | nccl (cuda)
     low_memory: bool = True
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    timeout_s: int = 1800  # a collective that waits longer fails the job (a rank died or hangs)
 
 
 @dataclass

@@ -19,11 +19,17 @@ log = logging.getLogger("slim")
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from slim import pipeline
+    from slim.config import validate
+    from slim.launch import launch, needs_launch
 
     cfg.run_dir = HydraConfig.get().runtime.output_dir
     resolved = OmegaConf.to_container(cfg, resolve=True)
     typed: SlimConfig = OmegaConf.to_object(cfg)
     try:
+        if typed.mode != "plan" and needs_launch(typed.hardware):  # one process per rank, under torchrun
+            validate(typed)
+            # this job's own overrides: in a multirun they hold this job's values, not the sweep lists
+            sys.exit(launch(typed.hardware, list(HydraConfig.get().overrides.task), typed.run_dir))
         pipeline.run(typed, resolved)
     except SlimError as exc:
         log.error("%s", exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -15,6 +16,7 @@ import torch
 
 from slim import __version__
 from slim.config import SlimConfig, validate
+from slim.distributed import Dist, init_distributed, shutdown
 from slim.errors import SlimError
 from slim.tracking import Tracker, flat_metrics, metric_deltas, peak_memory, results_table, write_results
 
@@ -54,9 +56,10 @@ def _load_tokenizer(path: Path, trust_remote_code: bool):
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
 
-def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer) -> dict[str, Any]:
+def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist: Dist | None = None) -> dict[str, Any]:
+    """Stream, calibrate, quantize and export; with several ranks each runs its slice of the samples."""
     from slim.calibration.data import calibration_tokens
-    from slim.export import CheckpointWriter
+    from slim.export import CheckpointWriter, finalize_checkpoint
     from slim.formats import FORMATS
     from slim.models.adapters import build_skeleton, load_config
     from slim.models.checkpoint import CheckpointReader
@@ -78,15 +81,20 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer) -> d
     if not plan.feasible:
         raise SlimError(f"this run does not fit hardware={cfg.hardware.name}: " + "; ".join(plan.problems)
                         + " (python -m slim.main mode=plan ... prints the breakdown)")
+    dist = dist or Dist(device=torch.device(cfg.hardware.device))
     ids = calibration_tokens(cfg.calibration, tokenizer, getattr(model.config, "max_position_embeddings", None))
+    if ids.shape[0] < dist.world:
+        raise SlimError(f"{ids.shape[0]} calibration samples cannot be split over {dist.world} ranks; "
+                        f"raise calibration.num_samples to at least {dist.world}")
     scheme = SCHEMES[cfg.scheme.name]
     if cfg.scheme.format not in FORMATS:
         raise SlimError(f"scheme.format={cfg.scheme.format!r} is unknown; choose one of: {', '.join(FORMATS)}")
     fmt = FORMATS[cfg.scheme.format]
-    writer = CheckpointWriter(out_dir)
-    device = torch.device(cfg.hardware.device)
+    writer = CheckpointWriter(out_dir, tag=f"rank{dist.rank:03d}-" if dist.world > 1 else "")
     result = quantize_model(model=model, adapter=adapter, reader=reader, writer=writer, fmt=fmt, scheme=scheme,
-                            input_ids=ids, cfg=cfg, device=device, selection=selection)
+                            input_ids=dist.shard(ids), cfg=cfg, device=dist.device, selection=selection, dist=dist)
+    result.num_samples = int(ids.shape[0])
+    shards = [shard for part in dist.gather(writer.close()) for shard in part]  # rank order
     config = {k: v for k, v in src_config.items() if k != "quantization_config"}
     config["torch_dtype"] = config["dtype"] = cfg.model.dtype
     config["quantization_config"] = fmt.quantization_config(
@@ -109,8 +117,9 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer) -> d
         },
         "fallback_input_scales": result.fallbacks,
     }
-    writer.finalize(config, source)
-    return result.to_dict() | {"checkpoint_bytes": writer.total_bytes}
+    if dist.is_main:  # every rank has closed its shards (gather above): index and config go last
+        finalize_checkpoint(out_dir, shards, config, source)
+    return result.to_dict() | {"checkpoint_bytes": sum(nbytes for _, _, nbytes in shards)}
 
 
 def eval_stage(cfg: SlimConfig, path: Path, load_type: str, tokenizer, workdir: Path) -> dict:
@@ -150,43 +159,56 @@ def plan_stage(cfg: SlimConfig) -> dict[str, Any]:
 
 
 def run(cfg: SlimConfig, resolved: dict[str, Any]) -> dict[str, Any]:
-    """Run the configured job; returns what results.json holds."""
+    """Run the configured job in this process (one rank of it under torchrun); returns results.json's content."""
     validate(cfg)
     if cfg.mode == "plan":
         return plan_stage(cfg)
-    if cfg.hardware.nodes * cfg.hardware.procs_per_node > 1:
-        raise SlimError(
-            f"hardware={cfg.hardware.name} runs {cfg.hardware.nodes * cfg.hardware.procs_per_node} processes; "
-            "multi-process calibration is not available in this version: use hardware=cpu or hardware=h20x1_lowmem"
-        )
     if cfg.hardware.threads:
         torch.set_num_threads(cfg.hardware.threads)
     torch.manual_seed(cfg.seed)
+    dist = init_distributed(cfg.hardware)
+    try:
+        return _run_job(cfg, resolved, dist)
+    finally:
+        shutdown()
+
+
+def _run_job(cfg: SlimConfig, resolved: dict[str, Any], dist: Dist) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     out_dir = run_dir / "checkpoint"
-    if cfg.mode == "quantize" and out_dir.exists():
+    if cfg.mode == "quantize" and dist.is_main and out_dir.exists():
         if (out_dir / "config.json").exists() and not cfg.overwrite:
             raise SlimError(f"{out_dir} already holds a finished checkpoint; choose another hydra.run.dir or set overwrite=true")
         shutil.rmtree(out_dir)  # an unfinished export (no config.json), or overwrite=true
+    dist.barrier()
 
     stages = Stages()
     results: dict[str, Any] = {"slim_version": __version__, "mode": cfg.mode, "model": cfg.model.name,
-                               "scheme": cfg.scheme.name, "run_dir": str(run_dir), "metrics": {}}
-    tracker = Tracker(cfg.logger, run_dir, resolved, name=f"{cfg.model.name}-{cfg.scheme.name}")
+                               "scheme": cfg.scheme.name, "run_dir": str(run_dir), "world_size": dist.world,
+                               "metrics": {}}
+    logger = cfg.logger if dist.is_main else dataclasses.replace(cfg.logger, mode="disabled")
+    tracker = Tracker(logger, run_dir, resolved, name=f"{cfg.model.name}-{cfg.scheme.name}")
     exit_code = 1
     try:
         with stages("load"):
-            source = prepare_source(cfg)
+            source = prepare_source(cfg) if dist.is_main else Path(cfg.model.path)
+            dist.barrier()  # the bf16 conversion (if any) is done once, by rank 0
             tokenizer = _load_tokenizer(source, cfg.model.trust_remote_code)
         if cfg.mode == "quantize":
             with stages("quantize"):
-                qres = quantize_stage(cfg, source, out_dir, tokenizer)
+                qres = quantize_stage(cfg, source, out_dir, tokenizer, dist)
             results["checkpoint"] = str(out_dir)
             results["checkpoint_bytes"] = qres["checkpoint_bytes"]
             results["quantization"] = {k: qres[k] for k in ("ignored", "fallbacks", "skipped_prefixes", "num_samples")}
+            if not dist.is_main:  # evaluation and records belong to rank 0
+                exit_code = 0
+                return results
             tracker.table("modules", qres["modules"])
             (run_dir / "modules.json").write_text(json.dumps(qres["modules"], indent=1) + "\n")
+        elif not dist.is_main:
+            exit_code = 0
+            return results
         if cfg.eval.tasks:
             if cfg.mode == "quantize" and cfg.eval.baseline:
                 with stages("eval_baseline"):

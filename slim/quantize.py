@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slim.calibration.runner import LayerRunner, observe, route_all
+from slim.distributed import Dist
 from slim.errors import SlimError
 from slim.export import CheckpointWriter
 from slim.models.adapters import ModelAdapter
@@ -110,35 +111,40 @@ def resolve_amax(observers: dict[str, MinMaxObserver]) -> tuple[dict[str, torch.
     return amax, fallback
 
 
-def log_expert_coverage(layer: str, observers: dict[str, MinMaxObserver], fallbacks: set[str]) -> None:
-    """One line per MoE layer: calibration tokens per routed expert (min/median/max) and fallbacks."""
+def log_expert_coverage(layer: str, observers: dict[str, MinMaxObserver]) -> None:
+    """One line per MoE layer: calibration tokens per routed expert (min/median/max), experts without any."""
     tokens = sorted(o.tokens for n, o in observers.items() if ".experts." in n and n.endswith("gate_proj"))
-    if not tokens:
-        return
-    n_fallback = sum(1 for n in observers if n in fallbacks and n.endswith("gate_proj"))
-    log.info("%s: %d routed experts, tokens per expert min %d / median %d / max %d, %d without tokens%s",
-             layer, len(tokens), tokens[0], tokens[len(tokens) // 2], tokens[-1], tokens.count(0),
-             f" ({n_fallback} use the layer-max fallback scale)" if n_fallback else "")
+    if tokens:
+        log.info("%s: %d routed experts, tokens per expert min %d / median %d / max %d, %d without tokens",
+                 layer, len(tokens), tokens[0], tokens[len(tokens) // 2], tokens[-1], tokens.count(0))
 
 
 class LayerQuantizer:
     """Quantizes the target Linears of one module tree and writes all of its tensors."""
 
     def __init__(self, scheme: Scheme, fmt, writer: CheckpointWriter, reader: CheckpointReader,
-                 group_size: int | None, weight_observer: str, result: QuantizeResult):
+                 group_size: int | None, weight_observer: str, result: QuantizeResult, owned: set[str],
+                 writes_rest: bool = True):
         self.scheme, self.fmt, self.writer, self.reader = scheme, fmt, writer, reader
         self.group_size, self.weight_observer, self.result = group_size, weight_observer, result
+        self.owned, self.writes_rest = owned, writes_rest  # what this rank writes
 
     def quantize(self, modules: dict[str, nn.Linear], observers: dict[str, MinMaxObserver],
-                 static: bool) -> dict[str, QuantizedLinear]:
+                 static: bool, everything: bool = False) -> dict[str, QuantizedLinear]:
+        """Quantize and write the modules this rank owns (all of them with ``everything``, for propagation)."""
         amax, fallback = resolve_amax(observers) if static else ({}, set())
         if fallback:
             log.warning("%d expert projection(s) saw no calibration token, e.g. %s; used the max over their "
                         "layer's experts", len(fallback), min(fallback))
         out = {}
         for name, mod in modules.items():
+            if name not in self.owned and not everything:
+                continue
             q = self.scheme.quantize(mod.weight, amax.get(name), self.group_size, self.weight_observer,
                                     getattr(self.fmt, "group_scale_dtype", None))
+            out[name] = q
+            if name not in self.owned:
+                continue
             for tname, t in self.fmt.tensors(name, q).items():
                 self.writer.add(tname, t)
             obs_amax = amax.get(name)
@@ -150,11 +156,12 @@ class LayerQuantizer:
                 weight_scale_max=float(q.weight_scale.max()), weight_scale_min=float(q.weight_scale.min()),
                 sqnr_db=sqnr_db(mod.weight, q), fallback=name in fallback,
             ))
-            out[name] = q
         return out
 
     def write_rest(self, module: nn.Module, prefix: str, quantized: set[str]) -> None:
         """Every other tensor of ``module``: bit-exact from the source unless it was block-FP8 (then dequantized)."""
+        if not self.writes_rest:
+            return
         for local, tensor in module.state_dict().items():
             name = prefix + local
             if name.endswith(".weight") and name[: -len(".weight")] in quantized:
@@ -166,9 +173,14 @@ class LayerQuantizer:
 
 def quantize_model(
     *, model, adapter: ModelAdapter, reader: CheckpointReader, writer: CheckpointWriter, fmt, scheme: Scheme,
-    input_ids: torch.Tensor, cfg, device: torch.device, selection: Selection,
+    input_ids: torch.Tensor, cfg, device: torch.device, selection: Selection, dist: Dist | None = None,
 ) -> QuantizeResult:
-    """Stream, calibrate, quantize and write the whole model. ``cfg`` is the full SlimConfig."""
+    """Stream, calibrate, quantize and write the whole model. ``cfg`` is the full SlimConfig.
+
+    With several ranks, ``input_ids`` is this rank's slice of the calibration set; observers are merged
+    across ranks before any scale is computed, and each rank writes the quantized modules it owns.
+    """
+    dist = dist or Dist()
     result = QuantizeResult(num_samples=int(input_ids.shape[0]))
     targets = selection.targets
     for pattern, names in selection.matches.items():
@@ -176,7 +188,10 @@ def quantize_model(
     if scheme.per_group:
         check_group_size(targets, cfg.scheme.group_size)
     result.ignored, result.ignore_matches = sorted(selection.ignored), selection.matches
-    lq = LayerQuantizer(scheme, fmt, writer, reader, cfg.scheme.group_size, cfg.scheme.weight_observer, result)
+    owned = {n for i, n in enumerate(sorted(targets)) if dist.owns(i)}
+    lq = LayerQuantizer(scheme, fmt, writer, reader, cfg.scheme.group_size, cfg.scheme.weight_observer, result,
+                        owned, writes_rest=dist.is_main)
+    propagate = cfg.calibration.propagate == "quantized"
     runner = LayerRunner(model, device)
     bs = cfg.calibration.batch_size
 
@@ -192,14 +207,15 @@ def quantize_model(
     for i, layer in enumerate(tqdm(layers, desc="quantize layers", unit="layer", leave=False)):
         prefix = adapter.layer_prefix(i)
         materialize(layer, prefix, reader, device)
-        mine = {n: m for n, m in targets.items() if n.startswith(prefix)}
-        with observe(mine, cfg.scheme.activation_observer) as obs, route_all(layer, cfg.calibration.route_all_experts):
+        layer_targets = {n: m for n, m in targets.items() if n.startswith(prefix)}
+        with observe(layer_targets, cfg.scheme.activation_observer) as obs, route_all(layer, cfg.calibration.route_all_experts):
             outputs = runner.forward(layer, hidden, prefix.rstrip("."))
-        qs = lq.quantize(mine, obs, scheme.static_activations)
-        log_expert_coverage(prefix.rstrip("."), obs, set(result.fallbacks))
-        lq.write_rest(layer, prefix, set(qs))
-        if cfg.calibration.propagate == "quantized":  # layer i+1 sees the quantized layer i
-            originals = {n: swap_in(model, n, SimQuantLinear(q, mine[n].bias)) for n, q in qs.items()}
+        dist.reduce_observers(obs)
+        log_expert_coverage(prefix.rstrip("."), obs)
+        qs = lq.quantize(layer_targets, obs, scheme.static_activations, everything=propagate)
+        lq.write_rest(layer, prefix, set(layer_targets))
+        if propagate:  # layer i+1 sees the quantized layer i
+            originals = {n: swap_in(model, n, SimQuantLinear(q, layer_targets[n].bias)) for n, q in qs.items()}
             outputs = runner.forward(layer, hidden, prefix.rstrip("."))
             for n, m in originals.items():
                 swap_in(model, n, m)
@@ -218,6 +234,7 @@ def quantize_model(
         for n in tail_targets:
             for h in normed:
                 obs[n].update(h)
+        dist.reduce_observers(obs)
         lq.quantize(tail_targets, obs, scheme.static_activations)
     for prefix, mod in tail.items():
         lq.write_rest(mod, prefix, set(tail_targets))
@@ -227,7 +244,7 @@ def quantize_model(
         extra = [n for n in reader.names() if n.startswith(p) and not reader.is_aux(n)]
         if not extra:
             continue
-        if cfg.model.copy_mtp:
+        if cfg.model.copy_mtp and dist.is_main:
             log.info("copying %s* through unquantized (%d tensors, model.copy_mtp=true)", p, len(extra))
             for n in extra:
                 writer.add(n, reader.get(n, model.dtype) if reader.raw(n).dtype == FP8_DTYPE else reader.raw(n))
@@ -235,4 +252,6 @@ def quantize_model(
             log.info("skipping %s* (multi-token-prediction layer, not part of the main model; "
                      "model.copy_mtp=true copies it)", p)
             result.skipped_prefixes.append(p)
+    order = {n: i for i, n in enumerate(sorted(targets))}
+    result.modules = sorted((m for part in dist.gather(result.modules) for m in part), key=lambda m: order[m.name])
     return result

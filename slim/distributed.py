@@ -1,0 +1,121 @@
+"""Data parallel calibration across ranks (torchrun): nccl on GPUs, gloo on CPUs.
+
+Every rank streams the same decoder layer and runs its own slice of the calibration samples. Observer
+statistics are merged with ``all_reduce(MAX)`` on fp32 amax values (FP8 tensors cannot be reduced) and
+``SUM`` on token counts; MAX is order-independent, so every rank ends with exactly the scales a single
+process computes. Quantized tensors are then written by their owner rank only (disjoint shards); rank 0
+writes the index and config last.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from slim.config import HardwareConfig
+from slim.errors import SlimError
+from slim.quant.observers import MinMaxObserver
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job; ``world == 1`` makes every collective a no-op."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    diag_group: Any = None  # a gloo group used only to name unresponsive ranks after a failure
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def owns(self, index: int) -> bool:
+        """Round-robin ownership of the ``index``-th item of a list every rank sees in the same order."""
+        return index % self.world == self.rank
+
+    def shard(self, samples: torch.Tensor) -> torch.Tensor:
+        """This rank's calibration samples: every ``world``-th row starting at ``rank``."""
+        return samples[self.rank :: self.world]
+
+    def reduce_observers(self, observers: dict[str, MinMaxObserver]) -> None:
+        """Merge observers across ranks in place: amax by MAX (fp32), tokens by SUM, NaN flags by MAX."""
+        if self.world == 1 or not observers:
+            return
+        names = sorted(observers)
+        amax = torch.stack([observers[n].amax.float() for n in names]).to(self.device)  # [M]
+        flags = torch.tensor([float(observers[n].nonfinite) for n in names], device=self.device)
+        tokens = torch.tensor([observers[n].tokens for n in names], dtype=torch.int64, device=self.device)
+        self._collective(dist.all_reduce, amax, op=dist.ReduceOp.MAX)
+        self._collective(dist.all_reduce, flags, op=dist.ReduceOp.MAX)
+        self._collective(dist.all_reduce, tokens, op=dist.ReduceOp.SUM)
+        for i, n in enumerate(names):
+            observers[n].amax = amax[i].cpu()
+            observers[n].nonfinite = bool(flags[i].item())
+            observers[n].tokens = int(tokens[i].item())
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order (on every rank)."""
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        self._collective(dist.all_gather_object, out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self._collective(dist.barrier)
+
+    def _collective(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as exc:  # gloo/nccl raise RuntimeError on timeouts and dead peers
+            raise SlimError(
+                f"rank {self.rank}: {fn.__name__} failed ({str(exc).splitlines()[0]}); {self._unresponsive()}"
+            ) from exc
+
+    def _unresponsive(self) -> str:
+        """Name the ranks that do not answer a monitored barrier (gloo) after a collective failed."""
+        if self.diag_group is None:
+            return "another rank died or hangs"
+        try:
+            dist.monitored_barrier(group=self.diag_group, timeout=datetime.timedelta(seconds=10), wait_all_ranks=True)
+        except RuntimeError as exc:
+            return f"unresponsive: {str(exc).splitlines()[0]}"
+        return "all ranks answer a barrier: a rank failed inside the collective"
+
+
+def init_distributed(hw: HardwareConfig) -> Dist:
+    """Join the torchrun job described by the environment; a single process gets ``Dist()``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(hw.device)
+    if world == 1:
+        return Dist(device=device)
+    expected = hw.nodes * hw.procs_per_node
+    if world != expected:
+        raise SlimError(f"torchrun started {world} ranks but hardware={hw.name} describes {expected}; "
+                        f"set hardware.nodes/procs_per_node to match --nnodes x --nproc-per-node")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if hw.device == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    timeout = datetime.timedelta(seconds=hw.timeout_s)
+    if not dist.is_initialized():
+        dist.init_process_group(hw.backend, timeout=timeout)
+    diag = dist.new_group(backend="gloo", timeout=timeout)
+    log.info("rank %d/%d (local %d) on %s, backend %s", rank, world, local_rank, device, hw.backend)
+    return Dist(rank=rank, world=world, local_rank=local_rank, device=device, diag_group=diag)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,93 @@
+"""Two gloo ranks on the CPU (hardware=cpu_x2) against one process (hardware=cpu), through the real CLI."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from slim.quant.fp8 import FP8_DTYPE
+
+
+def slim_main(*args, cwd, env=None, timeout=600):
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "slim.main", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def tensors(ckpt):
+    out = {}
+    for shard in sorted(set(json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"].values())):
+        with safe_open(ckpt / shard, framework="pt") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                out[k] = t.view(torch.uint8) if t.dtype == FP8_DTYPE else t
+    return out
+
+
+COMMON = ["eval=none", "logger=none", "calibration.num_samples=8", "calibration.seq_len=128"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["fp8_static", "w4a8"])
+def test_two_ranks_bit_identical_to_one(tmp_path, scheme):
+    runs = {}
+    for hw in ("cpu", "cpu_x2"):
+        run_dir = tmp_path / hw
+        proc = slim_main(f"hardware={hw}", f"scheme={scheme}", *COMMON, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[hw] = run_dir / "checkpoint"
+    one, two = tensors(runs["cpu"]), tensors(runs["cpu_x2"])
+    assert one.keys() == two.keys()
+    for name in one:
+        assert one[name].dtype == two[name].dtype and torch.equal(one[name], two[name]), name
+    shards = set(json.loads((runs["cpu_x2"] / "model.safetensors.index.json").read_text())["weight_map"].values())
+    assert len(shards) >= 2  # each rank wrote its own shard(s)
+    cfg1 = json.loads((runs["cpu"] / "config.json").read_text())
+    cfg2 = json.loads((runs["cpu_x2"] / "config.json").read_text())
+    assert cfg1["quantization_config"] == cfg2["quantization_config"]
+    assert cfg1["slim"]["calibration"] == cfg2["slim"]["calibration"]
+
+
+def _inject(tmp_path, body):
+    """A sitecustomize that breaks rank 1 only (imported by every rank's interpreter at start-up)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import slim.quantize as q\n"
+        "    def broken(*args, **kwargs):\n"
+        f"        {body}\n"
+        "    q.LayerQuantizer.quantize = broken\n"
+    )
+    return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.mark.slow
+def test_a_failing_rank_fails_the_job_naming_it(tmp_path):
+    env = _inject(tmp_path, "raise RuntimeError('injected failure on rank 1')")
+    start = time.monotonic()
+    proc = slim_main("hardware=cpu_x2", *COMMON, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 240
+    err = proc.stderr + proc.stdout
+    assert "injected failure on rank 1" in err
+    assert not (tmp_path / "run" / "checkpoint" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_a_hanging_rank_fails_the_job_in_bounded_time(tmp_path):
+    env = _inject(tmp_path, "import time; time.sleep(3600)")
+    start = time.monotonic()
+    proc = slim_main("hardware=cpu_x2", "hardware.timeout_s=20", *COMMON, f"hydra.run.dir={tmp_path / 'run'}",
+                     cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 240
+    err = proc.stderr + proc.stdout
+    assert "rank 0: all_reduce failed" in err and "1" in err.split("rank 0: all_reduce failed", 1)[1]
+    assert not (tmp_path / "run" / "checkpoint" / "config.json").exists()

@@ -1,0 +1,42 @@
+"""Accuracy targets on the embedded model, through the shipped lm-eval tasks (the README table's numbers).
+
+fp8_static keeps word perplexity within 1% of bf16; w4a8 with the reference ignore list within 5%; the mse
+weight observer is never worse than minmax on w4a8.
+"""
+
+import pytest
+from conftest import compose_config
+from transformers import AutoTokenizer
+
+from slim.pipeline import eval_stage, quantize_stage
+
+
+@pytest.fixture(scope="module")
+def scores(tmp_path_factory, embedded_model_path):
+    work = tmp_path_factory.mktemp("accuracy")
+    tok = AutoTokenizer.from_pretrained(str(embedded_model_path))
+    base_cfg = compose_config("logger=none", "eval.tasks=[slim_text_ppl]")
+    out = {"bf16": eval_stage(base_cfg, embedded_model_path, "fp8", tok, work)}
+    runs = {"fp8_static": ["scheme=fp8_static"],
+            "w4a8": ["scheme=w4a8"],
+            "w4a8_mse": ["scheme=w4a8", "scheme.weight_observer=mse"]}
+    for name, overrides in runs.items():
+        cfg = compose_config("logger=none", "eval.tasks=[slim_text_ppl]", *overrides)
+        quantize_stage(cfg, embedded_model_path, work / name, tok)
+        out[name] = eval_stage(cfg, work / name, "fp8", tok, work)
+    return {k: v["slim_text_ppl"]["word_perplexity"] for k, v in out.items()}
+
+
+@pytest.mark.slow
+def test_fp8_static_within_1_percent(scores):
+    assert scores["fp8_static"] / scores["bf16"] - 1 < 0.01, scores
+
+
+@pytest.mark.slow
+def test_w4a8_within_5_percent(scores):
+    assert scores["w4a8"] / scores["bf16"] - 1 < 0.05, scores
+
+
+@pytest.mark.slow
+def test_mse_observer_not_worse_than_minmax_on_w4a8(scores):
+    assert scores["w4a8_mse"] <= scores["w4a8"], scores
