@@ -11,6 +11,7 @@ import logging
 import os
 from pathlib import Path
 
+import torch
 import yaml
 
 from slim.config import ASSETS, EvalConfig
@@ -53,13 +54,16 @@ def evaluate(model, tokenizer, cfg: EvalConfig, workdir: Path) -> dict[str, dict
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # keep the run log to slim's own stage lines
     task_dir = prepare_tasks(workdir / "lm_eval_tasks")
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, device=str(model.device))
+    # softmax_dtype=float32: lm-eval otherwise sums log-probs in the model dtype, and bf16 sums round to
+    # multiples of 8-16 nats per document, hiding every quantization effect below ~1%.
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, device=str(model.device),
+              softmax_dtype=torch.float32)
     out = lm_eval.simple_evaluate(
         model=lm,
         tasks=list(cfg.tasks),
         num_fewshot=cfg.num_fewshot,
         limit=cfg.limit,
-        task_manager=TaskManager(include_path=str(task_dir), verbosity="ERROR"),
+        task_manager=TaskManager(include_path=str(task_dir)),
         bootstrap_iters=0,
         log_samples=False,
         verbosity="ERROR",

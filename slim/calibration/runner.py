@@ -58,8 +58,8 @@ class LayerRunner:
             out = out[0] if isinstance(out, tuple) else out
             if not torch.isfinite(out).all():
                 raise SlimError(
-                    f"calibration activations became NaN/Inf in {name}; check the weights of this layer "
-                    "(python -m slim.verify) or calibrate in a wider dtype (model.dtype=float32)"
+                    f"calibration activations became NaN/Inf in {name}; check this layer's weights in the "
+                    "checkpoint, or calibrate in a wider dtype (model.dtype=float32)"
                 )
             outputs.append(out)
         return outputs

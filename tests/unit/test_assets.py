@@ -7,7 +7,6 @@ import math
 import re
 
 import pytest
-import torch
 import yaml
 from safetensors import safe_open
 
@@ -16,6 +15,7 @@ from slim.config import ASSETS
 MODEL = ASSETS / "tiny_deepseek"
 DATA = ASSETS / "data"
 BLOCK = 128
+FP8, BF16, F32 = "F8_E4M3", "BF16", "F32"  # safetensors dtype names
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def config():
 
 @pytest.fixture(scope="module")
 def tensors():
-    """name -> (dtype, shape) without loading the data."""
+    """name -> (safetensors dtype name, shape), without loading the data."""
     with safe_open(str(MODEL / "model.safetensors"), "pt") as f:
         return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
 
@@ -95,12 +95,12 @@ def test_every_decoder_linear_is_block_fp8(config, tensors):
     linears = dict(_decoder_linears(config))
     assert linears["model.layers.0.self_attn.kv_a_proj_with_mqa"] == (576, config["hidden_size"])  # ragged rows
     for name, shape in linears.items():
-        assert tensors[f"{name}.weight"] == (torch.float8_e4m3fn, shape), name
+        assert tensors[f"{name}.weight"] == (FP8, shape), name
         scale = (math.ceil(shape[0] / BLOCK), math.ceil(shape[1] / BLOCK))
-        assert tensors[f"{name}.weight_scale_inv"] == (torch.float32, scale), name
+        assert tensors[f"{name}.weight_scale_inv"] == (F32, scale), name
     assert tensors["model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"][1] == (5, 2)
     # nothing else is FP8, no fused experts, no MTP layer
-    fp8 = {k[: -len(".weight")] for k, (dt, _) in tensors.items() if dt == torch.float8_e4m3fn}
+    fp8 = {k[: -len(".weight")] for k, (dt, _) in tensors.items() if dt == FP8}
     assert fp8 == set(linears)
     assert not any("gate_up_proj" in k for k in tensors)
     assert not any(k.startswith(f"model.layers.{config['num_hidden_layers']}.") for k in tensors)
@@ -108,15 +108,15 @@ def test_every_decoder_linear_is_block_fp8(config, tensors):
 
 def test_other_tensors_are_bf16_and_router_bias_fp32(config, tensors):
     h, v = config["hidden_size"], config["vocab_size"]
-    assert tensors["model.embed_tokens.weight"] == (torch.bfloat16, (v, h))
-    assert tensors["lm_head.weight"] == (torch.bfloat16, (v, h))
-    assert tensors["model.norm.weight"] == (torch.bfloat16, (h,))
+    assert tensors["model.embed_tokens.weight"] == (BF16, (v, h))
+    assert tensors["lm_head.weight"] == (BF16, (v, h))
+    assert tensors["model.norm.weight"] == (BF16, (h,))
     for i in range(config["first_k_dense_replace"], config["num_hidden_layers"]):
-        assert tensors[f"model.layers.{i}.mlp.gate.weight"] == (torch.bfloat16, (config["n_routed_experts"], h))
-        assert tensors[f"model.layers.{i}.mlp.gate.e_score_correction_bias"] == (torch.float32, (config["n_routed_experts"],))
+        assert tensors[f"model.layers.{i}.mlp.gate.weight"] == (BF16, (config["n_routed_experts"], h))
+        assert tensors[f"model.layers.{i}.mlp.gate.e_score_correction_bias"] == (F32, (config["n_routed_experts"],))
     for k, (dt, _) in tensors.items():
         if "norm" in k:
-            assert dt == torch.bfloat16, k
+            assert dt == BF16, k
 
 
 def test_index_maps_every_tensor(tensors):
