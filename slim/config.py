@@ -85,7 +85,7 @@ class CalibrationConfig:
 class EvalConfig:
     name: str = MISSING
     tasks: list[str] = field(default_factory=list)
-    backend: str = "hf"  # hf (in-process, CPU or GPU) | vllm (GPU machines)
+    backend: str = "hf"  # hf: in-process lm-eval on the simulated-quantization model (CPU or GPU)
     batch_size: int = 8
     limit: float | None = None
     num_fewshot: int | None = None
@@ -148,7 +148,7 @@ def validate(cfg: SlimConfig) -> SlimConfig:
     _choice(cfg.calibration.source, ("embedded", "jsonl", "hf"), "calibration.source")
     _choice(cfg.calibration.propagate, ("unquantized", "quantized"), "calibration.propagate")
     _choice(cfg.logger.mode, ("offline", "online", "disabled"), "logger.mode")
-    _choice(cfg.eval.backend, ("hf", "vllm"), "eval.backend")
+    _choice(cfg.eval.backend, ("hf",), "eval.backend")  # vllm: not available in this version
     from slim.quant.observers import ACTIVATION_OBSERVERS, WEIGHT_OBSERVERS
 
     _choice(cfg.scheme.weight_observer, tuple(WEIGHT_OBSERVERS), "scheme.weight_observer")

@@ -146,3 +146,29 @@ def test_fp8_native_format_holds_the_same_values(random_deepseek, tmp_path):
         assert torch.equal(sa[n].q.weight.view(torch.uint8), sb[n].q.weight.view(torch.uint8))
         assert torch.equal(sa[n].q.weight_scale.reshape(1), sb[n].q.weight_scale.reshape(1))
         assert torch.equal(sa[n].q.input_scale.reshape(1), sb[n].q.input_scale.reshape(1))
+
+
+def test_group_size_that_divides_nothing_names_the_layer(random_deepseek, tmp_path):
+    from slim.errors import SlimError
+
+    with pytest.raises(SlimError, match=r"group_size 96 does not divide in_features 256 of model\.layers\.1\.mlp\.experts"):
+        run_quantize(random_deepseek, tmp_path / "ckpt", "scheme=w4a8", "scheme.group_size=96")
+    assert not (tmp_path / "ckpt" / "config.json").exists()
+
+
+@pytest.mark.parametrize("scheme", ["w4a8", "w4a8_dynamic"])
+def test_w4a8_checkpoint_reads_back_the_codes_it_wrote(random_deepseek, tmp_path, scheme):
+    from slim.quant.schemes import SCHEMES
+
+    _, res, _ = run_quantize(random_deepseek, tmp_path / "ckpt", f"scheme={scheme}")
+    model = load_model(str(tmp_path / "ckpt"))
+    reader = CheckpointReader(random_deepseek, load_type="fp8")
+    sims = {n: m for n, m in model.named_modules() if isinstance(m, SimQuantLinear)}
+    assert set(sims) == {m["name"] for m in res["modules"]} and all(".experts." in n for n in sims)
+    for name, sim in sims.items():
+        amax = None if sim.q.input_scale is None else sim.q.input_scale * 448
+        expected = SCHEMES[scheme].quantize(reader.get(name + ".weight", torch.bfloat16), amax, 128,
+                                            group_scale_dtype=torch.bfloat16)
+        assert torch.equal(sim.q.weight, expected.weight), name
+        assert torch.equal(sim.q.weight_scale.float(), expected.weight_scale.float()), name
+        assert (sim.q.input_scale is None) == (scheme == "w4a8_dynamic")
