@@ -10,8 +10,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-from pathlib import Path  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -22,7 +20,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def embedded_model_path():
     from slim.config import ASSETS
 
-    return Path(os.environ.get("SLIM_TEST_EMBEDDED", ASSETS / "tiny_deepseek"))
+    return ASSETS / "tiny_deepseek"
 
 
 def tiny_deepseek_config(**overrides):
