@@ -199,6 +199,9 @@ def quantize_model(
     for prefix, mod in head.items():
         materialize(mod, prefix, reader, device)
     hidden = runner.embed(input_ids, bs)
+    log.info("calibration hidden states: %d samples x %d tokens x %d, %.1f MiB, kept on %s between layers",
+             input_ids.shape[0], input_ids.shape[1], hidden[0].shape[-1],
+             sum(h.numel() * h.element_size() for h in hidden) / 2**20, device)
     for prefix, mod in head.items():
         lq.write_rest(mod, prefix, set())
         release(mod)

@@ -79,3 +79,26 @@ def compose_config(*overrides):
     conf = str(Path(__file__).resolve().parents[1] / "conf")
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
         return OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
+
+
+def add_mtp_layer(ckpt):
+    """Append a DeepSeek multi-token-prediction layer (``model.layers.{num_hidden_layers}.*``) to a checkpoint."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((ckpt / "config.json").read_text())
+    n = config["num_hidden_layers"]
+    config["num_nextn_predict_layers"] = 1
+    (ckpt / "config.json").write_text(json.dumps(config))
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    shard = next(iter(index["weight_map"].values()))
+    tensors = load_file(str(ckpt / shard))
+    prefix = f"model.layers.{n - 1}."
+    mtp = {f"model.layers.{n}." + k[len(prefix):]: v.clone() for k, v in tensors.items() if k.startswith(prefix)}
+    mtp[f"model.layers.{n}.enorm.weight"] = torch.ones(config["hidden_size"], dtype=torch.bfloat16)
+    tensors.update(mtp)
+    save_file(tensors, str(ckpt / shard), metadata={"format": "pt"})
+    index["weight_map"].update({k: shard for k in mtp})
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    return sorted(mtp)

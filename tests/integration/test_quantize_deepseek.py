@@ -172,3 +172,21 @@ def test_w4a8_checkpoint_reads_back_the_codes_it_wrote(random_deepseek, tmp_path
         assert torch.equal(sim.q.weight, expected.weight), name
         assert torch.equal(sim.q.weight_scale.float(), expected.weight_scale.float()), name
         assert (sim.q.input_scale is None) == (scheme == "w4a8_dynamic")
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_mtp_layer_is_skipped_or_copied_through(tmp_path, embedded_model_path, copy):
+    from conftest import add_mtp_layer, write_random_deepseek
+
+    src = write_random_deepseek(tmp_path / "src", embedded_model_path)
+    mtp_names = add_mtp_layer(src)
+    _, res, _ = run_quantize(src, tmp_path / "ckpt", f"model.copy_mtp={str(copy).lower()}")
+    tensors = read_all(tmp_path / "ckpt")
+    written = [n for n in tensors if n.startswith("model.layers.2.")]
+    if copy:
+        assert sorted(written) == [n for n in mtp_names if not n.endswith("_scale_inv")]
+        assert tensors["model.layers.2.self_attn.q_a_proj.weight"].dtype == torch.bfloat16  # dequantized
+        assert res["skipped_prefixes"] == []
+    else:
+        assert written == [] and res["skipped_prefixes"] == ["model.layers.2."]
+    assert not any(m["name"].startswith("model.layers.2.") for m in res["modules"])  # never quantized
