@@ -20,12 +20,12 @@ from slim.calibration.runner import LayerRunner, observe, route_all
 from slim.distributed import Dist
 from slim.errors import SlimError
 from slim.export import CheckpointWriter
+from slim.formats.base import check_group_size
 from slim.models.adapters import ModelAdapter
 from slim.models.checkpoint import CheckpointReader
 from slim.models.materialize import materialize, release
 from slim.models.simulated import SimQuantLinear, swap_in
 from slim.quant.fp8 import FP8_DTYPE
-from slim.quant.int4 import valid_group_sizes
 from slim.quant.observers import ACTIVATION_OBSERVERS, MinMaxObserver
 from slim.quant.schemes import Scheme, dequantize_weight
 from slim.quant.types import QuantizedLinear
@@ -79,14 +79,13 @@ def sqnr_db(weight: torch.Tensor, q: QuantizedLinear) -> float:
     return math.inf if noise == 0 else 10 * math.log10(signal / noise)
 
 
-def check_group_size(targets: dict[str, nn.Linear], group_size: int) -> None:
+def check_group_sizes(targets: dict[str, nn.Linear], group_size: int) -> None:
+    """Every quantized Linear must split into whole groups; the error names the layer and the fix."""
     for name, mod in targets.items():
-        if mod.in_features % group_size:
-            divisors = valid_group_sizes(mod.in_features, (16, 32, 64, 128, 256, 512)) or ["none of 16..512"]
-            raise SlimError(
-                f"group_size {group_size} does not divide in_features {mod.in_features} of {name}; "
-                f"use {', '.join(map(str, divisors))} or add it to scheme.ignore_layers"
-            )
+        try:
+            check_group_size(name, mod.in_features, group_size)
+        except ValueError as exc:
+            raise SlimError(str(exc)) from None
 
 
 def resolve_amax(observers: dict[str, MinMaxObserver]) -> tuple[dict[str, torch.Tensor], set[str]]:
@@ -186,7 +185,7 @@ def quantize_model(
     for pattern, names in selection.matches.items():
         log.info("ignore_layers %r matched %d module(s): %s", pattern, len(names), names[0] + (" ..." if len(names) > 1 else ""))
     if scheme.per_group:
-        check_group_size(targets, cfg.scheme.group_size)
+        check_group_sizes(targets, cfg.scheme.group_size)
     result.ignored, result.ignore_matches = sorted(selection.ignored), selection.matches
     owned = {n for i, n in enumerate(sorted(targets)) if dist.owns(i)}
     lq = LayerQuantizer(scheme, fmt, writer, reader, cfg.scheme.group_size, cfg.scheme.weight_observer, result,

@@ -41,7 +41,3 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, group_size: int, dtype
     """int8 codes [out, in] * per-group scale [out, in // g] -> weight [out, in] (fp32 math)."""
     groups = q.float().reshape(q.shape[0], -1, group_size)  # [out, G, g]
     return (groups * scale.float()[..., None]).reshape(q.shape).to(dtype)
-
-
-def valid_group_sizes(in_features: int, candidates=(32, 64, 128, 256)) -> list[int]:
-    return [g for g in candidates if in_features % g == 0]
