@@ -165,8 +165,10 @@ class LayerQuantizer:
             name = prefix + local
             if name.endswith(".weight") and name[: -len(".weight")] in quantized:
                 continue
-            if name in self.reader and self.reader.raw(name).dtype != FP8_DTYPE:
-                tensor = self.reader.raw(name)
+            if name in self.reader:
+                raw = self.reader.raw(name)
+                if raw.dtype != FP8_DTYPE:  # copy the stored bytes; block-FP8 ones stay dequantized
+                    tensor = raw
             self.writer.add(name, tensor)
 
 
@@ -249,7 +251,7 @@ def quantize_model(
         if cfg.model.copy_mtp and dist.is_main:
             log.info("copying %s* through unquantized (%d tensors, model.copy_mtp=true)", p, len(extra))
             for n in extra:
-                writer.add(n, reader.get(n, model.dtype) if reader.raw(n).dtype == FP8_DTYPE else reader.raw(n))
+                writer.add(n, reader.passthrough(n, model.dtype))
         else:
             log.info("skipping %s* (multi-token-prediction layer, not part of the main model; "
                      "model.copy_mtp=true copies it)", p)

@@ -8,7 +8,6 @@ checkpoint tensors lie outside the main model (DeepSeek's multi-token-prediction
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 
 import torch
@@ -115,11 +114,3 @@ def build_skeleton(config: PretrainedConfig, dtype: torch.dtype) -> tuple[PreTra
     rotary = model.model.rotary_emb
     model.model.rotary_emb = type(rotary)(config=model.config)
     return model, adapter
-
-
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
-
-
-def layer_index(name: str) -> int | None:
-    m = _LAYER_RE.match(name)
-    return int(m.group(1)) if m else None

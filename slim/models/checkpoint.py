@@ -105,6 +105,13 @@ class CheckpointReader:
             return dequantize_fp8_block(t, self.raw(scale_name), self.block, dtype)
         return t.to(dtype) if t.is_floating_point() else t
 
+    def passthrough(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """A tensor to copy into another checkpoint: as stored, or dequantized to ``dtype`` if block-FP8."""
+        t = self.raw(name)
+        if t.dtype != FP8_DTYPE:
+            return t
+        return dequantize_fp8_block(t, self.raw(name + BLOCK_SCALE_SUFFIX), self.block, dtype)
+
     def is_aux(self, name: str) -> bool:
         """True for tensors that are folded into another one on read (block scales)."""
         return name.endswith(BLOCK_SCALE_SUFFIX) and name[: -len(BLOCK_SCALE_SUFFIX)] in self.weight_map

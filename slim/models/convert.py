@@ -33,8 +33,7 @@ def convert_fp8_to_bf16(src: str | Path, dst: str | Path, max_shard_bytes: int =
     for name in tqdm(reader.names(), desc="fp8 -> bf16", unit="tensor", leave=False):
         if reader.is_aux(name):
             continue
-        raw = reader.raw(name)
-        writer.add(name, reader.get(name, torch.bfloat16) if raw.dtype == torch.float8_e4m3fn else raw)
+        writer.add(name, reader.passthrough(name, torch.bfloat16))
         writer.maybe_flush()
     config = reader.config()
     config.pop("quantization_config", None)
