@@ -7,8 +7,10 @@ checkpoint tensors lie outside the main model (DeepSeek's multi-token-prediction
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -93,6 +95,11 @@ def adapter_for(config: PretrainedConfig) -> ModelAdapter:
 
 
 def load_config(path: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    raw = json.loads((Path(path) / "config.json").read_text())
+    if raw.get("auto_map") and not trust_remote_code and raw.get("model_type") not in ADAPTERS:
+        raise SlimError(f"{path} ships its own model code (auto_map in config.json); slim does not run it unless "
+                        "you set model.trust_remote_code=true, and then only for an architecture it supports: "
+                        + ", ".join(sorted(ADAPTERS)))
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as exc:
