@@ -88,11 +88,12 @@ def save_qwen3_moe(out: Path, tokenizer_dir: Path, seed: int = 0, dead: tuple[in
     return out
 
 
-def slim_main(*args, cwd, timeout=600):
+def slim_main(*args, cwd, returncode=0, timeout=600):
+    """``python -m slim.main ARGS`` in a subprocess, as a user runs it."""
     env = {**os.environ, "OMP_NUM_THREADS": "2", "WANDB_SILENT": "true"}
     proc = subprocess.run([sys.executable, "-m", "slim.main", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == returncode, proc.stderr[-3000:]
     return proc
 
 
@@ -173,13 +174,14 @@ def qwen3_moe(tmp_path_factory, embedded_model_path):
 
 @pytest.fixture(scope="module")
 def cli_runs(qwen3_moe, tmp_path_factory):
-    """fp8_static (default ignore list) and w4a8 (routed experts only), each through ``python -m slim.main``."""
+    """fp8_static (default ignore list, the model preset) and w4a8 (routed experts only), each through
+    ``python -m slim.main``."""
     root = tmp_path_factory.mktemp("qwen3_moe_runs")
     runs = {}
-    for scheme, extra in (("fp8_static", []), ("w4a8", [W4A8_IGNORE])):
+    for scheme, extra in (("fp8_static", ["model=qwen3_moe_example"]), ("w4a8", ["model.load_type=bf16", W4A8_IGNORE])):
         run_dir = root / scheme
-        slim_main(f"model.path={qwen3_moe}", "model.load_type=bf16", f"scheme={scheme}", *extra, "eval=none",
-                  "logger=none", f"hydra.run.dir={run_dir}", *CALIB, cwd=root)
+        slim_main(f"model.path={qwen3_moe}", f"scheme={scheme}", *extra, "eval=none", "logger=none",
+                  f"hydra.run.dir={run_dir}", *CALIB, cwd=root)
         runs[scheme] = run_dir
     return runs
 
@@ -214,14 +216,17 @@ def test_skeleton_has_one_linear_per_expert_projection(qwen3_moe):
     assert not any(p.dim() > 2 for p in model.parameters())  # nothing left fused
 
 
-def test_unsupported_architecture_names_the_supported_ones():
-    from transformers import GPT2Config
+def test_unsupported_architecture_names_the_supported_ones(tmp_path, embedded_model_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    from slim.errors import SlimError
-    from slim.models.adapters import adapter_for
-
-    with pytest.raises(SlimError, match=r"'gpt2' is not supported; supported: .*qwen3, qwen3_moe"):
-        adapter_for(GPT2Config())
+    src = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=4096, n_embd=32, n_layer=1, n_head=2, n_positions=128)).save_pretrained(src)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(embedded_model_path / f, src / f)
+    proc = slim_main(f"model.path={src}", "model.load_type=bf16", "eval=none", "logger=none",
+                     f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, returncode=2)
+    assert "model_type 'gpt2' is not supported; supported: deepseek_v3, llama, mistral, qwen2, qwen3, qwen3_moe" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_fp8_static_every_expert_has_its_own_scales_from_its_routed_tokens(qwen3_moe, cli_runs, reference):
