@@ -43,7 +43,8 @@ class ModelAdapter:
         if stacked:
             raise SlimError(
                 f"{type(model).__name__} keeps expert weights stacked ({stacked[0]}, ...), which slim cannot quantize "
-                f"per expert; its adapter {self.name!r} needs the fused experts class of this transformers version"
+                f"per expert; set the fused_experts class of adapter {self.name!r} in slim/models/adapters.py for "
+                "this transformers version"
             )
 
     def layers(self, model: PreTrainedModel) -> nn.ModuleList:

@@ -216,6 +216,18 @@ def test_skeleton_has_one_linear_per_expert_projection(qwen3_moe):
     assert not any(p.dim() > 2 for p in model.parameters())  # nothing left fused
 
 
+def test_adapter_without_the_fused_experts_class_refuses_stacked_experts(qwen3_moe):
+    from transformers import AutoModelForCausalLM
+
+    from slim.errors import SlimError
+    from slim.models.adapters import ModelAdapter, load_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(load_config(str(qwen3_moe)), dtype=torch.bfloat16)
+    with pytest.raises(SlimError, match=r"keeps expert weights stacked \(model\.layers\.0\.mlp\.experts\.gate_up_proj"):
+        ModelAdapter(name="plain").prepare(model)
+
+
 def test_unsupported_architecture_names_the_supported_ones(tmp_path, embedded_model_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -225,7 +237,8 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path, embedded_mo
         shutil.copy(embedded_model_path / f, src / f)
     proc = slim_main(f"model.path={src}", "model.load_type=bf16", "eval=none", "logger=none",
                      f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, returncode=2)
-    assert "model_type 'gpt2' is not supported; supported: deepseek_v3, llama, mistral, qwen2, qwen3, qwen3_moe" in proc.stderr
+    supported = "deepseek_v3, llama, mistral, qwen2, qwen3, qwen3_moe"
+    assert f"error: model_type 'gpt2' is not supported; supported: {supported}" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -245,7 +258,8 @@ def test_fp8_static_every_expert_has_its_own_scales_from_its_routed_tokens(qwen3
             w = src.get_tensor(name + ".weight")
             scale = fp8_scale(w.float().abs().amax().reshape(1))
             assert torch.equal(tensors[name + ".weight_scale"], scale), name
-            assert torch.equal(tensors[name + ".weight"].view(torch.uint8), quantize_fp8(w, scale).view(torch.uint8)), name
+            fp8 = tensors[name + ".weight"].view(torch.uint8)
+            assert torch.equal(fp8, quantize_fp8(w, scale).view(torch.uint8)), name
             assert torch.equal(tensors[name + ".input_scale"], fp8_scale(torch.tensor([ref_amax[name]]))), name
         for n in ("model.layers.0.mlp.gate.weight", "model.layers.1.mlp.gate.weight", "lm_head.weight",
                   "model.embed_tokens.weight", "model.layers.1.self_attn.q_norm.weight"):
@@ -254,13 +268,21 @@ def test_fp8_static_every_expert_has_its_own_scales_from_its_routed_tokens(qwen3
     for name in experts:
         assert modules[name]["tokens"] == ref_tokens[name] > 0, name
     for i in range(2):
-        per_layer = sum(modules[f"model.layers.{i}.mlp.experts.{e}.gate_proj"]["tokens"] for e in range(config.num_experts))
+        per_layer = sum(modules[f"model.layers.{i}.mlp.experts.{e}.gate_proj"]["tokens"]
+                        for e in range(config.num_experts))
         assert per_layer == NUM_SAMPLES * SEQ_LEN * config.num_experts_per_tok
     assert len({float(tensors[n + ".input_scale"]) for n in experts if n.endswith("down_proj")}) > 1
     cfg = json.loads((run / "checkpoint" / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen3MoeForCausalLM"] and cfg["model_type"] == "qwen3_moe"
     assert cfg["slim"]["fallback_input_scales"] == []
-    assert "lm_head" in cfg["quantization_config"]["ignore"]
+    # what vLLM would pick from this quantization_config (its selection rules, restated in slim.formats)
+    from slim.formats.vllm_rules import linear_scheme, moe_method, should_ignore_layer
+
+    qcfg = cfg["quantization_config"]
+    assert moe_method(qcfg, "model.layers.1.mlp.experts") == "CompressedTensorsW8A8Fp8MoEMethod"
+    assert linear_scheme(qcfg, "model.layers.1.self_attn.q_proj") == "CompressedTensorsW8A8Fp8"
+    assert should_ignore_layer("lm_head", qcfg["ignore"])
+    assert should_ignore_layer("model.layers.1.mlp.gate", qcfg["ignore"])  # the router
 
 
 def test_w4a8_quantizes_exactly_the_routed_experts(qwen3_moe, cli_runs, reference):
@@ -277,7 +299,8 @@ def test_w4a8_quantizes_exactly_the_routed_experts(qwen3_moe, cli_runs, referenc
     ref_amax, _ = reference
     with safe_open(qwen3_moe / "model.safetensors", framework="pt") as src:
         for name, sim in sims.items():
-            assert {f"{name}.{t}" for t in ("weight_packed", "weight_scale", "weight_shape", "input_scale")} <= set(tensors)
+            own = {f"{name}.{t}" for t in ("weight_packed", "weight_scale", "weight_shape", "input_scale")}
+            assert own <= set(tensors), name
             assert torch.equal(sim.q.input_scale, fp8_scale(torch.tensor([ref_amax[name]]))), name
             expected = SCHEMES["w4a8"].quantize(src.get_tensor(name + ".weight"), torch.tensor(ref_amax[name]), 128,
                                                 group_scale_dtype=torch.bfloat16)
