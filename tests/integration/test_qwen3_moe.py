@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from slim.calibration.data import calibration_tokens
 from slim.models.loading import load_model
 from slim.models.simulated import SimQuantLinear
-from slim.quant.fp8 import FP8_DTYPE, fp8_scale, quantize_fp8
+from slim.quant.fp8 import fp8_scale, quantize_fp8
 
 NUM_SAMPLES, SEQ_LEN, BATCH = 8, 64, 8
 CALIB = [f"calibration.num_samples={NUM_SAMPLES}", f"calibration.seq_len={SEQ_LEN}", f"calibration.batch_size={BATCH}"]
