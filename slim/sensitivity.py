@@ -1,0 +1,530 @@
+"""mode=sensitivity: which module groups a scheme can quantize, and the smallest ``ignore_layers`` that is safe.
+
+1. Load the whole model (unquantized, e.g. bf16 from DeepSeek's FP8 release) and walk the calibration set
+   through it layer by layer with input observers (slim's calibration code, so the activation scales are the
+   ones ``mode=quantize`` computes); each layer's input hidden states are kept.
+2. Candidate groups: per decoder layer, attention, dense MLP, shared experts and routed experts (all of a
+   layer's experts as one group), plus ``lm_head``; each comes with the ``ignore_layers`` pattern selecting it.
+3. Each group is quantized alone (the scheme's weights and static input scales, simulated with
+   SimQuantLinear: the values export writes) and the calibration set is run from that group's layer on;
+   the increase of the mean token NLL over the unquantized model ranks the groups.
+4. Greedy search: quantize every candidate, then leave the most sensitive groups unquantized one at a time
+   until the held-out metric is within ``sensitivity.target_delta`` (relative) of the unquantized model.
+
+Writes ``sensitivity.json``, ``sensitivity.md`` and ``results.json`` in the run directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from slim import __version__
+from slim.calibration.runner import LayerRunner, observe, route_all
+from slim.config import ASSETS, EvalConfig, SlimConfig
+from slim.errors import SlimError
+from slim.models.simulated import SimQuantLinear, swap_in
+from slim.quant.schemes import SCHEMES, Scheme
+from slim.quant.types import QuantizedLinear
+from slim.targets import matches, resolve_ignored
+
+log = logging.getLogger(__name__)
+
+KINDS = ("attention", "dense_mlp", "shared_experts", "routed_experts", "lm_head")
+# one pattern for every group of a kind (used when the whole kind stays unquantized)
+KIND_PATTERNS = {"attention": "self_attn", "dense_mlp": r"re:model\.layers\.\d+\.mlp\.(gate|up|down)_proj$",
+                 "shared_experts": "shared_experts", "routed_experts": "mlp.experts", "lm_head": "lm_head"}
+_IN_LAYER = {"attention": "self_attn", "dense_mlp": "mlp", "shared_experts": "mlp.shared_experts",
+             "routed_experts": "mlp.experts"}
+_ROUTED = re.compile(r"mlp\.experts\.\d+\.")
+_DENSE = re.compile(r"mlp\.(gate|up|down)_proj")
+HELDOUT = ("text", "lm_eval", "calibration")
+RANK_BY = ("loss", "loss_per_byte")
+
+
+def classify(rest: str) -> str | None:
+    """The kind of a Linear from its name inside a decoder layer (``self_attn.q_a_proj``, ``mlp.experts.3.up_proj``)."""
+    if rest.startswith("self_attn."):
+        return "attention"
+    if rest.startswith("mlp.shared_experts."):
+        return "shared_experts"
+    if _ROUTED.match(rest):
+        return "routed_experts"
+    if _DENSE.fullmatch(rest):
+        return "dense_mlp"
+    return None
+
+
+@dataclass
+class Group:
+    """Linears that are quantized or kept together, and the ``ignore_layers`` pattern selecting exactly them."""
+
+    key: str  # e.g. "layers.3.routed_experts", "lm_head"
+    kind: str | None
+    layer: int | None
+    pattern: str
+    modules: list[str]
+    params: int
+    kept_bytes: int  # weights as the source dtype
+    quantized_bytes: int  # weights (+ scales) under the scheme
+    candidate: bool = True
+    note: str = ""
+    loss: float = math.nan  # calibration mean token NLL with this group alone quantized
+    delta: float = math.nan  # loss - baseline
+
+    @property
+    def saved_bytes(self) -> int:
+        return self.kept_bytes - self.quantized_bytes
+
+
+def _pattern(name: str, modules: list[str], linears: dict[str, nn.Linear]) -> str:
+    """``name`` if it selects exactly ``modules`` among ``linears``, else a regex of the exact names."""
+    if {n for n in linears if matches(name, n)} == set(modules):
+        return name
+    return "re:(" + "|".join(re.escape(n) for n in modules) + ")$"
+
+
+def build_groups(linears: dict[str, nn.Linear], layer_prefixes: list[str], kinds: list[str], scheme: Scheme,
+                 group_size: int | None) -> list[Group]:
+    """Every Linear in exactly one group; groups of a kind not in ``kinds`` (or that cannot be quantized with
+    the group size) have ``candidate=False`` and stay unquantized."""
+    from slim.plan import _quantized_bytes
+
+    members: dict[tuple[int | None, str | None, str], list[str]] = {}
+    for name in linears:
+        layer = next((i for i, p in enumerate(layer_prefixes) if name.startswith(p)), None)
+        if layer is not None:
+            kind = classify(name[len(layer_prefixes[layer]):])
+            where = f"{layer_prefixes[layer]}{_IN_LAYER[kind]}" if kind else name
+        else:
+            kind, where = ("lm_head", "lm_head") if name == "lm_head" else (None, name)
+        members.setdefault((layer, kind, where), []).append(name)
+    groups = []
+    for (layer, kind, where), names in members.items():
+        mods = [linears[n] for n in names]
+        params = sum(m.weight.numel() for m in mods)
+        key = where if layer is None or kind is None else f"layers.{layer}.{kind}"
+        note, candidate = "", kind is not None and kind in kinds
+        if kind is None:
+            note = "not a candidate kind"
+        elif not candidate:
+            note = f"kind {kind} not in sensitivity.kinds"
+        bad = [n for n, m in zip(names, mods) if scheme.per_group and m.in_features % group_size]
+        if candidate and bad:
+            candidate, note = False, f"group_size {group_size} does not divide in_features of {bad[0]}"
+            log.warning("sensitivity: %s stays unquantized: %s", key, note)
+        groups.append(Group(
+            key=key, kind=kind, layer=layer, pattern=_pattern(where, names, linears), modules=names, params=params,
+            kept_bytes=sum(m.weight.numel() * m.weight.element_size() for m in mods),
+            quantized_bytes=0 if bad else sum(_quantized_bytes(m, scheme, group_size) for m in mods),
+            candidate=candidate, note=note))
+    return groups
+
+
+def ignore_patterns(kept: list[Group], groups: list[Group], linears: dict[str, nn.Linear]) -> list[str]:
+    """The shortest ``ignore_layers`` list selecting exactly the modules of ``kept``: a whole kind collapses to
+    its one pattern (``self_attn``, ``shared_experts``, ...). Checked against slim's own pattern resolution."""
+    kept_keys = {g.key for g in kept}
+    patterns: list[str] = []
+    for kind in (*KINDS, None):
+        of_kind = [g for g in groups if g.kind == kind]
+        mine = [g for g in of_kind if g.key in kept_keys]
+        if not mine:
+            continue
+        names = {n for g in of_kind for n in g.modules}
+        whole = kind is not None and len(mine) == len(of_kind)
+        if whole and {n for n in linears if matches(KIND_PATTERNS[kind], n)} == names:
+            patterns.append(KIND_PATTERNS[kind])
+        else:
+            patterns += [g.pattern for g in sorted(mine, key=lambda g: (g.layer is None, g.layer or 0))]
+    want = {n for g in kept for n in g.modules}
+    got = resolve_ignored(patterns, linears)[0] if patterns else set()
+    assert got == want, f"ignore patterns {patterns} select {sorted(got ^ want)[:5]} wrongly"
+    return patterns
+
+
+def hydra_override(patterns: list[str]) -> str:
+    """A shell-ready ``scheme.ignore_layers=[...]`` override (regex patterns quoted for Hydra)."""
+    items = [p if re.fullmatch(r"[\w.\-]+", p) else '"' + p.replace('"', '\\"') + '"' for p in patterns]
+    return "'scheme.ignore_layers=[" + ",".join(items) + "]'"
+
+
+def text_tokens(path: Path, field_name: str, tokenizer, seq_len: int, max_tokens: int | None) -> list[torch.Tensor]:
+    """Held-out documents joined with EOS, cut into [1, <=seq_len] chunks (the last one may be shorter)."""
+    if not path.is_file():
+        raise SlimError(f"held-out text {path} does not exist; set sensitivity.heldout_path=<file.jsonl>")
+    stream: list[int] = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if field_name not in record:
+            raise SlimError(f"{path}:{lineno} has no field {field_name!r}; set sensitivity.heldout_text_field")
+        stream += tokenizer(str(record[field_name]), add_special_tokens=True)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            stream.append(tokenizer.eos_token_id)
+        if max_tokens and len(stream) >= max_tokens:
+            break
+    stream = stream[:max_tokens] if max_tokens else stream
+    if len(stream) < 2:
+        raise SlimError(f"held-out text {path} has fewer than 2 tokens")
+    ids = torch.tensor(stream, dtype=torch.long)
+    return [c.unsqueeze(0) for c in ids.split(seq_len) if c.numel() > 1]
+
+
+def batches(chunks: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+    """[1, T] chunks -> [b, T] batches of equal length (order kept)."""
+    out: list[torch.Tensor] = []
+    for c in chunks:
+        if out and out[-1].shape[1] == c.shape[1] and out[-1].shape[0] < batch_size:
+            out[-1] = torch.cat([out[-1], c])
+        else:
+            out.append(c)
+    return out
+
+
+class SimulatedModel:
+    """An in-memory model whose target Linears can be swapped for their quantized simulation, and the losses."""
+
+    def __init__(self, model, adapter, scheme: Scheme, cfg: SlimConfig, device: torch.device):
+        self.model, self.adapter, self.scheme, self.cfg = model, adapter, scheme, cfg
+        self.layers = adapter.layers(model)
+        self.prefixes = [adapter.layer_prefix(i) for i in range(len(self.layers))]
+        self.runner = LayerRunner(model, device)
+        self.linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        self.amax: dict[str, torch.Tensor] = {}
+        self.fallbacks: set[str] = set()
+        self._q: dict[str, QuantizedLinear] = {}
+
+    def embed(self, ids: list[torch.Tensor]) -> list[torch.Tensor]:
+        emb = self.model.model.embed_tokens
+        with torch.no_grad():
+            return [emb(b.to(self.runner.device)) for b in ids]
+
+    def calibrate(self, ids: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Observe every Linear's inputs over the calibration batches; return each layer's inputs (+ final)."""
+        from slim.quant.observers import ACTIVATION_OBSERVERS
+        from slim.quantize import resolve_amax
+
+        obs_name = self.cfg.scheme.activation_observer
+        inputs = [self.embed(ids)]
+        observers = {}
+        for i, layer in enumerate(tqdm(self.layers, desc="calibrate layers", unit="layer", leave=False)):
+            mods = {n: m for n, m in self.linears.items() if n.startswith(self.prefixes[i])}
+            with observe(mods, obs_name) as obs, route_all(layer, self.cfg.calibration.route_all_experts):
+                inputs.append(self.runner.forward(layer, inputs[-1], self.prefixes[i].rstrip(".")))
+            observers.update(obs)
+        rest = {n: m for n, m in self.linears.items() if n not in observers}  # lm_head: input is the final norm's output
+        with torch.no_grad():
+            for n in rest:
+                observers[n] = ACTIVATION_OBSERVERS[obs_name]()
+                for h in inputs[-1]:
+                    observers[n].update(self.model.model.norm(h))
+        if self.scheme.static_activations:
+            self.amax, self.fallbacks = resolve_amax(observers)
+        return inputs
+
+    def quantized(self, name: str) -> QuantizedLinear:
+        if name not in self._q:
+            from slim.formats import FORMATS
+
+            fmt = FORMATS.get(self.cfg.scheme.format)
+            self._q[name] = self.scheme.quantize(self.linears[name].weight, self.amax.get(name), self.cfg.scheme.group_size,
+                                                 self.cfg.scheme.weight_observer, getattr(fmt, "group_scale_dtype", None))
+        return self._q[name]
+
+    @contextlib.contextmanager
+    def simulate(self, names: set[str]):
+        """Inside the block, the Linears ``names`` compute with their quantized values."""
+        originals = {n: swap_in(self.model, n, SimQuantLinear(self.quantized(n), self.linears[n].bias)) for n in sorted(names)}
+        try:
+            yield
+        finally:
+            for n, m in originals.items():
+                swap_in(self.model, n, m)
+
+    @torch.no_grad()
+    def nll(self, hidden: list[torch.Tensor], labels: list[torch.Tensor], start: int = 0) -> float:
+        """Mean next-token NLL (fp32 log-softmax) running ``hidden`` (inputs of layer ``start``) to the logits."""
+        for i in range(start, len(self.layers)):
+            hidden = self.runner.forward(self.layers[i], hidden, self.prefixes[i].rstrip("."))
+        total, count = 0.0, 0
+        for h, y in zip(hidden, labels):
+            logits = self.model.lm_head(self.model.model.norm(h)).float()  # [b, T, V]
+            y = y.to(logits.device)
+            total += F.cross_entropy(logits[:, :-1].flatten(0, 1), y[:, 1:].flatten(), reduction="sum").item()
+            count += y[:, 1:].numel()
+        return total / count
+
+
+def _check_fits(cfg: SlimConfig, model, adapter, n_tokens: int) -> None:
+    """The whole model stays resident here (unlike mode=quantize): refuse early when it cannot fit."""
+    from slim.plan import GiB, HOST_RUNTIME_BYTES, USABLE_FRACTION
+
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    hidden = (len(adapter.layers(model)) + 1) * n_tokens * model.config.hidden_size * torch.finfo(model.dtype).bits // 8
+    need = weights * 2 + hidden  # unquantized weights + quantized copies and temporaries (upper bound)
+    cuda = cfg.hardware.device.startswith("cuda")
+    capacity = (cfg.hardware.device_memory_gb if cuda else cfg.hardware.host_memory_gb) * GiB
+    if not cuda:
+        need += HOST_RUNTIME_BYTES
+    if capacity and need > USABLE_FRACTION * capacity:
+        raise SlimError(
+            f"mode=sensitivity holds the whole model in memory: {cfg.model.name} needs about {need / GiB:.1f} GiB "
+            f"({weights / GiB:.1f} GiB of weights in {cfg.model.dtype}, twice for the quantized copies, plus "
+            f"{hidden / GiB:.2f} GiB of calibration hidden states) and hardware={cfg.hardware.name} gives "
+            f"{capacity / GiB:.0f} GiB. Run it on a smaller model of the same family, or on hardware with more "
+            f"memory; mode=quantize (which streams one layer at a time) does not need this")
+
+
+def _heldout_metric(cfg: SlimConfig, sim: SimulatedModel, tokenizer, calib: tuple, run_dir: Path) -> tuple[str, Callable[[], float]]:
+    s = cfg.sensitivity
+    if s.heldout == "calibration":
+        hidden, labels = calib
+        return "calibration token_perplexity", lambda: math.exp(sim.nll(hidden, labels))
+    if s.heldout == "text":
+        path = Path(s.heldout_path) if s.heldout_path else ASSETS / "data" / "heldout_ppl.jsonl"
+        ids = batches(text_tokens(path, s.heldout_text_field, tokenizer, s.heldout_seq_len, s.heldout_max_tokens),
+                      cfg.calibration.batch_size)
+        hidden = sim.embed(ids)
+        log.info("held-out text: %s, %d tokens", path, sum(b.numel() for b in ids))
+        return f"held-out token_perplexity ({path.name})", lambda: math.exp(sim.nll(hidden, ids))
+    from slim.evaluate import evaluate
+
+    if not any(k in s.heldout_metric for k in ("perplexity", "bits_per_byte")):
+        raise SlimError(f"sensitivity.heldout_metric={s.heldout_metric!r}: use a lower-is-better metric "
+                        "(word_perplexity, byte_perplexity, bits_per_byte)")
+    ecfg = EvalConfig(name="sensitivity", tasks=[s.heldout_task], batch_size=cfg.eval.batch_size, limit=cfg.eval.limit)
+
+    def score() -> float:
+        res = evaluate(sim.model, tokenizer, ecfg, run_dir)
+        if s.heldout_metric not in res.get(s.heldout_task, {}):
+            raise SlimError(f"lm-eval task {s.heldout_task} reports {sorted(res.get(s.heldout_task, {}))}, "
+                            f"not {s.heldout_metric}; set sensitivity.heldout_metric")
+        return res[s.heldout_task][s.heldout_metric]
+
+    return f"{s.heldout_task} {s.heldout_metric}", score
+
+
+@dataclass
+class Step:
+    kept: list[str]  # group keys left unquantized (beyond the non-candidates)
+    metric: float
+    rel_delta: float
+    checkpoint_bytes: int
+    quantized_bytes: int
+    kept_bytes: int
+    ignore_layers: list[str] = field(default_factory=list)
+
+
+def _sizes(groups: list[Group], quantized_keys: set[str], other_bytes: int) -> tuple[int, int, int]:
+    q = sum(g.quantized_bytes for g in groups if g.key in quantized_keys)
+    kept = sum(g.kept_bytes for g in groups if g.key not in quantized_keys)
+    return q + kept + other_bytes, q, kept
+
+
+def sensitivity_stage(cfg: SlimConfig, resolved: dict[str, Any]) -> dict[str, Any]:
+    """Rank the candidate groups, search the ignore list, write the reports; returns results.json's content."""
+    from transformers import AutoTokenizer
+
+    from slim.calibration.data import calibration_tokens
+    from slim.models.adapters import adapter_for, build_skeleton, load_config
+    from slim.models.loading import DTYPES, load_model
+    from slim.pipeline import Stages, prepare_source
+    from slim.tracking import Tracker, peak_memory, write_results
+
+    s = cfg.sensitivity
+    for value, valid, key in ((s.heldout, HELDOUT, "sensitivity.heldout"), (s.rank_by, RANK_BY, "sensitivity.rank_by")):
+        if value not in valid:
+            raise SlimError(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
+    unknown = [k for k in s.kinds if k not in KINDS]
+    if unknown or not s.kinds:
+        raise SlimError(f"sensitivity.kinds={list(s.kinds)}: choose one or more of {', '.join(KINDS)}")
+    if not s.target_delta >= 0:
+        raise SlimError(f"sensitivity.target_delta={s.target_delta} must be >= 0 (relative, e.g. 0.01 for 1%)")
+    if cfg.hardware.nodes * cfg.hardware.procs_per_node > 1:
+        raise SlimError("mode=sensitivity runs in one process; use a one-rank hardware preset (hardware=cpu)")
+    if cfg.hardware.threads:
+        torch.set_num_threads(cfg.hardware.threads)
+    torch.manual_seed(cfg.seed)
+    scheme = SCHEMES[cfg.scheme.name]
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stages = Stages()
+    tracker = Tracker(cfg.logger, run_dir, resolved, name=f"{cfg.model.name}-{cfg.scheme.name}-sensitivity")
+    exit_code = 1
+    try:
+        with stages("load"):
+            source = prepare_source(cfg)
+            tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=cfg.model.trust_remote_code)
+            skeleton, adapter = build_skeleton(load_config(str(source), cfg.model.trust_remote_code), DTYPES[cfg.model.dtype])
+            _check_fits(cfg, skeleton, adapter, cfg.calibration.num_samples * cfg.calibration.seq_len)
+            del skeleton
+            model = load_model(str(source), load_type=cfg.model.load_type, dtype=cfg.model.dtype,
+                               trust_remote_code=cfg.model.trust_remote_code, device=cfg.hardware.device)
+            adapter = adapter_for(model.config)
+        device = torch.device(cfg.hardware.device)
+        sim = SimulatedModel(model, adapter, scheme, cfg, device)
+        groups = build_groups(sim.linears, sim.prefixes, list(s.kinds), scheme, cfg.scheme.group_size)
+        candidates = [g for g in groups if g.candidate]
+        if not candidates:
+            raise SlimError(f"no candidate group of kinds {list(s.kinds)} in {cfg.model.name}; widen sensitivity.kinds")
+        linear_weights = {id(m.weight) for m in sim.linears.values()}
+        other_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in linear_weights)
+
+        with stages("calibrate"):
+            ids = calibration_tokens(cfg.calibration, tokenizer, getattr(model.config, "max_position_embeddings", None))
+            labels = list(ids.split(cfg.calibration.batch_size))
+            inputs = sim.calibrate(labels)
+            baseline_loss = sim.nll(inputs[-1], labels, start=len(sim.layers))
+        log.info("calibration: %d samples x %d tokens, unquantized mean token NLL %.5f", ids.shape[0], ids.shape[1], baseline_loss)
+
+        with stages("rank"):
+            for g in tqdm(candidates, desc="quantize one group", unit="group"):
+                start = len(sim.layers) if g.layer is None else g.layer
+                with sim.simulate(set(g.modules)):
+                    g.loss = sim.nll(inputs[start], labels, start=start)
+                g.delta = g.loss - baseline_loss
+        score = (lambda g: g.delta) if s.rank_by == "loss" else (lambda g: g.delta / max(g.saved_bytes, 1))
+        ranked = sorted(candidates, key=score, reverse=True)
+        del inputs
+
+        with stages("search"):
+            label, metric = _heldout_metric(cfg, sim, tokenizer, (sim.embed(labels), labels), run_dir)
+            base_metric = metric()
+            fixed = [g for g in groups if not g.candidate]
+            limit = len(ranked) if s.max_groups is None else min(s.max_groups, len(ranked))
+            steps: list[Step] = []
+            bar = tqdm(total=limit + 1, desc="greedy search", unit="step")
+            for k in range(limit + 1):
+                kept = ranked[:k]
+                quantized = {g.key for g in ranked[k:]}
+                with sim.simulate({n for g in ranked[k:] for n in g.modules}):
+                    value = metric()
+                rel = value / base_metric - 1
+                size = _sizes(groups, quantized, other_bytes)
+                steps.append(Step([g.key for g in kept], value, rel, *size,
+                                  ignore_patterns(fixed + kept, groups, sim.linears)))
+                bar.update()
+                log.info("search: %d group(s) kept unquantized -> %s %.4f (%+.3f%%)", k, label, value, 100 * rel)
+                if rel <= s.target_delta:
+                    break
+            bar.close()
+            reference = _reference(cfg, sim, groups, metric, base_metric, other_bytes)
+        chosen = steps[-1]
+        met = chosen.rel_delta <= s.target_delta
+        if not met:
+            log.warning("sensitivity: the target %+.2f%% was not reached within sensitivity.max_groups=%s",
+                        100 * s.target_delta, s.max_groups)
+        total_bf16 = sum(g.kept_bytes for g in groups) + other_bytes
+        report = {
+            "model": cfg.model.name, "scheme": scheme.name, "group_size": cfg.scheme.group_size,
+            "calibration": {"num_samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "baseline_nll": baseline_loss},
+            "rank_by": s.rank_by,
+            "ranking": [_group_row(g, rank) for rank, g in enumerate(ranked, 1)],
+            "not_candidates": [_group_row(g) for g in fixed],
+            "heldout": {"metric": label, "baseline": base_metric, "final": chosen.metric,
+                        "rel_delta": chosen.rel_delta, "target_delta": s.target_delta, "target_met": met},
+            "steps": [asdict(st) for st in steps],
+            "reference": reference,
+            "ignore_layers": chosen.ignore_layers,
+            "override": hydra_override(chosen.ignore_layers),
+            "bytes": {"checkpoint": chosen.checkpoint_bytes, "quantized_modules": chosen.quantized_bytes,
+                      "kept_modules": chosen.kept_bytes, "other": other_bytes, "unquantized_checkpoint": total_bf16},
+            "fallback_input_scales": sorted(sim.fallbacks),
+            "timings_s": stages.seconds,
+        }
+        markdown = to_markdown(report)
+        (run_dir / "sensitivity.json").write_text(json.dumps(report, indent=1) + "\n")
+        (run_dir / "sensitivity.md").write_text(markdown + "\n")
+        print(markdown)
+        results = {"slim_version": __version__, "mode": "sensitivity", "model": cfg.model.name, "scheme": scheme.name,
+                   "run_dir": str(run_dir),
+                   "metrics": {"baseline": {"heldout": {label: base_metric}}, "quantized": {"heldout": {label: chosen.metric}}},
+                   "sensitivity": {k: report[k] for k in ("ignore_layers", "override", "heldout", "bytes")},
+                   "checkpoint_bytes": chosen.checkpoint_bytes, "timings_s": stages.seconds, "peak_memory": peak_memory()}
+        write_results(run_dir, results)
+        tracker.table("sensitivity/ranking", report["ranking"])
+        tracker.table("sensitivity/steps", [{**asdict(st), "kept": ",".join(st.kept), "ignore_layers": ",".join(st.ignore_layers)}
+                                            for st in steps])
+        tracker.summary({"sensitivity/baseline": base_metric, "sensitivity/final": chosen.metric,
+                         "sensitivity/kept_groups": len(chosen.kept), "checkpoint_bytes": chosen.checkpoint_bytes,
+                         **{f"time/{k}": v for k, v in stages.seconds.items()}})
+        log.info("sensitivity: %.1f s wall (%s)", sum(stages.seconds.values()),
+                 ", ".join(f"{k} {v:.1f} s" for k, v in stages.seconds.items()))
+        print(f"sensitivity: {run_dir / 'sensitivity.json'}\nresults: {run_dir / 'results.json'}")
+        exit_code = 0
+        return results
+    finally:
+        tracker.finish(exit_code)
+
+
+def _reference(cfg: SlimConfig, sim: SimulatedModel, groups: list[Group], metric, base: float, other_bytes: int) -> dict | None:
+    """The held-out metric and size with ``scheme.ignore_layers`` exactly as configured."""
+    if not cfg.sensitivity.compare_scheme_ignore:
+        return None
+    try:
+        ignored, _ = resolve_ignored(cfg.scheme.ignore_layers, sim.linears)
+    except SlimError as exc:
+        log.info("sensitivity: scheme.ignore_layers does not apply to this model (%s); no reference row", exc)
+        return None
+    names = {n for n in sim.linears if n not in ignored}
+    if cfg.scheme.group_size and sim.scheme.per_group:
+        names = {n for n in names if sim.linears[n].in_features % cfg.scheme.group_size == 0}
+    with sim.simulate(names):
+        value = metric()
+    quantized = {g.key for g in groups if set(g.modules) <= names}
+    size, q, kept = _sizes(groups, quantized, other_bytes)
+    return {"ignore_layers": list(cfg.scheme.ignore_layers), "metric": value, "rel_delta": value / base - 1,
+            "checkpoint_bytes": size, "quantized_bytes": q, "kept_bytes": kept}
+
+
+def _group_row(g: Group, rank: int | None = None) -> dict[str, Any]:
+    row = {"rank": rank} if rank is not None else {}
+    return row | {"group": g.key, "kind": g.kind, "layer": g.layer, "pattern": g.pattern, "modules": len(g.modules),
+                  "params": g.params, "kept_bytes": g.kept_bytes, "quantized_bytes": g.quantized_bytes,
+                  "loss": g.loss, "delta": g.delta, **({"note": g.note} if g.note else {})}
+
+
+def to_markdown(r: dict) -> str:
+    mb = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
+    cal, held = r["calibration"], r["heldout"]
+    lines = [f"## Sensitivity: {r['model']}, {r['scheme']}" + (f" (group {r['group_size']})" if r["group_size"] else ""),
+             "", f"Each group quantized alone; calibration {cal['num_samples']} x {cal['seq_len']} tokens, "
+             f"unquantized mean token NLL {cal['baseline_nll']:.5f}. Ranked by {r['rank_by']}.", "",
+             "| rank | group | pattern | modules | params | MB bf16 -> quantized | NLL | delta NLL |",
+             "|---:|---|---|---:|---:|---:|---:|---:|"]
+    for g in r["ranking"]:
+        lines.append(f"| {g['rank']} | {g['group']} | `{g['pattern']}` | {g['modules']} | {g['params']:,} | "
+                     f"{mb(g['kept_bytes'])} -> {mb(g['quantized_bytes'])} | {g['loss']:.5f} | {g['delta']:+.5f} |")
+    if r["not_candidates"]:
+        lines += ["", "Never quantized here: " + ", ".join(f"{g['group']} ({g['note']})" for g in r["not_candidates"])]
+    lines += ["", f"Greedy search on {held['metric']} (unquantized {held['baseline']:.4f}, target "
+              f"{100 * held['target_delta']:+.2f}%):", "",
+              "| groups kept unquantized | metric | vs unquantized | checkpoint MB |", "|---|---:|---:|---:|"]
+    for st in r["steps"]:
+        kept = ", ".join(st["kept"]) or "none (every candidate quantized)"
+        lines.append(f"| {kept} | {st['metric']:.4f} | {100 * st['rel_delta']:+.3f}% | {mb(st['checkpoint_bytes'])} |")
+    ref = r["reference"]
+    if ref:
+        lines.append(f"| reference: scheme.ignore_layers={ref['ignore_layers']} | {ref['metric']:.4f} | "
+                     f"{100 * ref['rel_delta']:+.3f}% | {mb(ref['checkpoint_bytes'])} |")
+    b = r["bytes"]
+    lines += ["", ("Target met" if held["target_met"] else "Target NOT met (sensitivity.max_groups reached)")
+              + f": {held['metric']} {held['final']:.4f} ({100 * held['rel_delta']:+.3f}%). Checkpoint about "
+              f"{mb(b['checkpoint'])} MB (unquantized {mb(b['unquantized_checkpoint'])} MB): quantized modules "
+              f"{mb(b['quantized_modules'])} MB, unquantized modules {mb(b['kept_modules'])} MB, other tensors "
+              f"{mb(b['other'])} MB.", "", "    " + r["override"]]
+    return "\n".join(lines)
