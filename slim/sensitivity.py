@@ -83,6 +83,7 @@ class Group:
     note: str = ""
     loss: float = math.nan  # calibration mean token NLL with this group alone quantized
     delta: float = math.nan  # loss - baseline
+    delta_se: float = math.nan  # standard error of delta over the calibration sequences (paired)
 
     @property
     def saved_bytes(self) -> int:
@@ -256,17 +257,24 @@ class SimulatedModel:
                 swap_in(self.model, n, m)
 
     @torch.no_grad()
-    def nll(self, hidden: list[torch.Tensor], labels: list[torch.Tensor], start: int = 0) -> float:
-        """Mean next-token NLL (fp32 log-softmax) running ``hidden`` (inputs of layer ``start``) to the logits."""
+    def nll_per_sample(self, hidden: list[torch.Tensor], labels: list[torch.Tensor], start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token NLL sums and token counts per sequence ([N] each, fp32 log-softmax), running ``hidden``
+        (the inputs of layer ``start``) through the rest of the model."""
         for i in range(start, len(self.layers)):
             hidden = self.runner.forward(self.layers[i], hidden, self.prefixes[i].rstrip("."))
-        total, count = 0.0, 0
+        sums, counts = [], []
         for h, y in zip(hidden, labels):
             logits = self.model.lm_head(self.model.model.norm(h)).float()  # [b, T, V]
             y = y.to(logits.device)
-            total += F.cross_entropy(logits[:, :-1].flatten(0, 1), y[:, 1:].flatten(), reduction="sum").item()
-            count += y[:, 1:].numel()
-        return total / count
+            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), y[:, 1:], reduction="none")  # [b, T-1]
+            sums.append(nll.sum(dim=1).cpu())
+            counts.append(torch.full((y.shape[0],), y.shape[1] - 1))
+        return torch.cat(sums), torch.cat(counts)
+
+    def nll(self, hidden: list[torch.Tensor], labels: list[torch.Tensor], start: int = 0) -> float:
+        """Mean next-token NLL over all tokens."""
+        sums, counts = self.nll_per_sample(hidden, labels, start)
+        return float(sums.sum() / counts.sum())
 
 
 def _check_fits(cfg: SlimConfig, model, adapter, n_tokens: int) -> None:
@@ -368,10 +376,10 @@ def sensitivity_stage(cfg: SlimConfig, resolved: dict[str, Any]) -> dict[str, An
     try:
         with stages("load"):
             source = prepare_source(cfg)
-            tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=cfg.model.trust_remote_code)
             skeleton, adapter = build_skeleton(load_config(str(source), cfg.model.trust_remote_code), DTYPES[cfg.model.dtype])
             _check_fits(cfg, skeleton, adapter, cfg.calibration.num_samples * cfg.calibration.seq_len)
             del skeleton
+            tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=cfg.model.trust_remote_code)
             model = load_model(str(source), load_type=cfg.model.load_type, dtype=cfg.model.dtype,
                                trust_remote_code=cfg.model.trust_remote_code, device=cfg.hardware.device)
             adapter = adapter_for(model.config)
@@ -388,15 +396,19 @@ def sensitivity_stage(cfg: SlimConfig, resolved: dict[str, Any]) -> dict[str, An
             ids = calibration_tokens(cfg.calibration, tokenizer, getattr(model.config, "max_position_embeddings", None))
             labels = list(ids.split(cfg.calibration.batch_size))
             inputs = sim.calibrate(labels)
-            baseline_loss = sim.nll(inputs[-1], labels, start=len(sim.layers))
+            base_sums, counts = sim.nll_per_sample(inputs[-1], labels, start=len(sim.layers))
+            baseline_loss = float(base_sums.sum() / counts.sum())
         log.info("calibration: %d samples x %d tokens, unquantized mean token NLL %.5f", ids.shape[0], ids.shape[1], baseline_loss)
 
         with stages("rank"):
             for g in tqdm(candidates, desc="quantize one group", unit="group"):
                 start = len(sim.layers) if g.layer is None else g.layer
                 with sim.simulate(set(g.modules)):
-                    g.loss = sim.nll(inputs[start], labels, start=start)
+                    sums, _ = sim.nll_per_sample(inputs[start], labels, start=start)
+                g.loss = float(sums.sum() / counts.sum())
                 g.delta = g.loss - baseline_loss
+                paired = (sums - base_sums) / counts  # per-sequence change: its spread gives the standard error
+                g.delta_se = float(paired.std() / math.sqrt(len(paired))) if len(paired) > 1 else math.nan
         score = (lambda g: g.delta) if s.rank_by == "loss" else (lambda g: g.delta / max(g.saved_bytes, 1))
         ranked = sorted(candidates, key=score, reverse=True)
         del inputs
@@ -495,7 +507,7 @@ def _group_row(g: Group, rank: int | None = None) -> dict[str, Any]:
     row = {"rank": rank} if rank is not None else {}
     return row | {"group": g.key, "kind": g.kind, "layer": g.layer, "pattern": g.pattern, "modules": len(g.modules),
                   "params": g.params, "kept_bytes": g.kept_bytes, "quantized_bytes": g.quantized_bytes,
-                  "loss": g.loss, "delta": g.delta, **({"note": g.note} if g.note else {})}
+                  "loss": g.loss, "delta": g.delta, "delta_se": g.delta_se, **({"note": g.note} if g.note else {})}
 
 
 def to_markdown(r: dict) -> str:
@@ -504,11 +516,11 @@ def to_markdown(r: dict) -> str:
     lines = [f"## Sensitivity: {r['model']}, {r['scheme']}" + (f" (group {r['group_size']})" if r["group_size"] else ""),
              "", f"Each group quantized alone; calibration {cal['num_samples']} x {cal['seq_len']} tokens, "
              f"unquantized mean token NLL {cal['baseline_nll']:.5f}. Ranked by {r['rank_by']}.", "",
-             "| rank | group | pattern | modules | params | MB bf16 -> quantized | NLL | delta NLL |",
+             "| rank | group | pattern | modules | params | MB bf16 -> quantized | NLL | delta NLL ± s.e. |",
              "|---:|---|---|---:|---:|---:|---:|---:|"]
     for g in r["ranking"]:
         lines.append(f"| {g['rank']} | {g['group']} | `{g['pattern']}` | {g['modules']} | {g['params']:,} | "
-                     f"{mb(g['kept_bytes'])} -> {mb(g['quantized_bytes'])} | {g['loss']:.5f} | {g['delta']:+.5f} |")
+                     f"{mb(g['kept_bytes'])} -> {mb(g['quantized_bytes'])} | {g['loss']:.5f} | {g['delta']:+.5f} ± {g['delta_se']:.5f} |")
     if r["not_candidates"]:
         lines += ["", "Never quantized here: " + ", ".join(f"{g['group']} ({g['note']})" for g in r["not_candidates"])]
     lines += ["", f"Greedy search on {held['metric']} (unquantized {held['baseline']:.4f}, target "
