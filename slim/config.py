@@ -112,6 +112,7 @@ class SensitivityConfig:
         default_factory=lambda: ["attention", "dense_mlp", "shared_experts", "routed_experts", "lm_head"])
     rank_by: str = "loss"  # loss: calibration-loss increase | loss_per_byte: increase per byte the group saves
     max_groups: int | None = None  # largest ignore list the search may return (null: no limit)
+    prune: bool = True  # after reaching the target, quantize again each kept group the target still allows
     heldout: str = "text"  # text: mean token NLL on heldout_path | lm_eval: heldout_task's metric | calibration
     heldout_path: str | None = None  # JSON lines with a text field; null = the shipped held-out text
     heldout_text_field: str = "text"

@@ -328,6 +328,7 @@ def _heldout_metric(cfg: SlimConfig, sim: SimulatedModel, tokenizer, calib: tupl
 
 @dataclass
 class Step:
+    phase: str  # add: keep the next most sensitive group | drop: quantize a kept group again
     kept: list[str]  # group keys left unquantized (beyond the non-candidates)
     metric: float
     rel_delta: float
@@ -341,6 +342,41 @@ def _sizes(groups: list[Group], quantized_keys: set[str], other_bytes: int) -> t
     q = sum(g.quantized_bytes for g in groups if g.key in quantized_keys)
     kept = sum(g.kept_bytes for g in groups if g.key not in quantized_keys)
     return q + kept + other_bytes, q, kept
+
+
+def greedy_search(sim: SimulatedModel, groups: list[Group], ranked: list[Group], score: Callable[[], float],
+                  base: float, target: float, max_groups: int | None, prune: bool, other_bytes: int,
+                  label: str) -> tuple[list[Step], int]:
+    """Keep the most sensitive groups unquantized one at a time until ``score`` is within ``target`` of
+    ``base``; then (``prune``) quantize again every kept group, least sensitive first, that the target allows.
+    Returns every step tried and the index of the chosen one."""
+    fixed = [g for g in groups if not g.candidate]
+
+    def step(phase: str, kept: list[Group]) -> Step:
+        quantized = [g for g in ranked if g not in kept]
+        with sim.simulate({n for g in quantized for n in g.modules}):
+            value = score()
+        rel = value / base - 1
+        log.info("search (%s): %d group(s) kept unquantized -> %s %.4f (%+.3f%%)", phase, len(kept), label, value, 100 * rel)
+        return Step(phase, [g.key for g in kept], value, rel, *_sizes(groups, {g.key for g in quantized}, other_bytes),
+                    ignore_patterns(fixed + kept, groups, sim.linears))
+
+    limit = len(ranked) if max_groups is None else min(max_groups, len(ranked))
+    steps: list[Step] = []
+    with tqdm(total=limit + 1, desc="greedy search", unit="step") as bar:
+        for k in range(limit + 1):
+            steps.append(step("add", ranked[:k]))
+            bar.update()
+            if steps[-1].rel_delta <= target:
+                break
+    chosen = len(steps) - 1
+    kept = ranked[:chosen]
+    if prune and steps[chosen].rel_delta <= target and len(kept) > 1:
+        for g in tqdm(kept[-2::-1], desc="prune", unit="step"):  # the last one added was needed
+            steps.append(step("drop", [h for h in kept if h is not g]))
+            if steps[-1].rel_delta <= target:
+                kept, chosen = [h for h in kept if h is not g], len(steps) - 1
+    return steps, chosen
 
 
 def sensitivity_stage(cfg: SlimConfig, resolved: dict[str, Any]) -> dict[str, Any]:
@@ -416,26 +452,11 @@ def sensitivity_stage(cfg: SlimConfig, resolved: dict[str, Any]) -> dict[str, An
         with stages("search"):
             label, metric = _heldout_metric(cfg, sim, tokenizer, (sim.embed(labels), labels), run_dir)
             base_metric = metric()
-            fixed = [g for g in groups if not g.candidate]
-            limit = len(ranked) if s.max_groups is None else min(s.max_groups, len(ranked))
-            steps: list[Step] = []
-            bar = tqdm(total=limit + 1, desc="greedy search", unit="step")
-            for k in range(limit + 1):
-                kept = ranked[:k]
-                quantized = {g.key for g in ranked[k:]}
-                with sim.simulate({n for g in ranked[k:] for n in g.modules}):
-                    value = metric()
-                rel = value / base_metric - 1
-                size = _sizes(groups, quantized, other_bytes)
-                steps.append(Step([g.key for g in kept], value, rel, *size,
-                                  ignore_patterns(fixed + kept, groups, sim.linears)))
-                bar.update()
-                log.info("search: %d group(s) kept unquantized -> %s %.4f (%+.3f%%)", k, label, value, 100 * rel)
-                if rel <= s.target_delta:
-                    break
-            bar.close()
+            steps, chosen_index = greedy_search(sim, groups, ranked, metric, base_metric, s.target_delta, s.max_groups,
+                                                s.prune, other_bytes, label)
             reference = _reference(cfg, sim, groups, metric, base_metric, other_bytes)
-        chosen = steps[-1]
+        chosen = steps[chosen_index]
+        fixed = [g for g in groups if not g.candidate]
         met = chosen.rel_delta <= s.target_delta
         if not met:
             log.warning("sensitivity: the target %+.2f%% was not reached within sensitivity.max_groups=%s",
@@ -450,6 +471,7 @@ def sensitivity_stage(cfg: SlimConfig, resolved: dict[str, Any]) -> dict[str, An
             "heldout": {"metric": label, "baseline": base_metric, "final": chosen.metric,
                         "rel_delta": chosen.rel_delta, "target_delta": s.target_delta, "target_met": met},
             "steps": [asdict(st) for st in steps],
+            "chosen_step": chosen_index,
             "reference": reference,
             "ignore_layers": chosen.ignore_layers,
             "override": hydra_override(chosen.ignore_layers),
@@ -516,7 +538,7 @@ def to_markdown(r: dict) -> str:
     lines = [f"## Sensitivity: {r['model']}, {r['scheme']}" + (f" (group {r['group_size']})" if r["group_size"] else ""),
              "", f"Each group quantized alone; calibration {cal['num_samples']} x {cal['seq_len']} tokens, "
              f"unquantized mean token NLL {cal['baseline_nll']:.5f}. Ranked by {r['rank_by']}.", "",
-             "| rank | group | pattern | modules | params | MB bf16 -> quantized | NLL | delta NLL ± s.e. |",
+             "| rank | group | pattern | modules | params | MiB kept -> quantized | NLL | delta NLL ± s.e. |",
              "|---:|---|---|---:|---:|---:|---:|---:|"]
     for g in r["ranking"]:
         lines.append(f"| {g['rank']} | {g['group']} | `{g['pattern']}` | {g['modules']} | {g['params']:,} | "
@@ -525,18 +547,20 @@ def to_markdown(r: dict) -> str:
         lines += ["", "Never quantized here: " + ", ".join(f"{g['group']} ({g['note']})" for g in r["not_candidates"])]
     lines += ["", f"Greedy search on {held['metric']} (unquantized {held['baseline']:.4f}, target "
               f"{100 * held['target_delta']:+.2f}%):", "",
-              "| groups kept unquantized | metric | vs unquantized | checkpoint MB |", "|---|---:|---:|---:|"]
-    for st in r["steps"]:
+              "| step | groups kept unquantized | metric | vs unquantized | checkpoint MiB |", "|---|---|---:|---:|---:|"]
+    for i, st in enumerate(r["steps"]):
         kept = ", ".join(st["kept"]) or "none (every candidate quantized)"
-        lines.append(f"| {kept} | {st['metric']:.4f} | {100 * st['rel_delta']:+.3f}% | {mb(st['checkpoint_bytes'])} |")
+        mark = " **(chosen)**" if i == r["chosen_step"] else ""
+        lines.append(f"| {i} {st['phase']}{mark} | {kept} | {st['metric']:.4f} | {100 * st['rel_delta']:+.3f}% | "
+                     f"{mb(st['checkpoint_bytes'])} |")
     ref = r["reference"]
     if ref:
-        lines.append(f"| reference: scheme.ignore_layers={ref['ignore_layers']} | {ref['metric']:.4f} | "
+        lines.append(f"| reference | scheme.ignore_layers={ref['ignore_layers']} | {ref['metric']:.4f} | "
                      f"{100 * ref['rel_delta']:+.3f}% | {mb(ref['checkpoint_bytes'])} |")
     b = r["bytes"]
     lines += ["", ("Target met" if held["target_met"] else "Target NOT met (sensitivity.max_groups reached)")
               + f": {held['metric']} {held['final']:.4f} ({100 * held['rel_delta']:+.3f}%). Checkpoint about "
-              f"{mb(b['checkpoint'])} MB (unquantized {mb(b['unquantized_checkpoint'])} MB): quantized modules "
-              f"{mb(b['quantized_modules'])} MB, unquantized modules {mb(b['kept_modules'])} MB, other tensors "
-              f"{mb(b['other'])} MB.", "", "    " + r["override"]]
+              f"{mb(b['checkpoint'])} MiB (unquantized {mb(b['unquantized_checkpoint'])} MiB): quantized modules "
+              f"{mb(b['quantized_modules'])} MiB, unquantized modules {mb(b['kept_modules'])} MiB, other tensors "
+              f"{mb(b['other'])} MiB.", "", "    " + r["override"]]
     return "\n".join(lines)

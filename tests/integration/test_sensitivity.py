@@ -49,8 +49,8 @@ def run(tmp_path_factory, embedded_model_path):
         """mode=quantize's stage with ``ignore_layers``, read back from the checkpoint it wrote."""
         qcfg = compose_config("scheme=w4a8", *SMALL, "eval=none")
         qcfg.scheme.ignore_layers = list(ignore_layers)
-        quantize_stage(qcfg, embedded_model_path, work / name, tok)
-        return load_model(str(work / name), load_type="fp8")
+        nbytes = quantize_stage(qcfg, embedded_model_path, work / name, tok)["checkpoint_bytes"]
+        return load_model(str(work / name), load_type="fp8"), nbytes
 
     return dict(cfg=cfg, results=results, report=report, base=base, calib=calib, heldout=heldout, exported=exported)
 
@@ -65,7 +65,7 @@ def test_ranking_matches_independent_measurement(run):
     measured = {}
     for g in (ranking[0], ranking[-1]):  # quantize this group alone through export, everything else kept
         others = [h["pattern"] for h in ranking if h is not g] + fixed
-        model = run["exported"](g["group"].replace(".", "_"), others)
+        model, _ = run["exported"](g["group"].replace(".", "_"), others)
         measured[g["group"]] = hf_nll(model, run["calib"]) - run["base"]["calib"]
         # the sensitivity run's own figure for this group agrees with the exported checkpoint's
         assert abs(measured[g["group"]] - g["delta"]) < 0.1 * abs(ranking[0]["delta"]), (g, measured)
@@ -76,12 +76,17 @@ def test_ranking_matches_independent_measurement(run):
 @pytest.mark.slow
 def test_chosen_ignore_list_keeps_exported_checkpoint_within_target(run):
     report = run["report"]
-    steps = report["steps"]
-    assert len(steps) >= 2, steps  # quantizing everything misses the target: the search had to keep groups
-    assert all(st["rel_delta"] > TARGET for st in steps[:-1]) and steps[-1]["rel_delta"] <= TARGET
-    assert [st["kept"] for st in steps] == [[g["group"] for g in report["ranking"][:k]] for k in range(len(steps))]
-    assert report["heldout"]["target_met"] and report["ignore_layers"] == steps[-1]["ignore_layers"]
-    model = run["exported"]("chosen", report["ignore_layers"])
+    steps, chosen = report["steps"], report["steps"][report["chosen_step"]]
+    added = [st for st in steps if st["phase"] == "add"]
+    assert len(added) >= 2, steps  # quantizing everything misses the target: the search had to keep groups
+    assert all(st["rel_delta"] > TARGET for st in added[:-1]) and added[-1]["rel_delta"] <= TARGET
+    ranked = [g["group"] for g in report["ranking"]]
+    assert [st["kept"] for st in added] == [ranked[:k] for k in range(len(added))]  # most sensitive first
+    dropped = steps[len(added):]  # pruning tries each kept group but the last added, least sensitive first
+    assert [sorted(set(added[-1]["kept"]) - set(st["kept"])) for st in dropped] == [[k] for k in added[-1]["kept"][-2::-1]]
+    assert chosen["rel_delta"] <= TARGET and set(chosen["kept"]) <= set(added[-1]["kept"])
+    assert report["heldout"]["target_met"] and report["ignore_layers"] == chosen["ignore_layers"]
+    model, nbytes = run["exported"]("chosen", report["ignore_layers"])
     ppl = math.exp(hf_nll(model, run["heldout"]))
     base_ppl = math.exp(run["base"]["heldout"])
     assert abs(base_ppl / report["heldout"]["baseline"] - 1) < 2e-3, (base_ppl, report["heldout"])
@@ -90,6 +95,7 @@ def test_chosen_ignore_list_keeps_exported_checkpoint_within_target(run):
     # the paste-ready override parses back, through Hydra, to exactly this list
     assert compose_config(*shlex.split(report["override"])).scheme.ignore_layers == report["ignore_layers"]
     b = report["bytes"]
+    assert abs(b["checkpoint"] / nbytes - 1) < 0.005, (b, nbytes)  # the size estimate vs the checkpoint written
     assert b["checkpoint"] == b["quantized_modules"] + b["kept_modules"] + b["other"] < b["unquantized_checkpoint"]
     assert run["results"]["mode"] == "sensitivity" and run["results"]["checkpoint_bytes"] == b["checkpoint"]
 
