@@ -110,6 +110,7 @@ class SensitivityConfig:
     target_delta: float = 0.01  # allowed relative increase of the held-out metric over the unquantized model
     kinds: list[str] = field(  # candidate groups: per decoder layer (all of a layer's routed experts are one group)
         default_factory=lambda: ["attention", "dense_mlp", "shared_experts", "routed_experts", "lm_head"])
+    method: str = "whole_model"  # whole_model (in memory) | layer_local (streamed; ranking only, for huge models)
     rank_by: str = "loss"  # loss: calibration-loss increase | loss_per_byte: increase per byte the group saves
     max_groups: int | None = None  # largest ignore list the search may return (null: no limit)
     prune: bool = True  # after reaching the target, quantize again each kept group the target still allows

@@ -118,3 +118,18 @@ def test_groups_map_to_patterns_slim_accepts(embedded_model_path):
     # a partial kind stays per layer
     attn = [g for g in groups if g.kind == "attention"]
     assert ignore_patterns(attn[:2], groups, linears) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+
+
+@pytest.mark.slow
+def test_layer_local_fallback_streams_and_ranks(tmp_path):
+    cfg = compose_config("mode=sensitivity", "scheme=w4a8", "logger=none", "calibration.num_samples=2",
+                         "sensitivity.method=layer_local", "sensitivity.max_groups=2")
+    cfg.run_dir = str(tmp_path)
+    results = sensitivity_stage(cfg, {})
+    report = json.loads((tmp_path / "sensitivity.json").read_text())
+    assert report["method"] == "layer_local" and report["heldout"] is None and results["metrics"] == {}
+    scores = [g["delta"] for g in report["ranking"]]
+    assert len(scores) == 12 and scores == sorted(scores, reverse=True) and all(0 < d < 1 for d in scores)
+    top = [g["pattern"] for g in report["ranking"][:2]]
+    assert sorted(report["ignore_layers"]) == sorted(top)  # every kind is a candidate: only the top 2 are kept
+    assert "LAYER-LOCAL" in (tmp_path / "sensitivity.md").read_text()
