@@ -9,7 +9,11 @@
    SimQuantLinear: the values export writes) and the calibration set is run from that group's layer on;
    the increase of the mean token NLL over the unquantized model ranks the groups.
 4. Greedy search: quantize every candidate, then leave the most sensitive groups unquantized one at a time
-   until the held-out metric is within ``sensitivity.target_delta`` (relative) of the unquantized model.
+   until the held-out metric is within ``sensitivity.target_delta`` (relative) of the unquantized model; then
+   quantize again each kept group (least sensitive first) that the target still allows.
+
+``sensitivity.method=layer_local`` is the streamed fallback for models too large to hold in memory: one layer
+resident at a time, groups scored by the error they add to their own layer's output, no held-out search.
 
 Writes ``sensitivity.json``, ``sensitivity.md`` and ``results.json`` in the run directory.
 """

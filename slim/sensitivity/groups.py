@@ -136,7 +136,10 @@ def hydra_override(patterns: list[str]) -> str:
 
 
 def group_row(g: Group, rank: int | None = None) -> dict[str, Any]:
+    """A group as one JSON row (not measured: null, never NaN)."""
+    num = lambda x: None if math.isnan(x) else x  # noqa: E731
     row = {"rank": rank} if rank is not None else {}
     return row | {"group": g.key, "kind": g.kind, "layer": g.layer, "pattern": g.pattern, "modules": len(g.modules),
                   "params": g.params, "kept_bytes": g.kept_bytes, "quantized_bytes": g.quantized_bytes,
-                  "loss": g.loss, "delta": g.delta, "delta_se": g.delta_se, **({"note": g.note} if g.note else {})}
+                  "loss": num(g.loss), "delta": num(g.delta), "delta_se": num(g.delta_se),
+                  **({"note": g.note} if g.note else {})}

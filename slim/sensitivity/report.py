@@ -20,7 +20,8 @@ def to_markdown(r: dict) -> str:
                  "| rank | group | pattern | modules | params | MiB kept -> quantized | NLL | delta NLL ± s.e. |",
                  "|---:|---|---|---:|---:|---:|---:|---:|"]
     for g in r["ranking"]:
-        score = f"{g['delta']:.3e}" if local else f"{g['loss']:.5f} | {g['delta']:+.5f} ± {g['delta_se']:.5f}"
+        se = "" if g["delta_se"] is None else f" ± {g['delta_se']:.5f}"
+        score = f"{g['delta']:.3e}" if local else f"{g['loss']:.5f} | {g['delta']:+.5f}{se}"
         lines.append(f"| {g['rank']} | {g['group']} | `{g['pattern']}` | {g['modules']} | {g['params']:,} | "
                      f"{mb(g['kept_bytes'])} -> {mb(g['quantized_bytes'])} | {score} |")
     if r["not_candidates"]:

@@ -61,6 +61,10 @@ def _validate(cfg: SlimConfig) -> None:
         raise SlimError(f"sensitivity.kinds={list(s.kinds)}: choose one or more of {', '.join(KINDS)}")
     if not s.target_delta >= 0:
         raise SlimError(f"sensitivity.target_delta={s.target_delta} must be >= 0 (relative, e.g. 0.01 for 1%)")
+    if s.max_groups is not None and s.max_groups < 0:
+        raise SlimError(f"sensitivity.max_groups={s.max_groups} must be >= 0 (or null for no limit)")
+    if s.heldout_seq_len < 2:
+        raise SlimError(f"sensitivity.heldout_seq_len={s.heldout_seq_len} must be at least 2 tokens")
     if cfg.hardware.nodes * cfg.hardware.procs_per_node > 1:
         raise SlimError("mode=sensitivity runs in one process; use a one-rank hardware preset (hardware=cpu)")
 
