@@ -107,12 +107,12 @@ class SensitivityConfig:
     """mode=sensitivity: rank module groups by their effect on the calibration loss, then find the smallest
     ``ignore_layers`` that keeps the held-out metric within ``target_delta`` of the unquantized model."""
 
-    target_delta: float = 0.01  # allowed relative increase of the held-out metric over the unquantized model
+    target_delta: float = 0.01  # allowed relative increase of the held-out metric (heldout=text: token perplexity)
     kinds: list[str] = field(  # candidate groups: per decoder layer (all of a layer's routed experts are one group)
         default_factory=lambda: ["attention", "dense_mlp", "shared_experts", "routed_experts", "lm_head"])
     method: str = "whole_model"  # whole_model (in memory) | layer_local (streamed; ranking only, for huge models)
     rank_by: str = "loss"  # loss: calibration-loss increase | loss_per_byte: increase per byte the group saves
-    max_groups: int | None = None  # largest ignore list the search may return (null: no limit)
+    max_groups: int | None = None  # most groups the search may keep unquantized (layer_local: the top ones kept)
     prune: bool = True  # after reaching the target, quantize again each kept group the target still allows
     heldout: str = "text"  # text: mean token NLL on heldout_path | lm_eval: heldout_task's metric | calibration
     heldout_path: str | None = None  # JSON lines with a text field; null = the shipped held-out text
