@@ -26,7 +26,7 @@ def main(cfg: DictConfig) -> None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     typed: SlimConfig = OmegaConf.to_object(cfg)
     try:
-        if typed.mode != "plan" and needs_launch(typed.hardware):  # one process per rank, under torchrun
+        if typed.mode not in ("plan", "sensitivity") and needs_launch(typed.hardware):  # one process per rank
             validate(typed)
             # this job's own overrides: in a multirun they hold this job's values, not the sweep lists
             sys.exit(launch(typed.hardware, list(HydraConfig.get().overrides.task), typed.run_dir))

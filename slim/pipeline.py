@@ -231,6 +231,10 @@ def run(cfg: SlimConfig, resolved: dict[str, Any]) -> dict[str, Any]:
     validate(cfg)
     if cfg.mode == "plan":
         return plan_stage(cfg)
+    if cfg.mode == "sensitivity":
+        from slim.sensitivity import sensitivity_stage
+
+        return sensitivity_stage(cfg, resolved)
     if cfg.hardware.threads:
         torch.set_num_threads(cfg.hardware.threads)
     torch.manual_seed(cfg.seed)
