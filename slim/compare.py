@@ -189,6 +189,12 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _size(row: dict[str, Any]) -> str:
+    if row["checkpoint_mib"] is None:
+        return "-"
+    return f"{row['checkpoint_mib']:.2f}" + (" (plan)" if row["checkpoint_planned"] else "")
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
@@ -224,7 +230,7 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
             _fmt(r["scheme"]), _fmt(r["group_size"]),
             "-" if ignore is None else "[" + ", ".join(ignore) + "]",
             _fmt(r["weight_observer"]),
-            "-" if r["checkpoint_mib"] is None else f"{r['checkpoint_mib']:.2f}" + (" (plan)" if r["checkpoint_planned"] else ""),
+            _size(r),
             _fmt(r["quantized_modules"]),
         ] + cells) + " |")
     return "\n".join(lines)
@@ -330,7 +336,8 @@ def plot_layer_sqnr(rows: list[dict[str, Any]], path: Path) -> Path | None:
             xs = sorted(layers)
             shift = 0.08 * (i - (len(rows) - 1) / 2) if len(rows) > 1 else 0.0  # keep bars of jobs apart
             mean = [layers[x]["mean"] for x in xs]
-            spread = [[m - layers[x]["min"] for m, x in zip(mean, xs)], [layers[x]["max"] - m for m, x in zip(mean, xs)]]
+            spread = [[m - layers[x]["min"] for m, x in zip(mean, xs)],
+                      [layers[x]["max"] - m for m, x in zip(mean, xs)]]
             ax.errorbar([x + shift for x in xs], mean, yerr=spread if any(layers[x]["count"] > 1 for x in xs) else None,
                         marker=_MARKERS[i % len(_MARKERS)], color=colors[i], capsize=3, label=r["label"])
         ax.set_title(kind)
