@@ -189,10 +189,16 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _size(row: dict[str, Any]) -> str:
-    if row["checkpoint_mib"] is None:
+def size_unit(rows: list[dict[str, Any]]) -> tuple[str, int]:
+    """MiB for small checkpoints, GiB from 10 GiB on (DeepSeek-R1 is ~350 GiB)."""
+    largest = max((r["checkpoint_bytes"] or 0 for r in rows), default=0)
+    return ("GiB", 2**30) if largest >= 10 * 2**30 else ("MiB", 2**20)
+
+
+def _size(row: dict[str, Any], div: int) -> str:
+    if row["checkpoint_bytes"] is None:
         return "-"
-    return f"{row['checkpoint_mib']:.2f}" + (" (plan)" if row["checkpoint_planned"] else "")
+    return f"{row['checkpoint_bytes'] / div:.2f}" + (" (plan)" if row["checkpoint_planned"] else "")
 
 
 def _cell(text: str) -> str:
@@ -204,10 +210,11 @@ def metric_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 
 def compare_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: job settings, checkpoint MiB, and each quantized metric with its relative change vs. bf16.
+    """Markdown: job settings, checkpoint size, and each quantized metric with its relative change vs. bf16.
     Jobs are named ``#<n>`` in sweep order (compare.md lists their directories)."""
     cols = metric_columns(rows)
-    head = ["job", "scheme", "group_size", "ignore_layers", "observer", "checkpoint MiB", "quantized modules"]
+    unit, div = size_unit(rows)
+    head = ["job", "scheme", "group_size", "ignore_layers", "observer", f"checkpoint {unit}", "quantized modules"]
     lines = ["| " + " | ".join(head + [f"{t} {m}" for t, m in cols]) + " |",
              "|" + "---|" * 5 + "---:|" * (2 + len(cols))]
     first = next((r for r in rows if any(v["baseline"] is not None for ms in r["metrics"].values() for v in ms.values())),
@@ -230,7 +237,7 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
             _fmt(r["scheme"]), _fmt(r["group_size"]),
             "-" if ignore is None else "[" + ", ".join(ignore) + "]",
             _fmt(r["weight_observer"]),
-            _size(r),
+            _size(r, div),
             _fmt(r["quantized_modules"]),
         ] + cells) + " |")
     return "\n".join(lines)
@@ -283,22 +290,23 @@ def _legend(fig, axes, rows: list[dict[str, Any]]) -> None:
 
 
 def plot_metrics_vs_size(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """One panel per task metric: the quantized value against checkpoint MiB, one labelled point per job,
+    """One panel per task metric: the quantized value against checkpoint size, one labelled point per job,
     the bf16 baseline as a dashed line."""
     cols = metric_columns(rows)
-    points = [r for r in rows if r["checkpoint_mib"] is not None]
+    points = [r for r in rows if r["checkpoint_bytes"] is not None]
     if not cols or not points:
         return None
+    unit, div = size_unit(rows)
     fig, axes = _figure(len(cols))
     colors = _colors(len(rows))
     for ax, (task, metric) in zip(axes, cols):
         for i, r in enumerate(rows):
             v = r["metrics"].get(task, {}).get(metric)
-            if v is None or r["checkpoint_mib"] is None or v["quantized"] is None:
+            if v is None or r["checkpoint_bytes"] is None or v["quantized"] is None:
                 continue
-            ax.scatter(r["checkpoint_mib"], v["quantized"], s=60, color=colors[i], marker=_MARKERS[i % len(_MARKERS)],
+            ax.scatter(r["checkpoint_bytes"] / div, v["quantized"], s=60, color=colors[i], marker=_MARKERS[i % len(_MARKERS)],
                        label=r["label"], zorder=3)
-            ax.annotate(r["label"].split(" ", 1)[0], (r["checkpoint_mib"], v["quantized"]),
+            ax.annotate(r["label"].split(" ", 1)[0], (r["checkpoint_bytes"] / div, v["quantized"]),
                         textcoords="offset points", xytext=(6, 4 + 8 * (i % 2)), fontsize=9)
         bases = [r["metrics"].get(task, {}).get(metric, {}).get("baseline") for r in rows]
         bases = [b for b in bases if b is not None]
@@ -306,7 +314,7 @@ def plot_metrics_vs_size(rows: list[dict[str, Any]], path: Path) -> Path | None:
             ax.axhline(sum(bases) / len(bases), color="0.4", linestyle="--", linewidth=1, label="bf16 baseline")
         ax.margins(0.15)
         ax.set_title(f"{task}: {metric}")
-        ax.set_xlabel("checkpoint size (MiB)")
+        ax.set_xlabel(f"checkpoint size ({unit})")
         ax.set_ylabel(f"{metric} (quantized)")
         ax.grid(True, alpha=0.3)
         ax.ticklabel_format(useOffset=False, axis="both", style="plain")
