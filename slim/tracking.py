@@ -173,7 +173,10 @@ def read_offline_run(path: str | Path) -> Iterator[Any]:
 
     path = Path(path)
     if path.is_dir():
-        path = next(path.glob("*.wandb"))
+        files = sorted(path.glob("*.wandb"))
+        if not files:
+            raise FileNotFoundError(f"{path} holds no *.wandb run file")
+        path = files[0]
     data = path.read_bytes()
     if data[:4] != b":W&B":
         raise ValueError(f"{path} is not a W&B run file")
