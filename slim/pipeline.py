@@ -366,7 +366,7 @@ def _run_job(cfg: SlimConfig, resolved: dict[str, Any], dist: Dist) -> dict[str,
             if not dist.is_main:  # evaluation and records belong to rank 0
                 exit_code = 0
                 return results
-            tracker.table("modules", qres["modules"])
+            tracker.modules(qres["modules"])
             (run_dir / "modules.json").write_text(json.dumps(qres["modules"], indent=1) + "\n")
         elif not dist.is_main:
             exit_code = 0
