@@ -62,9 +62,11 @@ def proc_status_kib(pid: int) -> dict[str, int]:
 class RssPoller:
     """Polls the RSS of a process and all its descendants (summed) every ``interval`` seconds."""
 
-    def __init__(self, pid: int, interval: float = 0.05):
+    def __init__(self, pid: int, interval: float = 0.05, limit_mib: float | None = None):
         self.root = psutil.Process(pid)
         self.interval = interval
+        self.limit_mib = limit_mib
+        self.killed = False
         self.samples: list[tuple[float, float, float, float]] = []  # (t s, rss MiB, anon MiB, file MiB)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -83,6 +85,13 @@ class RssPoller:
                     tot[k] += st.get(k, 0)
             self.samples.append((time.perf_counter() - self._t0, tot["VmRSS"] / 1024, tot["RssAnon"] / 1024,
                                  tot["RssFile"] / 1024))
+            if self.limit_mib and tot["VmRSS"] / 1024 > self.limit_mib and not self.killed:
+                self.killed = True  # a shared machine: stop the run before it takes everyone's memory
+                for p in reversed(procs):
+                    try:
+                        p.kill()
+                    except psutil.NoSuchProcess:
+                        pass
             self._stop.wait(self.interval)
 
     def __enter__(self):
@@ -106,13 +115,16 @@ class RssPoller:
         }
 
 
-def monitored(cmd: list[str], env: dict, cwd: Path, log_path: Path) -> dict:
-    """Run ``cmd`` under /usr/bin/time -v, polling RSS; return wall time, RSS figures, exit code."""
+def monitored(cmd: list[str], env: dict, cwd: Path, log_path: Path, limit_mib: float | None = None) -> dict:
+    """Run ``cmd`` under /usr/bin/time -v, polling RSS; return wall time, RSS figures, exit code.
+
+    Over ``limit_mib`` of RSS the process tree is killed and the result says so.
+    """
     full = ["/usr/bin/time", "-v", *cmd]
     start = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(full, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, text=True)
-        with RssPoller(proc.pid) as poller:
+        with RssPoller(proc.pid, limit_mib=limit_mib) as poller:
             rc = proc.wait()
     wall = time.perf_counter() - start
     text = log_path.read_text(errors="replace")
@@ -122,6 +134,11 @@ def monitored(cmd: list[str], env: dict, cwd: Path, log_path: Path) -> dict:
     stages = {name: {"s": float(s), "peak_rss_mib": int(r)} for name, s, r in _STAGE_RE.findall(text)}
     if stages:
         out["slim_log_stages"] = stages
+    if poller.killed:
+        out["killed_over_rss_limit_mib"] = limit_mib
+        m = re.findall(r"quantize layers:\s+\d+%\|[^|]*\| (\d+)/(\d+)", text)
+        if m:
+            out["layers_done_when_killed"] = f"{m[-1][0]}/{m[-1][1]}"
     if rc != 0:
         out["log_tail"] = text[-3000:]
     return out
@@ -176,7 +193,8 @@ def git_head() -> dict:
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
-def run_slim(ckpt: Path, run_dir: Path, scheme: str, samples: int, seq_len: int, env: dict, threads: int) -> dict:
+def run_slim(ckpt: Path, run_dir: Path, scheme: str, samples: int, seq_len: int, env: dict, threads: int,
+             limit_mib: float | None = None) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     overrides = [f"model.path={ckpt}", "eval=none", "logger=none", f"scheme={scheme}",
@@ -185,7 +203,7 @@ def run_slim(ckpt: Path, run_dir: Path, scheme: str, samples: int, seq_len: int,
     cmd = [sys.executable, "-m", "slim.main", *overrides]
     res = {"command": "python -m slim.main " + " ".join(overrides), "scheme": scheme,
            "calibration": {"num_samples": samples, "seq_len": seq_len}}
-    res.update(monitored(cmd, env, run_dir.parent, run_dir.parent / f"{run_dir.name}.log"))
+    res.update(monitored(cmd, env, run_dir.parent, run_dir.parent / f"{run_dir.name}.log", limit_mib))
     if res["returncode"] != 0:
         return res
     results = json.loads((run_dir / "results.json").read_text())
@@ -209,15 +227,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, nargs="+", default=[4, 32])
     p.add_argument("--schemes", nargs="+", default=["fp8_static", "w4a8"])
-    p.add_argument("--hidden-size", type=int, default=2048)
+    p.add_argument("--hidden-size", type=int, default=1024)
     p.add_argument("--moe-intermediate-size", type=int, default=512)
     p.add_argument("--n-routed-experts", type=int, default=32)
     p.add_argument("--num-attention-heads", type=int, default=16)
     p.add_argument("--q-lora-rank", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--calibration", nargs="+", default=["1x16", "4x64"],
-                   help="calibration settings NUM_SAMPLESxSEQ_LEN; the first is the throughput run (smallest)")
+    p.add_argument("--calibration", default="1x16",
+                   help="NUM_SAMPLESxSEQ_LEN of every run; slim cannot skip calibration, so the smallest stands for 'off'")
+    p.add_argument("--extra-calibration", nargs="*", default=["4x64"],
+                   help="more calibration settings, run for the first scheme only (memory with real calibration)")
     p.add_argument("--threads", type=int, default=1, help="OMP/torch threads of the slim process")
+    p.add_argument("--slim-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment of the slim runs, e.g. MALLOC_MMAP_THRESHOLD_=131072 (recorded)")
+    p.add_argument("--max-rss-gib", type=float, default=8.0, help="kill a slim run whose RSS passes this (shared machines)")
     p.add_argument("--copy-repeats", type=int, default=2)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/slim-bench"))
     p.add_argument("--out", type=Path, help="result JSON (default experiments/bench/results/streaming-<UTC>.json)")
@@ -229,17 +252,22 @@ def main(argv: list[str] | None = None) -> int:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
     env = slim_env(args.threads)
-    calib = [tuple(int(x) for x in c.split("x")) for c in args.calibration]
+    slim_extra_env = dict(kv.split("=", 1) for kv in args.slim_env)
+    env.update(slim_extra_env)
+    parse = lambda c: tuple(int(x) for x in c.split("x"))  # noqa: E731
+    matrix = [(scheme, parse(args.calibration)) for scheme in args.schemes]
+    matrix += [(args.schemes[0], parse(c)) for c in args.extra_calibration]
     width = {"hidden_size": args.hidden_size, "moe_intermediate_size": args.moe_intermediate_size,
              "n_routed_experts": args.n_routed_experts}
     extra = {"num_attention_heads": args.num_attention_heads, "q_lora_rank": args.q_lora_rank}
     report: dict = {
         "benchmark": "streaming", "utc": stamp, "git": git_head(),
         "machine": {"cpus": os.cpu_count(), "mem_total_gib": round(psutil.virtual_memory().total / 2**30, 1),
-                    "loadavg_start": os.getloadavg(), "python": platform.python_version(), "threads": args.threads},
+                    "loadavg_start": os.getloadavg(), "python": platform.python_version(), "threads": args.threads,
+                    "slim_env": slim_extra_env},
         "synthetic": {**width, **extra, "seed": args.seed},
-        "notes": ["slim has no switch to skip calibration; the throughput run uses the smallest calibration "
-                  f"(calibration.num_samples={calib[0][0]} calibration.seq_len={calib[0][1]})"],
+        "notes": ["slim has no switch to skip calibration; the throughput runs use a minimal calibration "
+                  f"(calibration.num_samples={matrix[0][1][0]} calibration.seq_len={matrix[0][1][1]})"],
     }
 
     def save():
@@ -275,20 +303,21 @@ def main(argv: list[str] | None = None) -> int:
         depth["copy"] = copy_baseline(files, args.workdir / "copy", args.copy_repeats)
         depth["runs"] = []
         save()
-        for scheme in args.schemes:
-            for samples, seq_len in calib:
-                print(f"[{n} layers] slim {scheme} calibration {samples}x{seq_len}", flush=True)
-                warm(files)
-                r = run_slim(ckpt, args.workdir / f"run{n}_{scheme}_{samples}x{seq_len}", scheme, samples, seq_len,
-                             env, args.threads)
-                if r["returncode"] == 0:
-                    r["throughput_vs_copy"] = round(r["quantize_read_write_mb_s"] / depth["copy"]["read_write_mb_s"], 3)
-                    print(f"   wall {r['wall_s']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB, quantize "
-                          f"{r['quantize_read_write_mb_s']:.0f} MB/s r+w ({r['throughput_vs_copy']:.0%} of copy)", flush=True)
-                else:
-                    print(f"   FAILED rc={r['returncode']}: {r.get('log_tail', '')[-800:]}", flush=True)
-                depth["runs"].append(r)
-                save()
+        for scheme, (samples, seq_len) in matrix:
+            print(f"[{n} layers] slim {scheme} calibration {samples}x{seq_len}", flush=True)
+            warm(files)
+            r = run_slim(ckpt, args.workdir / f"run{n}_{scheme}_{samples}x{seq_len}", scheme, samples, seq_len,
+                         env, args.threads, args.max_rss_gib * 1024)
+            if r["returncode"] == 0:
+                r["throughput_vs_copy"] = round(r["quantize_read_write_mb_s"] / depth["copy"]["read_write_mb_s"], 3)
+                print(f"   wall {r['wall_s']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB, quantize "
+                      f"{r['quantize_read_write_mb_s']:.0f} MB/s r+w ({r['throughput_vs_copy']:.0%} of copy)", flush=True)
+            else:
+                print(f"   FAILED rc={r['returncode']} {r.get('killed_over_rss_limit_mib', '')}: "
+                      f"{r.get('log_tail', '')[-800:]}", flush=True)
+                shutil.rmtree(args.workdir / f"run{n}_{scheme}_{samples}x{seq_len}", ignore_errors=True)
+            depth["runs"].append(r)
+            save()
         if not args.keep:
             shutil.rmtree(ckpt)
     report["machine"]["loadavg_end"] = os.getloadavg()
