@@ -90,6 +90,7 @@ class EvalConfig:
     limit: float | None = None
     num_fewshot: int | None = None
     baseline: bool = True  # also evaluate the unquantized model
+    cache_baseline: bool = True  # reuse the unquantized model's scores across runs ($SLIM_CACHE_DIR/baselines)
 
 
 @dataclass
@@ -103,6 +104,13 @@ class LoggerConfig:
 
 
 @dataclass
+class ExportConfig:
+    max_shard_mb: int = 4096  # a shard closes at the first layer boundary past this size
+    resume: bool = True  # rerunning in the same run dir continues an interrupted export
+    commit_every: int = 1  # decoder layers between commit points (each saves the calibration hidden states)
+
+
+@dataclass
 class SlimConfig:
     model: ModelConfig = MISSING
     scheme: SchemeConfig = MISSING
@@ -110,6 +118,7 @@ class SlimConfig:
     calibration: CalibrationConfig = MISSING
     eval: EvalConfig = MISSING
     logger: LoggerConfig = MISSING
+    export: ExportConfig = field(default_factory=ExportConfig)
     mode: str = "quantize"
     seed: int = 0
     run_dir: str = "."  # filled from hydra.runtime.output_dir by the entry point
@@ -166,6 +175,8 @@ def validate(cfg: SlimConfig) -> SlimConfig:
             "model.low_cpu_mem_usage=true keeps weights on the host: set model.device_map=cpu "
             "(or model.low_cpu_mem_usage=false)"
         )
+    if cfg.export.max_shard_mb <= 0 or cfg.export.commit_every <= 0:
+        raise SlimError("export.max_shard_mb and export.commit_every must be positive")
     c = cfg.calibration
     if c.num_samples <= 0 or c.seq_len <= 0 or c.batch_size <= 0:
         raise SlimError("calibration.num_samples, seq_len and batch_size must be positive")

@@ -1,22 +1,32 @@
-"""Write a quantized checkpoint as layers finish: sharded safetensors, atomic files, index and config last.
+"""Write a quantized checkpoint as layers finish: streamed safetensors shards, atomic files, index and config last.
 
-Each shard is written to a temporary name and renamed when complete, so a file with a final name is
-always whole. ``model.safetensors.index.json`` and ``config.json`` are written at the very end: a directory
-without them is an unfinished export, never a checkpoint that looks complete.
+Tensors are never buffered: each one goes straight into the open shard file (``*.safetensors.tmp``) behind a
+reserved header region, and the JSON header is written into that region when the shard closes (padded with
+spaces, which the safetensors format allows), then the file is renamed. A file with a final name is therefore
+always whole, and memory stays one tensor, however large a shard is.
+
+``slim_manifest.json`` (sha256 of every tensor's bytes), ``model.safetensors.index.json`` and ``config.json``
+are written at the very end, config last: a directory without ``config.json`` is an unfinished export, never a
+checkpoint that looks complete. ``python -m slim.verify`` checks a checkpoint against its manifest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
+import struct
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 INDEX = "model.safetensors.index.json"
+MANIFEST = "slim_manifest.json"
 DEFAULT_MAX_SHARD_BYTES = 4 << 30
+HEADER_RESERVE = 1 << 20  # most bytes reserved before a shard's data: room for ~7000 tensor entries
 # Files copied from the source checkpoint: tokenizer and generation settings (never code).
 COPY_PATTERNS = (
     "tokenizer*.json",
@@ -27,6 +37,12 @@ COPY_PATTERNS = (
     "generation_config.json",
     "chat_template.jinja",
 )
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+_METADATA = {"__metadata__": {"format": "pt"}}
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -35,75 +51,181 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's little-endian bytes, without a copy when it is already contiguous on the CPU."""
+    t = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+def _entry_json(name: str, entry: dict) -> str:
+    return json.dumps(name) + ":" + json.dumps(entry, separators=(",", ":"))
+
+
+class ShardFile:
+    """One safetensors file written tensor by tensor; ``close()`` fills in the header and renames it."""
+
+    def __init__(self, path: Path, entries: dict[str, dict] | None = None, data_bytes: int = 0,
+                 reserve: int = HEADER_RESERVE):
+        self.path, self.tmp, self.reserve = path, path.with_name(path.name + ".tmp"), reserve
+        self.entries: dict[str, dict] = dict(entries or {})
+        self.data_bytes = data_bytes
+        self._header_len = len(json.dumps(_METADATA, separators=(",", ":"))) + sum(
+            len(_entry_json(n, e)) + 1 for n, e in self.entries.items())
+        if data_bytes:  # resume: the committed prefix of the file stays, whatever came after it goes
+            if not self.tmp.exists() and self.path.exists():
+                os.replace(self.path, self.tmp)
+            self._f = open(self.tmp, "r+b")
+            self._f.truncate(reserve + data_bytes)
+            self._f.seek(reserve + data_bytes)
+        else:
+            self._f = open(self.tmp, "wb")
+            self._f.write(b"\0" * reserve)
+
+    def fits(self, name: str, tensor: torch.Tensor) -> bool:
+        entry = {"dtype": "F8_E4M3", "shape": list(tensor.shape), "data_offsets": [self.data_bytes, 1 << 62]}
+        return 8 + self._header_len + len(_entry_json(name, entry)) + 1 <= self.reserve
+
+    def add(self, name: str, tensor: torch.Tensor) -> str:
+        """Append ``tensor``; returns the sha256 of its bytes."""
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise TypeError(f"{name}: dtype {tensor.dtype} has no safetensors equivalent")
+        buf = tensor_bytes(tensor)
+        self._f.write(buf)
+        end = self.data_bytes + buf.nbytes
+        entry = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                 "data_offsets": [self.data_bytes, end]}
+        self.entries[name] = entry
+        self._header_len += len(_entry_json(name, entry)) + 1
+        self.data_bytes = end
+        return hashlib.sha256(buf).hexdigest()
+
+    def state(self) -> dict[str, Any]:
+        self._f.flush()
+        return {"file": self.path.name, "entries": self.entries, "data_bytes": self.data_bytes, "reserve": self.reserve}
+
+    def close(self) -> None:
+        header = json.dumps({**_METADATA, **dict(sorted(self.entries.items()))}, separators=(",", ":")).encode()
+        pad = self.reserve - 8 - len(header)
+        if pad < 0:
+            raise RuntimeError(f"{self.path.name}: header of {len(header)} bytes overflows its reserve")
+        self._f.seek(0)
+        self._f.write(struct.pack("<Q", self.reserve - 8) + header + b" " * pad)
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.chmod(self.tmp, 0o644)
+        os.replace(self.tmp, self.path)
+
+    def abandon(self) -> None:
+        self._f.close()
+
+
 class CheckpointWriter:
-    """Collect tensors; flush a shard once ``max_shard_bytes`` is reached (at a caller-chosen boundary).
+    """Stream tensors into shards; a shard closes at a caller-chosen boundary once ``max_shard_bytes`` is reached.
 
     ``tag`` keeps the shard names of concurrent writers (one per rank) apart until ``finalize_checkpoint``
-    gives every shard its final ``model-XXXXX-of-XXXXX`` name.
+    gives every shard its final ``model-XXXXX-of-XXXXX`` name. ``state()``/``restore()`` let an interrupted
+    export continue from a commit point and produce the same bytes as an uninterrupted one.
     """
 
     def __init__(self, out_dir: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tag: str = ""):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = max_shard_bytes
+        # 1/4096 of a shard (1 MiB for 4 GiB shards), at least 64 KiB; a full header closes the shard early
+        self.header_reserve = min(HEADER_RESERVE, max(64 << 10, max_shard_bytes >> 12))
         self.tag = tag
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._written: set[str] = set()
-        self.shards: list[tuple[str, list[str], int]] = []  # (file name, tensor names, bytes)
+        self._current: ShardFile | None = None
+        self.checksums: dict[str, str] = {}
+        self.shards: list[tuple[str, list[str], int]] = []  # closed: (file name, tensor names, bytes)
+
+    def _shard_name(self, i: int) -> str:
+        return f"model-{self.tag}{i:05d}.safetensors"
 
     @property
     def total_bytes(self) -> int:
-        return sum(nbytes for _, _, nbytes in self.shards) + self._pending_bytes
+        return sum(nbytes for _, _, nbytes in self.shards) + (self._current.data_bytes if self._current else 0)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._pending or name in self._written:
+        if name in self.checksums:
             raise ValueError(f"tensor {name} written twice")
-        t = tensor.detach().to("cpu").contiguous()
-        self._pending[name] = t
-        self._pending_bytes += t.numel() * t.element_size()
+        if self._current is not None and self._current.entries and not self._current.fits(name, tensor):
+            self.flush()  # header region full: close this shard early
+        if self._current is None:
+            self._current = ShardFile(self.out_dir / self._shard_name(len(self.shards) + 1),
+                                      reserve=self.header_reserve)
+        self.checksums[name] = self._current.add(name, tensor)
 
     def maybe_flush(self) -> None:
-        """Call at layer boundaries: writes a shard if enough is pending."""
-        if self._pending_bytes >= self.max_shard_bytes:
+        """Call at layer boundaries: closes the open shard once it holds ``max_shard_bytes``."""
+        if self._current is not None and self._current.data_bytes >= self.max_shard_bytes:
             self.flush()
 
     def flush(self) -> None:
-        if not self._pending:
+        if self._current is None:
             return
-        fname = f"model-{self.tag}{len(self.shards) + 1:05d}.safetensors"
-        tmp = self.out_dir / (fname + ".tmp")
-        save_file(self._pending, str(tmp), metadata={"format": "pt"})
-        os.chmod(tmp, 0o644)  # safetensors creates files owner-only; checkpoints are shared artefacts
-        os.replace(tmp, self.out_dir / fname)
-        self.shards.append((fname, sorted(self._pending), self._pending_bytes))
-        self._written.update(self._pending)
-        self._pending, self._pending_bytes = {}, 0
+        cur, self._current = self._current, None
+        cur.close()
+        self.shards.append((cur.path.name, sorted(cur.entries), cur.data_bytes))
 
     def close(self) -> list[tuple[str, list[str], int]]:
-        """Flush what is pending; return this writer's shards."""
+        """Close the open shard; return this writer's shards."""
         self.flush()
         return list(self.shards)
 
+    def state(self) -> dict[str, Any]:
+        return {"shards": [list(s) for s in self.shards], "checksums": dict(self.checksums),
+                "current": None if self._current is None else self._current.state()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (taken by ``state()``); drops this writer's files written after it."""
+        self.shards = [(f, list(names), n) for f, names, n in state["shards"]]
+        self.checksums = dict(state["checksums"])
+        cur = state["current"]
+        keep = {f for f, _, _ in self.shards} | ({cur["file"]} if cur else set())
+        pattern = re.compile(re.escape(f"model-{self.tag}") + r"\d{5}\.safetensors(\.tmp)?$")
+        for path in self.out_dir.iterdir():
+            if pattern.fullmatch(path.name) and path.name.removesuffix(".tmp") not in keep:
+                path.unlink()
+        if cur:
+            self._current = ShardFile(self.out_dir / cur["file"], cur["entries"], cur["data_bytes"], cur["reserve"])
+
+    def abandon(self) -> None:
+        if self._current is not None:
+            self._current.abandon()
+            self._current = None
+
     def finalize(self, config: dict, source_dir: str | Path) -> Path:
         """Single-writer shortcut for :func:`finalize_checkpoint`."""
-        return finalize_checkpoint(self.out_dir, self.close(), config, source_dir)
+        return finalize_checkpoint(self.out_dir, self.close(), config, source_dir, self.checksums)
+
+
+def final_shard_names(shards: list[tuple[str, list[str], int]]) -> list[str]:
+    return [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
 
 
 def finalize_checkpoint(out_dir: str | Path, shards: list[tuple[str, list[str], int]], config: dict,
-                        source_dir: str | Path) -> Path:
-    """Name shards ``-of-N`` (in the given order), copy tokenizer files, then write the index and config last."""
+                        source_dir: str | Path, checksums: dict[str, str]) -> Path:
+    """Name shards ``-of-N`` (in the given order), copy tokenizer files, then write manifest, index and config.
+
+    Idempotent: an interrupted finalize run again with the same arguments completes the same checkpoint.
+    """
     out_dir = Path(out_dir)
-    n = len(shards)
     weight_map: dict[str, str] = {}
-    for i, (fname, names, _) in enumerate(shards, 1):
-        final = f"model-{i:05d}-of-{n:05d}.safetensors"
-        os.replace(out_dir / fname, out_dir / final)
+    for (fname, names, _), final in zip(shards, final_shard_names(shards)):
+        if (out_dir / fname).exists():
+            os.replace(out_dir / fname, out_dir / final)
+        elif not (out_dir / final).exists():
+            raise FileNotFoundError(f"shard {fname} of this export is missing from {out_dir}")
         weight_map.update({name: final for name in names})
     for pattern in COPY_PATTERNS:
         for src in Path(source_dir).glob(pattern):
             shutil.copy2(src, out_dir / src.name)
     total = sum(nbytes for _, _, nbytes in shards)
+    manifest = {"format": "slim-manifest-1", "algorithm": "sha256",
+                "files": {final: {"bytes": (out_dir / final).stat().st_size} for final in final_shard_names(shards)},
+                "tensors": {name: {"file": weight_map[name], "sha256": checksums[name]} for name in sorted(weight_map)}}
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     atomic_write_text(out_dir / INDEX, json.dumps(index, indent=2) + "\n")
     atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")

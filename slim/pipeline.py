@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
-import shutil
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -56,8 +58,37 @@ def _load_tokenizer(path: Path, trust_remote_code: bool):
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
 
-def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist: Dist | None = None) -> dict[str, Any]:
-    """Stream, calibrate, quantize and export; with several ranks each runs its slice of the samples."""
+def run_fingerprint(cfg: SlimConfig, world: int) -> str:
+    """What the exported bytes depend on: the source checkpoint, slim's version and every setting that matters.
+
+    A finished checkpoint or an interrupted export is reused only by a run with the same fingerprint.
+    """
+    src = Path(cfg.model.path)
+    if not (src / "config.json").is_file() and cfg.model.convert_from:
+        src = Path(cfg.model.convert_from)
+    config_file = src / "config.json"
+    payload = {
+        "slim": __version__,
+        "source": str(src.resolve()),
+        "source_config": hashlib.sha256(config_file.read_bytes()).hexdigest() if config_file.is_file() else None,
+        "source_files": sorted((p.name, p.stat().st_size) for p in src.glob("*.safetensors")),
+        "model": {k: getattr(cfg.model, k) for k in ("load_type", "dtype", "copy_mtp", "convert_from")},
+        "scheme": dataclasses.asdict(cfg.scheme),
+        "calibration": dataclasses.asdict(cfg.calibration),
+        "max_shard_mb": cfg.export.max_shard_mb,
+        "world": world,
+        "device": cfg.hardware.device,
+        "seed": cfg.seed,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist: Dist | None = None,
+                   fingerprint: str = "") -> dict[str, Any]:
+    """Stream, calibrate, quantize and export; with several ranks each runs its slice of the samples.
+
+    With ``export.resume`` it saves commit points and continues from the last one when the run dir has one.
+    """
     from slim.calibration.data import calibration_tokens
     from slim.export import CheckpointWriter, finalize_checkpoint
     from slim.formats import FORMATS
@@ -67,7 +98,15 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     from slim.quant.schemes import SCHEMES
     from slim.plan import GiB, plan_memory
     from slim.quantize import quantize_model
+    from slim.resume import ResumeStore
     from slim.targets import select_targets
+
+    dist = dist or Dist(device=torch.device(cfg.hardware.device))
+    store = ResumeStore(cfg.run_dir, dist.rank, fingerprint) if cfg.export.resume else None
+    commit = store.commit_record() if store else None
+    if commit and commit["stage"] == "written":  # everything was written before the interruption
+        log.info("every tensor was already written (commit in %s); finalizing", store.dir)
+        return _finish_export(store.load_written(), out_dir, source, store, dist)
 
     reader = CheckpointReader(source, load_type=cfg.model.load_type)
     reader.check_load_type()
@@ -81,7 +120,6 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     if not plan.feasible:
         raise SlimError(f"this run does not fit hardware={cfg.hardware.name}: " + "; ".join(plan.problems)
                         + " (python -m slim.main mode=plan ... prints the breakdown)")
-    dist = dist or Dist(device=torch.device(cfg.hardware.device))
     ids = calibration_tokens(cfg.calibration, tokenizer, getattr(model.config, "max_position_embeddings", None))
     if ids.shape[0] < dist.world:
         raise SlimError(f"{ids.shape[0]} calibration samples cannot be split over {dist.world} ranks; "
@@ -90,11 +128,22 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     if cfg.scheme.format not in FORMATS:
         raise SlimError(f"scheme.format={cfg.scheme.format!r} is unknown; choose one of: {', '.join(FORMATS)}")
     fmt = FORMATS[cfg.scheme.format]
-    writer = CheckpointWriter(out_dir, tag=f"rank{dist.rank:03d}-" if dist.world > 1 else "")
-    result = quantize_model(model=model, adapter=adapter, reader=reader, writer=writer, fmt=fmt, scheme=scheme,
-                            input_ids=dist.shard(ids), cfg=cfg, device=dist.device, selection=selection, dist=dist)
+    writer = CheckpointWriter(out_dir, max_shard_bytes=cfg.export.max_shard_mb << 20,
+                              tag=f"rank{dist.rank:03d}-" if dist.world > 1 else "")
+    start = store.load_layer(commit["layer"], dist.device) if commit else None
+    try:
+        result = quantize_model(model=model, adapter=adapter, reader=reader, writer=writer, fmt=fmt, scheme=scheme,
+                                input_ids=dist.shard(ids), cfg=cfg, device=dist.device, selection=selection,
+                                dist=dist, store=store, start=start)
+    except BaseException as exc:
+        writer.abandon()  # close the open shard file; the last commit point still describes it
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise SlimError(f"writing the checkpoint into {out_dir} failed: {exc.strerror}; free some space and "
+                            "rerun the same command to resume from the last complete layer") from exc
+        raise
     result.num_samples = int(ids.shape[0])
     shards = [shard for part in dist.gather(writer.close()) for shard in part]  # rank order
+    checksums = {k: v for part in dist.gather(writer.checksums) for k, v in part.items()}
     config = {k: v for k, v in src_config.items() if k != "quantization_config"}
     config["torch_dtype"] = config["dtype"] = cfg.model.dtype
     config["quantization_config"] = fmt.quantization_config(
@@ -102,6 +151,7 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     )
     config["slim"] = {
         "version": __version__,
+        "fingerprint": fingerprint,
         "scheme": scheme.name,
         "group_size": cfg.scheme.group_size,
         "ignore_layers": list(cfg.scheme.ignore_layers),
@@ -117,9 +167,24 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
         },
         "fallback_input_scales": result.fallbacks,
     }
-    if dist.is_main:  # every rank has closed its shards (gather above): index and config go last
-        finalize_checkpoint(out_dir, shards, config, source)
-    return result.to_dict() | {"checkpoint_bytes": sum(nbytes for _, _, nbytes in shards)}
+    summary = result.to_dict() | {"checkpoint_bytes": sum(nbytes for _, _, nbytes in shards)}
+    written = {"shards": shards, "checksums": checksums, "config": config, "result": summary}
+    if store is not None and dist.is_main:
+        store.commit_written(written)
+    return _finish_export(written, out_dir, source, store, dist)
+
+
+def _finish_export(written: dict[str, Any], out_dir: Path, source: Path, store, dist: Dist) -> dict[str, Any]:
+    """Rank 0 names the shards and writes manifest, index and config last (every rank has closed its shards)."""
+    from slim.export import finalize_checkpoint
+
+    dist.barrier()
+    if dist.is_main:
+        finalize_checkpoint(out_dir, written["shards"], written["config"], source, written["checksums"])
+        atomic_json(out_dir.parent / QUANTIZE_RECORD, written["result"])
+        if store is not None:
+            store.clear()
+    return written["result"]
 
 
 def eval_stage(cfg: SlimConfig, path: Path, load_type: str, tokenizer, workdir: Path) -> dict:
@@ -173,20 +238,106 @@ def run(cfg: SlimConfig, resolved: dict[str, Any]) -> dict[str, Any]:
         shutdown()
 
 
+QUANTIZE_RECORD = "quantize.json"
+
+
+def atomic_json(path: Path, obj: Any) -> None:
+    from slim.export import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
+
+
+def prepare_output(cfg: SlimConfig, out_dir: Path, fingerprint: str, dist: Dist) -> bool:
+    """Decide what to do with what the run dir already holds. True: its checkpoint is finished and is this run's.
+
+    A finished checkpoint of other settings is never replaced unless ``overwrite=true``; an interrupted export
+    of these settings is resumed (``export.resume``), one of other settings is refused like a finished one.
+    """
+    from slim.resume import ResumeStore
+
+    reusable = False
+    if dist.is_main:
+        run_dir, store = Path(cfg.run_dir), ResumeStore(cfg.run_dir, 0, fingerprint)
+        record = run_dir / QUANTIZE_RECORD
+        commit = store.commit_record()
+        if (out_dir / "config.json").is_file():
+            previous = json.loads((out_dir / "config.json").read_text()).get("slim", {}).get("fingerprint")
+            if not cfg.overwrite and (previous != fingerprint or not record.is_file()):
+                raise SlimError(f"{out_dir} already holds a finished checkpoint of other settings; "
+                                "choose another hydra.run.dir or set overwrite=true to replace it")
+            reusable = not cfg.overwrite
+        elif commit and commit["fingerprint"] != fingerprint and not cfg.overwrite:
+            raise SlimError(f"{run_dir} holds an interrupted export of other settings; rerun with the same settings "
+                            "to resume it, or set overwrite=true to start over")
+        if reusable:
+            log.info("%s is already complete for these settings; skipping the quantize stage", out_dir)
+        elif commit and commit["fingerprint"] == fingerprint and cfg.export.resume and not cfg.overwrite:
+            log.info("resuming the interrupted export in %s", out_dir)
+        else:  # nothing usable: start from scratch
+            shutil.rmtree(out_dir, ignore_errors=True)
+            store.clear()
+            record.unlink(missing_ok=True)
+    return bool(dist.gather(reusable)[0])
+
+
+def _baseline_key(cfg: SlimConfig, source: Path) -> str:
+    """The unquantized model's scores depend on the source weights, compute settings, eval settings and tasks."""
+    import lm_eval
+
+    from slim.evaluate import TASKS_DIR
+
+    task_files = sorted(TASKS_DIR.glob("*.yaml")) + sorted((TASKS_DIR.parent / "data").glob("*.jsonl"))
+    payload = {
+        "slim": __version__, "lm_eval": getattr(lm_eval, "__version__", "?"),
+        "source": str(source.resolve()),
+        "source_files": sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in source.glob("*.safetensors")),
+        "model": {k: getattr(cfg.model, k) for k in ("load_type", "dtype")}, "device": cfg.hardware.device,
+        "eval": {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k not in ("name", "baseline", "cache_baseline")},
+        "tasks": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in task_files},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SLIM_CACHE_DIR") or Path.home() / ".cache" / "slim")
+
+
+def baseline_metrics(cfg: SlimConfig, source: Path, tokenizer, run_dir: Path) -> tuple[dict, bool]:
+    """The unquantized model's scores, computed once per model and eval settings and reused (``eval.cache_baseline``)."""
+    path = cache_dir() / "baselines" / f"{_baseline_key(cfg, source)}.json"
+    if cfg.eval.cache_baseline and path.is_file():
+        log.info("baseline scores reused from %s", path)
+        return json.loads(path.read_text())["metrics"], True
+    metrics = eval_stage(cfg, source, cfg.model.load_type, tokenizer, run_dir)
+    if cfg.eval.cache_baseline:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_json(path, {"model": str(source), "eval": dataclasses.asdict(cfg.eval), "metrics": metrics})
+    return metrics, False
+
+
+def _previous_results(run_dir: Path, fingerprint: str, eval_key: str) -> dict[str, Any]:
+    """Metrics of an earlier attempt of this very run (same settings), so a rerun skips finished stages."""
+    path = run_dir / "results.json"
+    if not path.is_file():
+        return {}
+    prev = json.loads(path.read_text())
+    same = prev.get("fingerprint") == fingerprint and prev.get("eval_key") == eval_key
+    return prev.get("metrics", {}) if same else {}
+
+
 def _run_job(cfg: SlimConfig, resolved: dict[str, Any], dist: Dist) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     out_dir = run_dir / "checkpoint"
-    if cfg.mode == "quantize" and dist.is_main and out_dir.exists():
-        if (out_dir / "config.json").exists() and not cfg.overwrite:
-            raise SlimError(f"{out_dir} already holds a finished checkpoint; choose another hydra.run.dir or set overwrite=true")
-        shutil.rmtree(out_dir)  # an unfinished export (no config.json), or overwrite=true
-    dist.barrier()
+    fingerprint = run_fingerprint(cfg, dist.world)
+    eval_key = hashlib.sha256(json.dumps(dataclasses.asdict(cfg.eval), sort_keys=True).encode()).hexdigest()[:16]
+    done = prepare_output(cfg, out_dir, fingerprint, dist) if cfg.mode == "quantize" else False
+    previous = _previous_results(run_dir, fingerprint, eval_key) if dist.is_main and not cfg.overwrite else {}
 
     stages = Stages()
     results: dict[str, Any] = {"slim_version": __version__, "mode": cfg.mode, "model": cfg.model.name,
                                "scheme": cfg.scheme.name, "run_dir": str(run_dir), "world_size": dist.world,
-                               "metrics": {}}
+                               "fingerprint": fingerprint, "eval_key": eval_key, "metrics": {}}
     logger = cfg.logger if dist.is_main else dataclasses.replace(cfg.logger, mode="disabled")
     tracker = Tracker(logger, run_dir, resolved, name=f"{cfg.model.name}-{cfg.scheme.name}")
     exit_code = 1
@@ -196,8 +347,12 @@ def _run_job(cfg: SlimConfig, resolved: dict[str, Any], dist: Dist) -> dict[str,
             dist.barrier()  # the bf16 conversion (if any) is done once, by rank 0
             tokenizer = _load_tokenizer(source, cfg.model.trust_remote_code)
         if cfg.mode == "quantize":
-            with stages("quantize"):
-                qres = quantize_stage(cfg, source, out_dir, tokenizer, dist)
+            if done:
+                qres = json.loads((run_dir / QUANTIZE_RECORD).read_text())
+                results["skipped_stages"] = ["quantize"]
+            else:
+                with stages("quantize"):
+                    qres = quantize_stage(cfg, source, out_dir, tokenizer, dist, fingerprint)
             results["checkpoint"] = str(out_dir)
             results["checkpoint_bytes"] = qres["checkpoint_bytes"]
             results["quantization"] = {k: qres[k] for k in ("ignored", "fallbacks", "skipped_prefixes", "num_samples")}
@@ -210,12 +365,23 @@ def _run_job(cfg: SlimConfig, resolved: dict[str, Any], dist: Dist) -> dict[str,
             exit_code = 0
             return results
         if cfg.eval.tasks:
+            todo = []
             if cfg.mode == "quantize" and cfg.eval.baseline:
-                with stages("eval_baseline"):
-                    results["metrics"]["baseline"] = eval_stage(cfg, source, cfg.model.load_type, tokenizer, run_dir)
-            target, which = (out_dir, "quantized") if cfg.mode == "quantize" else (source, "model")
-            with stages(f"eval_{which}"):
-                results["metrics"][which] = eval_stage(cfg, target, cfg.model.load_type, tokenizer, run_dir)
+                todo.append(("baseline", source))
+            todo.append(("quantized", out_dir) if cfg.mode == "quantize" else ("model", source))
+            for which, target in todo:
+                if which in previous:  # an earlier attempt of this run finished it
+                    log.info("eval_%s already done in %s; skipping it", which, run_dir / "results.json")
+                    results["metrics"][which] = previous[which]
+                    results.setdefault("skipped_stages", []).append(f"eval_{which}")
+                    continue
+                with stages(f"eval_{which}"):
+                    if which == "baseline":
+                        results["metrics"][which], results["baseline_cached"] = baseline_metrics(
+                            cfg, source, tokenizer, run_dir)
+                    else:
+                        results["metrics"][which] = eval_stage(cfg, target, cfg.model.load_type, tokenizer, run_dir)
+                write_results(run_dir, results)  # a later failure keeps this stage's scores
         if "baseline" in results["metrics"] and "quantized" in results["metrics"]:
             results["delta"] = metric_deltas(results["metrics"]["baseline"], results["metrics"]["quantized"])
         results["timings_s"] = stages.seconds

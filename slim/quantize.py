@@ -29,6 +29,7 @@ from slim.quant.fp8 import FP8_DTYPE
 from slim.quant.observers import ACTIVATION_OBSERVERS, MinMaxObserver
 from slim.quant.schemes import Scheme, dequantize_weight
 from slim.quant.types import QuantizedLinear
+from slim.resume import LayerCommit, ResumeStore
 from slim.targets import Selection
 
 log = logging.getLogger(__name__)
@@ -175,11 +176,14 @@ class LayerQuantizer:
 def quantize_model(
     *, model, adapter: ModelAdapter, reader: CheckpointReader, writer: CheckpointWriter, fmt, scheme: Scheme,
     input_ids: torch.Tensor, cfg, device: torch.device, selection: Selection, dist: Dist | None = None,
+    store: ResumeStore | None = None, start: LayerCommit | None = None,
 ) -> QuantizeResult:
     """Stream, calibrate, quantize and write the whole model. ``cfg`` is the full SlimConfig.
 
     With several ranks, ``input_ids`` is this rank's slice of the calibration set; observers are merged
     across ranks before any scale is computed, and each rank writes the quantized modules it owns.
+    With ``store``, a commit point is saved every ``cfg.export.commit_every`` layers; ``start`` continues
+    after such a commit (its writer state, module reports and hidden states).
     """
     dist = dist or Dist()
     result = QuantizeResult(num_samples=int(input_ids.shape[0]))
@@ -196,19 +200,29 @@ def quantize_model(
     runner = LayerRunner(model, device)
     bs = cfg.calibration.batch_size
 
-    head = adapter.head_modules(model)
-    for prefix, mod in head.items():
-        materialize(mod, prefix, reader, device)
-    hidden = runner.embed(input_ids, bs)
+    layers = adapter.layers(model)
+    if start is None:
+        head = adapter.head_modules(model)
+        for prefix, mod in head.items():
+            materialize(mod, prefix, reader, device)
+        hidden = runner.embed(input_ids, bs)
+        for prefix, mod in head.items():
+            lq.write_rest(mod, prefix, set())
+            release(mod)
+        first = 0
+    else:
+        writer.restore(start.writer)
+        result.modules = [ModuleReport(**m) for m in start.modules]
+        hidden, first = start.hidden, start.layer + 1
+        log.info("resuming after layer %d of %d (commit in %s)", start.layer, len(layers), store.dir)
     log.info("calibration hidden states: %d samples x %d tokens x %d, %.1f MiB, kept on %s between layers",
              input_ids.shape[0], input_ids.shape[1], hidden[0].shape[-1],
              sum(h.numel() * h.element_size() for h in hidden) / 2**20, device)
-    for prefix, mod in head.items():
-        lq.write_rest(mod, prefix, set())
-        release(mod)
 
-    layers = adapter.layers(model)
-    for i, layer in enumerate(tqdm(layers, desc="quantize layers", unit="layer", leave=False)):
+    progress = tqdm(range(first, len(layers)), desc="quantize layers", unit="layer", leave=False,
+                    initial=first, total=len(layers))
+    for i in progress:
+        layer = layers[i]
         prefix = adapter.layer_prefix(i)
         materialize(layer, prefix, reader, device)
         layer_targets = {n: m for n, m in targets.items() if n.startswith(prefix)}
@@ -226,6 +240,11 @@ def quantize_model(
         hidden = outputs
         release(layer)
         writer.maybe_flush()
+        if store is not None and ((i + 1) % cfg.export.commit_every == 0 or i == len(layers) - 1):
+            store.save_layer(i, writer.state(), [asdict(m) for m in result.modules], hidden)
+            dist.barrier()  # every rank's part is on disk before the commit names this layer
+            if dist.is_main:
+                store.commit(i)
 
     tail = adapter.tail_modules(model)
     for prefix, mod in tail.items():

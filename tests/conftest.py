@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# bf16 conversions and cached baseline scores of this session stay out of the user's cache
+os.environ.setdefault("SLIM_CACHE_DIR", tempfile.mkdtemp(prefix="slim-test-cache-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -1,14 +1,19 @@
 """Model adapters: how to build a model skeleton and walk it layer by layer, one registry entry per family.
 
 Every supported family follows transformers' decoder layout (``model.embed_tokens``, ``model.layers``,
-``model.norm``, ``model.rotary_emb``, ``lm_head``); adapters differ in how they prepare MoE blocks and which
-checkpoint tensors lie outside the main model (DeepSeek's multi-token-prediction layer).
+``model.norm``, ``model.rotary_emb``, ``lm_head``); adapters differ in which fused routed-expert module
+transformers uses for the family (swapped for per-expert Linears named as on disk, see ``slim.models.moe``)
+and which checkpoint tensors lie outside the main model (DeepSeek's multi-token-prediction layer).
+Adding a family is adding one ``ADAPTERS`` entry.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,12 +27,27 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ModelAdapter:
-    """Generic transformers decoder (Llama, Qwen2/3, Mistral)."""
+    """A transformers decoder: dense (Llama, Qwen2/3, Mistral) or, with ``fused_experts``, MoE."""
 
     name: str = "decoder"
+    # "module.Class" of transformers' fused routed experts (3D gate_up_proj/down_proj) for this family
+    fused_experts: str | None = None
 
     def prepare(self, model: PreTrainedModel) -> None:
-        """Adjust a freshly built meta skeleton (e.g. unfuse experts). Default: nothing."""
+        """Adjust a freshly built meta skeleton: routed experts become one Linear per expert projection."""
+        if self.fused_experts:
+            module, _, cls = self.fused_experts.rpartition(".")
+            fused = getattr(importlib.import_module(module), cls, None)
+            if fused is not None:  # older transformers keep a ModuleList of per-expert MLPs: nothing to do
+                n = unfuse_experts(model, fused, model.config.hidden_act)
+                log.debug("%s: unfused the routed experts of %d MoE layers", self.name, n)
+        stacked = [n for n, p in model.named_parameters() if p.dim() > 2]
+        if stacked:
+            raise SlimError(
+                f"{type(model).__name__} keeps expert weights stacked ({stacked[0]}, ...), which slim cannot quantize "
+                f"per expert; set the fused_experts class of adapter {self.name!r} in slim/models/adapters.py for "
+                "this transformers version"
+            )
 
     def layers(self, model: PreTrainedModel) -> nn.ModuleList:
         return model.model.layers
@@ -62,12 +82,7 @@ class DeepseekV3Adapter(ModelAdapter):
     """DeepSeek-V3/R1: MLA attention, dense first layers, shared + routed experts, optional MTP layers."""
 
     name: str = "deepseek_v3"
-
-    def prepare(self, model: PreTrainedModel) -> None:
-        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts
-
-        n = unfuse_experts(model, DeepseekV3Experts, model.config.hidden_act)
-        log.debug("unfused the routed experts of %d MoE layers", n)
+    fused_experts: str | None = "transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3Experts"
 
     def extra_layer_prefixes(self, config: PretrainedConfig) -> list[str]:
         n = getattr(config, "num_nextn_predict_layers", 0) or 0
@@ -80,6 +95,10 @@ ADAPTERS: dict[str, ModelAdapter] = {
     "mistral": ModelAdapter(),
     "qwen2": ModelAdapter(),
     "qwen3": ModelAdapter(),
+    # Qwen3-MoE: routed experts only (no shared expert); the router mlp.gate is not a Linear and stays as is;
+    # layers in mlp_only_layers or off decoder_sparse_step are dense MLPs (mlp.gate_proj ...).
+    "qwen3_moe": ModelAdapter(
+        name="qwen3_moe", fused_experts="transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeExperts"),
 }
 
 
@@ -93,6 +112,11 @@ def adapter_for(config: PretrainedConfig) -> ModelAdapter:
 
 
 def load_config(path: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    raw = json.loads((Path(path) / "config.json").read_text())
+    if raw.get("auto_map") and not trust_remote_code and raw.get("model_type") not in ADAPTERS:
+        raise SlimError(f"{path} ships its own model code (auto_map in config.json); slim does not run it unless "
+                        "you set model.trust_remote_code=true, and then only for an architecture it supports: "
+                        + ", ".join(sorted(ADAPTERS)))
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as exc:

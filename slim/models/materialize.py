@@ -22,6 +22,11 @@ def materialize_own(module: nn.Module, prefix: str, reader: CheckpointReader, de
                 f"{prefix + pname} has shape {tuple(tensor.shape)} in the checkpoint but the config "
                 f"expects {tuple(param.shape)}; config.json and weights disagree"
             )
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            stored = reader.weight_map.get(prefix + pname, "?")
+            raise SlimError(f"{prefix + pname} (in {stored}) has {bad} NaN/Inf value(s); the checkpoint is "
+                            "corrupt: re-download or re-convert it")
         module._parameters[pname] = nn.Parameter(tensor, requires_grad=False)
     for bname, buf in list(module.named_buffers(recurse=False)):
         if bname not in module._non_persistent_buffers_set:

@@ -1,9 +1,10 @@
-"""Routed experts as one ``nn.Linear`` per projection, the way DeepSeek stores them on disk.
+"""Routed experts as one ``nn.Linear`` per projection, the way DeepSeek-V3 and Qwen3-MoE store them on disk.
 
-transformers keeps DeepSeek-V3's routed experts fused in memory (``gate_up_proj`` [E, 2I, H], ``down_proj``
-[E, H, I]). slim swaps that module for :class:`UnfusedExperts`, whose parameters are named exactly like the
-checkpoint (``experts.{e}.gate_proj.weight`` ...), so every expert projection is an ordinary Linear that the
-dense code path observes, quantizes and exports: no separate MoE path.
+transformers keeps these families' routed experts fused in memory (``gate_up_proj`` [E, 2I, H], ``down_proj``
+[E, H, I]; ``DeepseekV3Experts``, ``Qwen3MoeExperts``) and splits them per expert when saving. slim swaps the
+fused module for :class:`UnfusedExperts`, whose parameters are named exactly like the checkpoint
+(``experts.{e}.gate_proj.weight`` ...), so every expert projection is an ordinary Linear that the dense code
+path observes, quantizes and exports: no separate MoE path. Routers (``mlp.gate``) are left as they are.
 """
 
 from __future__ import annotations

@@ -1,0 +1,139 @@
+"""Faults lose nothing and corrupt nothing: kill -9 mid-export, a full disk, interrupted evaluation, bit rot.
+
+Faults are injected through a ``sitecustomize`` that wraps one slim function in the child interpreter and
+sends the process SIGKILL (or raises) on its n-th call, so each case hits the same point every time.
+"""
+
+import json
+import os
+import signal
+import textwrap
+
+import pytest
+from test_cli import slim_main
+
+QUICK = ["eval=none", "logger=none", "calibration.num_samples=4", "calibration.seq_len=64", "export.max_shard_mb=1"]
+
+SITE = textwrap.dedent('''
+    import importlib, os, signal
+    spec = os.environ.get("SLIM_TEST_FAULT")  # module:attr[.method]:n:action
+    if spec:
+        mod_name, target, n, action = spec.split(":")
+        n, owner = int(n), importlib.import_module(mod_name)
+        *path, attr = target.split(".")
+        for p in path:
+            owner = getattr(owner, p)
+        original, calls = getattr(owner, attr), [0]
+        def wrapped(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == n:
+                if action == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                raise OSError(28, "No space left on device")
+            return original(*args, **kwargs)
+        setattr(owner, attr, wrapped)
+''')
+
+
+def fault_env(tmp_path, spec):
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(SITE)
+    return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]), "SLIM_TEST_FAULT": spec}
+
+
+def files(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted export: several shards (export.max_shard_mb=1), a commit after every layer."""
+    tmp = tmp_path_factory.mktemp("reference")
+    proc = slim_main(*QUICK, f"hydra.run.dir={tmp / 'run'}", cwd=tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = files(tmp / "run" / "checkpoint")
+    assert sum(name.endswith(".safetensors") for name in out) >= 4
+    return out
+
+
+KILL_POINTS = [
+    "slim.export:ShardFile.add:40",  # inside the first layers, before any commit
+    "slim.export:ShardFile.add:400",  # mid-export, after commits, with a half-filled open shard
+    "slim.export:ShardFile.close:3",  # a shard full but its header not yet written
+    "slim.resume:ResumeStore.commit:2",  # every rank saved layer 1, the commit not yet written
+    "slim.export:atomic_write_text:3",  # finalize: manifest and index written, config.json not yet
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_kill_9_then_rerun_gives_byte_identical_checkpoint(tmp_path, reference, point):
+    run = tmp_path / "run"
+    killed = slim_main(*QUICK, f"hydra.run.dir={run}", cwd=tmp_path, env=fault_env(tmp_path, point + ":kill"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (run / "checkpoint" / "config.json").exists()  # nothing looks complete
+    resumed = slim_main(*QUICK, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    if point != KILL_POINTS[0]:
+        log = resumed.stdout + resumed.stderr
+        assert "resuming" in log or "finalizing" in log
+    assert files(run / "checkpoint") == reference  # same names, same bytes: shards, manifest, index, config
+    assert not (run / ".slim_resume").exists()
+
+
+@pytest.mark.slow
+def test_disk_full_leaves_nothing_that_looks_complete_and_resumes(tmp_path, reference):
+    run = tmp_path / "run"
+    proc = slim_main(*QUICK, f"hydra.run.dir={run}", cwd=tmp_path,
+                     env=fault_env(tmp_path, "slim.export:ShardFile.add:300:enospc"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "No space left on device" in proc.stderr and "rerun the same command" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    names = os.listdir(run / "checkpoint")
+    assert "config.json" not in names and "model.safetensors.index.json" not in names
+    assert not [n for n in names if "-of-" in n]  # no shard carries a final name
+    resumed = slim_main(*QUICK, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert files(run / "checkpoint") == reference
+
+
+@pytest.mark.slow
+def test_interrupted_eval_keeps_checkpoint_and_rerun_skips_finished_stages(tmp_path):
+    run = tmp_path / "run"
+    args = ["logger=none", "calibration.num_samples=4", "calibration.seq_len=64", "eval.limit=8",
+            "eval.cache_baseline=false", f"hydra.run.dir={run}"]
+    # eval_stage: call 1 scores the baseline, call 2 the quantized checkpoint: killed there
+    killed = slim_main(*args, cwd=tmp_path, env=fault_env(tmp_path, "slim.pipeline:eval_stage:2:kill"))
+    assert killed.returncode == -signal.SIGKILL
+    assert (run / "checkpoint" / "config.json").is_file()
+    partial = json.loads((run / "results.json").read_text())
+    assert "baseline" in partial["metrics"] and "quantized" not in partial["metrics"]
+    shard = next((run / "checkpoint").glob("model-*.safetensors"))
+    mtime = shard.stat().st_mtime_ns
+
+    rerun = slim_main(*args, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    assert results["skipped_stages"] == ["quantize", "eval_baseline"]
+    assert results["metrics"]["baseline"] == partial["metrics"]["baseline"]
+    assert set(results["metrics"]["quantized"]) == {"slim_text_ppl", "slim_text_mc"}
+    assert "eval_quantized" in results["timings_s"] and "quantize" not in results["timings_s"]
+    assert shard.stat().st_mtime_ns == mtime  # the finished checkpoint was not rewritten
+
+
+@pytest.mark.slow
+def test_other_settings_never_replace_a_finished_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    assert slim_main(*QUICK, f"hydra.run.dir={run}", cwd=tmp_path).returncode == 0
+    before = files(run / "checkpoint")
+    proc = slim_main(*QUICK, "calibration.num_samples=2", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert proc.returncode == 2 and "already holds a finished checkpoint of other settings" in proc.stderr
+    assert "overwrite=true" in proc.stderr
+    assert files(run / "checkpoint") == before
+    same = slim_main(*QUICK, f"hydra.run.dir={run}", cwd=tmp_path)  # the same settings: nothing to redo
+    assert same.returncode == 0 and "skipping the quantize stage" in same.stdout + same.stderr
+    assert files(run / "checkpoint") == before
+    replaced = slim_main(*QUICK, "calibration.num_samples=2", "overwrite=true", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert replaced.returncode == 0
+    assert json.loads((run / "checkpoint" / "config.json").read_text())["slim"]["calibration"]["num_samples"] == 2
