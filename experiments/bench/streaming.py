@@ -131,6 +131,10 @@ def monitored(cmd: list[str], env: dict, cwd: Path, log_path: Path, limit_mib: f
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
     out = {"returncode": rc, "wall_s": round(wall, 3),
            "time_v_maxrss_mib": round(int(m.group(1)) / 1024, 1) if m else None, "poll": poller.summary()}
+    cpu = re.search(r"Percent of CPU this job got: (\d+)%", text)
+    user = re.search(r"User time \(seconds\): ([\d.]+)", text)
+    if cpu and user:  # the machines are shared: how much CPU the run actually got
+        out["cpu_percent"], out["user_s"] = int(cpu.group(1)), float(user.group(1))
     stages = {name: {"s": float(s), "peak_rss_mib": int(r)} for name, s, r in _STAGE_RE.findall(text)}
     if stages:
         out["slim_log_stages"] = stages
@@ -245,7 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/slim-bench"))
     p.add_argument("--out", type=Path, help="result JSON (default experiments/bench/results/streaming-<UTC>.json)")
     p.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
+    p.add_argument("--reuse", action="store_true",
+                   help="use a synthetic checkpoint kept in --workdir by an earlier --keep run (same width and seed)")
+    p.add_argument("--summarize", type=Path, metavar="RESULT_JSON", help="print a result file as a markdown table")
     args = p.parse_args(argv)
+    if args.summarize:
+        print(markdown_table(json.loads(args.summarize.read_text())))
+        return 0
 
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out_path = args.out or HERE / "results" / f"streaming-{stamp}.json"
@@ -280,16 +290,22 @@ def main(argv: list[str] | None = None) -> int:
     report["depths"] = {}
     for n in args.layers:
         ckpt = args.workdir / f"ds{n}"
-        shutil.rmtree(ckpt, ignore_errors=True)
-        print(f"[{n} layers] generating {ckpt}", flush=True)
         gen_cmd = [sys.executable, str(HERE / "synthetic_checkpoint.py"), "--num-layers", str(n), "--out", str(ckpt),
                    "--hidden-size", str(args.hidden_size), "--moe-intermediate-size", str(args.moe_intermediate_size),
                    "--n-routed-experts", str(args.n_routed_experts), "--seed", str(args.seed),
                    *[a for k, v in extra.items() for a in ("--set", f"{k}={v}")]]
-        gen = monitored(gen_cmd, env, args.workdir, args.workdir / f"gen{n}.log")
-        gen.pop("poll", None)
-        if gen["returncode"] != 0:
-            raise SystemExit(f"generator failed: {gen['log_tail']}")
+        if args.reuse and (ckpt / "config.json").is_file() and (ckpt / "synthetic_command.json").is_file() \
+                and json.loads((ckpt / "synthetic_command.json").read_text()) == gen_cmd[2:]:
+            print(f"[{n} layers] reusing {ckpt}", flush=True)
+            gen = {"reused": True}
+        else:
+            shutil.rmtree(ckpt, ignore_errors=True)
+            print(f"[{n} layers] generating {ckpt}", flush=True)
+            gen = monitored(gen_cmd, env, args.workdir, args.workdir / f"gen{n}.log")
+            gen.pop("poll", None)
+            if gen["returncode"] != 0:
+                raise SystemExit(f"generator failed: {gen['log_tail']}")
+            (ckpt / "synthetic_command.json").write_text(json.dumps(gen_cmd[2:]))
         config = json.loads((ckpt / "config.json").read_text())
         lb = layer_bytes(config)
         files = shard_files(ckpt)
@@ -354,6 +370,34 @@ def check_targets(report: dict, layers: list[int]) -> dict:
             "throughput_target": 0.30,
         }
     return out
+
+
+def markdown_table(report: dict) -> str:
+    """One row per run: depth, scheme, calibration, wall, peak RSS (anon/file), throughput vs copy."""
+    overhead = report["runtime_overhead"]["time_v_maxrss_mib"]
+    lines = [f"commit `{report['git']['commit'][:8]}` ({report['git']['subject'][:60]}), "
+             f"{report['synthetic']['hidden_size']} hidden, {report['synthetic']['n_routed_experts']} experts x "
+             f"{report['synthetic']['moe_intermediate_size']}, {report['machine']['threads']} thread(s), "
+             f"env {report['machine'].get('slim_env') or '-'}; runtime overhead {overhead:.0f} MiB",
+             "",
+             "| layers | checkpoint | largest layer (bf16) | scheme | calib | wall s | peak RSS MiB | anon / file MiB "
+             "| quantize r+w MB/s | copy r+w MB/s | vs copy |",
+             "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    for n, d in report["depths"].items():
+        for r in d["runs"]:
+            calib = f"{r['calibration']['num_samples']}x{r['calibration']['seq_len']}"
+            head = (f"| {n} | {d['checkpoint_bytes'] / MiB:.0f} MiB | {d['largest_layer_bf16_mib']:.0f} MiB "
+                    f"| {r['scheme']} | {calib} ")
+            poll = r.get("poll", {})
+            if r["returncode"] != 0:
+                what = (f"killed at {r['killed_over_rss_limit_mib']:.0f} MiB after layer {r.get('layers_done_when_killed')}"
+                        if r.get("killed_over_rss_limit_mib") else f"failed rc={r['returncode']}")
+                lines.append(head + f"| {r['wall_s']:.0f} | > {poll.get('peak_rss_mib', 0):.0f} | {what} | | | |")
+                continue
+            lines.append(head + f"| {r['wall_s']:.0f} | {r['peak_rss_mib']:.0f} | {poll.get('peak_anon_mib', 0):.0f} / "
+                         f"{poll.get('peak_file_mib', 0):.0f} | {r['quantize_read_write_mb_s']:.0f} "
+                         f"| {d['copy']['read_write_mb_s']:.0f} | {r['throughput_vs_copy']:.1%} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
