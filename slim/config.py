@@ -21,7 +21,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 
 SCHEMES = ("fp8_static", "w4a8", "w4a8_dynamic")
 LOAD_TYPES = ("fp8", "bf16")
-MODES = ("quantize", "plan", "eval")
+MODES = ("quantize", "plan", "eval", "sensitivity")
 DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -111,6 +111,28 @@ class ExportConfig:
 
 
 @dataclass
+class SensitivityConfig:
+    """mode=sensitivity: rank module groups by their effect on the calibration loss, then find the smallest
+    ``ignore_layers`` that keeps the held-out metric within ``target_delta`` of the unquantized model."""
+
+    target_delta: float = 0.01  # allowed relative increase of the held-out metric (heldout=text: token perplexity)
+    kinds: list[str] = field(  # candidate groups: per decoder layer (all of a layer's routed experts are one group)
+        default_factory=lambda: ["attention", "dense_mlp", "shared_experts", "routed_experts", "lm_head"])
+    method: str = "whole_model"  # whole_model (in memory) | layer_local (streamed; ranking only, for huge models)
+    rank_by: str = "loss"  # loss: calibration-loss increase | loss_per_byte: increase per byte the group saves
+    max_groups: int | None = None  # most groups the search may keep unquantized (layer_local: the top ones kept)
+    prune: bool = True  # after reaching the target, quantize again each kept group the target still allows
+    heldout: str = "text"  # text: mean token NLL on heldout_path | lm_eval: heldout_task's metric | calibration
+    heldout_path: str | None = None  # JSON lines with a text field; null = the shipped held-out text
+    heldout_text_field: str = "text"
+    heldout_seq_len: int = 256
+    heldout_max_tokens: int | None = None  # cap on held-out tokens (null: all of them)
+    heldout_task: str = "slim_text_ppl"  # heldout=lm_eval: an lm-eval task and a lower-is-better metric of it
+    heldout_metric: str = "word_perplexity"
+    compare_scheme_ignore: bool = True  # also score scheme.ignore_layers as given, as a reference row
+
+
+@dataclass
 class SlimConfig:
     model: ModelConfig = MISSING
     scheme: SchemeConfig = MISSING
@@ -119,6 +141,7 @@ class SlimConfig:
     eval: EvalConfig = MISSING
     logger: LoggerConfig = MISSING
     export: ExportConfig = field(default_factory=ExportConfig)
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     mode: str = "quantize"
     seed: int = 0
     run_dir: str = "."  # filled from hydra.runtime.output_dir by the entry point

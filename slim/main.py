@@ -21,15 +21,19 @@ def main(cfg: DictConfig) -> None:
     from slim import pipeline
     from slim.config import validate
     from slim.launch import launch, needs_launch
+    from slim.tracking import sweep_group
 
     cfg.run_dir = HydraConfig.get().runtime.output_dir
     resolved = OmegaConf.to_container(cfg, resolve=True)
     typed: SlimConfig = OmegaConf.to_object(cfg)
     try:
-        if typed.mode != "plan" and needs_launch(typed.hardware):  # one process per rank, under torchrun
+        if typed.mode not in ("plan", "sensitivity") and needs_launch(typed.hardware):  # one process per rank
             validate(typed)
             # this job's own overrides: in a multirun they hold this job's values, not the sweep lists
-            sys.exit(launch(typed.hardware, list(HydraConfig.get().overrides.task), typed.run_dir))
+            overrides = list(HydraConfig.get().overrides.task)
+            if not typed.logger.group and (group := sweep_group()):  # ranks are single runs: pass the sweep's group
+                overrides.append(f"logger.group={group}")
+            sys.exit(launch(typed.hardware, overrides, typed.run_dir))
         pipeline.run(typed, resolved)
     except SlimError as exc:
         log.error("%s", exc)

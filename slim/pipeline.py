@@ -89,7 +89,7 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
 
     With ``export.resume`` it saves commit points and continues from the last one when the run dir has one.
     """
-    from slim.calibration.data import calibration_tokens
+    from slim.calibration.data import calibration_tokens, check_seq_len
     from slim.export import CheckpointWriter, finalize_checkpoint
     from slim.formats import FORMATS
     from slim.models.adapters import build_skeleton, load_config
@@ -102,8 +102,10 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     from slim.targets import select_targets
 
     dist = dist or Dist(device=torch.device(cfg.hardware.device))
-    store = ResumeStore(cfg.run_dir, dist.rank, fingerprint) if cfg.export.resume else None
+    store = ResumeStore(out_dir, dist.rank, fingerprint) if cfg.export.resume else None
     commit = store.commit_record() if store else None
+    if commit and commit["fingerprint"] != fingerprint:  # another configuration's: not ours to continue
+        commit = None
     if commit and commit["stage"] == "written":  # everything was written before the interruption
         log.info("every tensor was already written (commit in %s); finalizing", store.dir)
         return _finish_export(store.load_written(), out_dir, source, store, dist)
@@ -114,6 +116,7 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     model, adapter = build_skeleton(load_config(str(source), cfg.model.trust_remote_code), DTYPES[cfg.model.dtype])
     adapter.open_reader(reader, model.config)
     selection = select_targets(model, cfg.scheme.ignore_layers)
+    check_seq_len(cfg.calibration, getattr(model.config, "max_position_embeddings", None))
     plan = plan_memory(cfg, model, adapter, selection.ignored)
     log.info("memory plan: %.2f GiB per device, %.2f GiB host per rank, checkpoint %.2f GiB",
              plan.device_total / GiB, plan.host_total / GiB, plan.checkpoint_bytes / GiB)
@@ -228,6 +231,10 @@ def run(cfg: SlimConfig, resolved: dict[str, Any]) -> dict[str, Any]:
     validate(cfg)
     if cfg.mode == "plan":
         return plan_stage(cfg)
+    if cfg.mode == "sensitivity":
+        from slim.sensitivity import sensitivity_stage
+
+        return sensitivity_stage(cfg, resolved)
     if cfg.hardware.threads:
         torch.set_num_threads(cfg.hardware.threads)
     torch.manual_seed(cfg.seed)
@@ -257,7 +264,7 @@ def prepare_output(cfg: SlimConfig, out_dir: Path, fingerprint: str, dist: Dist)
 
     reusable = False
     if dist.is_main:
-        run_dir, store = Path(cfg.run_dir), ResumeStore(cfg.run_dir, 0, fingerprint)
+        run_dir, store = Path(cfg.run_dir), ResumeStore(out_dir, 0, fingerprint)
         record = run_dir / QUANTIZE_RECORD
         commit = store.commit_record()
         if (out_dir / "config.json").is_file():
@@ -359,7 +366,7 @@ def _run_job(cfg: SlimConfig, resolved: dict[str, Any], dist: Dist) -> dict[str,
             if not dist.is_main:  # evaluation and records belong to rank 0
                 exit_code = 0
                 return results
-            tracker.table("modules", qres["modules"])
+            tracker.modules(qres["modules"])
             (run_dir / "modules.json").write_text(json.dumps(qres["modules"], indent=1) + "\n")
         elif not dist.is_main:
             exit_code = 0

@@ -48,6 +48,32 @@ class ModuleReport:
     weight_scale_min: float
     sqnr_db: float
     fallback: bool = False
+    kind: str = ""
+    output_rel_err: float | None = None  # ||y_q - y|| / ||y|| on the first calibration rows it saw
+
+
+def module_kind(name: str) -> str:
+    """The module group a Linear belongs to, for per-layer tables and plots."""
+    if ".experts." in name:
+        return "routed_expert"
+    if ".shared_experts." in name:
+        return "shared_expert"
+    if ".self_attn." in name:
+        return "attention"
+    if ".mlp." in name:
+        return "dense_mlp"
+    return name.rsplit(".", 1)[-1]  # lm_head
+
+
+def output_rel_err(weight: torch.Tensor, q: QuantizedLinear, sample: torch.Tensor | None) -> float | None:
+    """Relative error of the quantized module's output (weights and activations as exported) on ``sample``."""
+    if sample is None or sample.numel() == 0:
+        return None
+    with torch.no_grad():
+        x = sample.float()
+        ref = torch.nn.functional.linear(x, weight.float())
+        err = (SimQuantLinear(q)(x) - ref).norm() / ref.norm().clamp_min(1e-30)
+    return float(err)
 
 
 @dataclass
@@ -154,7 +180,8 @@ class LayerQuantizer:
                 input_amax=None if obs_amax is None else float(obs_amax),
                 input_scale=None if q.input_scale is None else float(q.input_scale),
                 weight_scale_max=float(q.weight_scale.max()), weight_scale_min=float(q.weight_scale.min()),
-                sqnr_db=sqnr_db(mod.weight, q), fallback=name in fallback,
+                sqnr_db=sqnr_db(mod.weight, q), fallback=name in fallback, kind=module_kind(name),
+                output_rel_err=output_rel_err(mod.weight, q, observers[name].sample),
             ))
         return out
 

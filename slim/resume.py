@@ -1,6 +1,6 @@
 """Commit points of an export, so a killed or crashed run continues where it stopped.
 
-After a decoder layer (every ``export.commit_every`` layers) each rank saves, in ``<run dir>/.slim_resume/``:
+After a decoder layer (every ``export.commit_every`` layers) each rank saves, in ``<checkpoint>/.slim_resume/``:
 its writer's state (closed shards, the open shard's committed length and header entries, tensor checksums),
 its per-module reports, and its slice of the calibration hidden states. Once every rank has saved, rank 0
 writes ``commit.json``; a rerun of the same command reads it, truncates the open shard back to the committed
@@ -36,8 +36,8 @@ class LayerCommit:
 
 
 class ResumeStore:
-    def __init__(self, run_dir: str | Path, rank: int, fingerprint: str):
-        self.dir = Path(run_dir) / RESUME_DIR
+    def __init__(self, out_dir: str | Path, rank: int, fingerprint: str):
+        self.dir = Path(out_dir) / RESUME_DIR
         self.rank, self.fingerprint = rank, fingerprint
 
     def _files(self, layer: int) -> tuple[Path, Path]:

@@ -96,23 +96,24 @@ def verify(path: str | Path, checksums: bool = True) -> tuple[list[str], dict]:
         if not shard.is_file():
             problems.append(f"{fname}: named by the index but missing")
             continue
+        size = shard.stat().st_size
         try:
             header, data_start = read_header(shard)
+            need = data_start + max((i["data_offsets"][1] for i in header.values()), default=0)
+            if need > size:
+                problems.append(f"{fname}: truncated: {size} bytes, its header describes {need}")
+                continue
             with safe_open(str(shard), "pt"):  # the reference parser accepts it too
                 pass
         except Exception as exc:  # noqa: BLE001 - any parse failure is a finding
             problems.append(f"{fname}: not a readable safetensors file ({exc})")
             continue
-        size = shard.stat().st_size
         if manifest and manifest["files"].get(fname, {}).get("bytes") not in (None, size):
             problems.append(f"{fname}: {size} bytes, the manifest says {manifest['files'][fname]['bytes']}")
         with open(shard, "rb") as f:
             for name, info in header.items():
                 found[name], dtypes[name] = fname, info["dtype"]
                 start, end = (data_start + o for o in info["data_offsets"])
-                if end > size:
-                    problems.append(f"{name} ({fname}): data runs past the end of the file (truncated)")
-                    continue
                 expected = manifest["tensors"].get(name, {}).get("sha256") if manifest and checksums else None
                 if expected and tensor_sha256(f, start, end) != expected:
                     problems.append(f"{name} ({fname}): checksum mismatch, the bytes changed after export")

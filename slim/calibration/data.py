@@ -57,13 +57,17 @@ def pack(token_lists: Iterable[list[int]], eos_id: int | None, num_samples: int,
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).reshape(n, seq_len)
 
 
-def calibration_tokens(cfg: CalibrationConfig, tokenizer, max_positions: int | None = None) -> torch.Tensor:
-    """[num_samples, seq_len] int64 token ids."""
+def check_seq_len(cfg: CalibrationConfig, max_positions: int | None) -> None:
     if max_positions is not None and cfg.seq_len > max_positions:
         raise SlimError(
             f"calibration.seq_len={cfg.seq_len} exceeds the model's max_position_embeddings={max_positions}; "
             f"use calibration.seq_len<={max_positions}"
         )
+
+
+def calibration_tokens(cfg: CalibrationConfig, tokenizer, max_positions: int | None = None) -> torch.Tensor:
+    """[num_samples, seq_len] int64 token ids."""
+    check_seq_len(cfg, max_positions)
     texts = [t for t in read_texts(cfg) if t.strip()]
     if not texts:
         raise SlimError(f"the calibration source ({cfg.source}: {cfg.path or cfg.dataset}) has no text")

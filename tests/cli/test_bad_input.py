@@ -88,7 +88,7 @@ def test_overflowing_calibration_activations_name_the_layer(tmp_path):
     tensors[norm] = torch.full_like(tensors[norm], torch.finfo(tensors[norm].dtype).max)  # finite, overflows on use
     save_file(tensors, str(shard), metadata={"format": "pt"})
     proc = slim_main(f"model.path={model}", *QUICK, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
-    assert_refused(proc, "calibration inputs of model.layers.0.self_attn.", "contain NaN/Inf")
+    assert_refused(proc, "calibration activations became NaN/Inf in model.layers.0;", "model.dtype=float32")
 
 
 def test_empty_calibration_set_is_an_error(tmp_path):

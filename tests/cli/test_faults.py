@@ -79,7 +79,7 @@ def test_kill_9_then_rerun_gives_byte_identical_checkpoint(tmp_path, reference, 
         log = resumed.stdout + resumed.stderr
         assert "resuming" in log or "finalizing" in log
     assert files(run / "checkpoint") == reference  # same names, same bytes: shards, manifest, index, config
-    assert not (run / ".slim_resume").exists()
+    assert not (run / "checkpoint" / ".slim_resume").exists()
 
 
 @pytest.mark.slow

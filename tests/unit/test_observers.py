@@ -19,10 +19,11 @@ def test_minmax_observer_tracks_amax_and_tokens():
 def test_mse_clip_never_worse_than_minmax(round_trip):
     torch.manual_seed(0)
     groups = torch.distributions.StudentT(3.0).sample((64, 8, 128))  # heavy tails: clipping pays
-    err = lambda clip: (round_trip(groups, clip) - groups).pow(2).sum(-1)  # noqa: E731
+    err = lambda clip: (round_trip(groups, clip) - groups).abs().pow(2.4).sum(-1)  # noqa: E731  (its objective)
     mse_clip, mm_clip = weight_clip_mse(groups, round_trip), weight_clip_minmax(groups, round_trip)
     assert (err(mse_clip) <= err(mm_clip)).all()
-    assert (mse_clip <= mm_clip).all()
+    assert (mse_clip <= mm_clip).all() and (mse_clip >= 0.8 * mm_clip - 1e-6).all()
+    assert (mse_clip < mm_clip).float().mean() > 0.3  # heavy tails: many groups clip
 
 
 def test_mse_observer_lowers_int4_error_on_heavy_tailed_weights():
@@ -32,7 +33,7 @@ def test_mse_observer_lowers_int4_error_on_heavy_tailed_weights():
     for obs in ("minmax", "mse"):
         q = SCHEMES["w4a8_dynamic"].quantize(w, None, group_size=128, weight_observer=obs)
         errors[obs] = (dequantize_weight(q) - w).pow(2).sum().item()
-    assert errors["mse"] < 0.9 * errors["minmax"]
+    assert errors["mse"] < 0.95 * errors["minmax"]
 
 
 def test_unknown_weight_observer():
