@@ -148,6 +148,12 @@ def monitored(cmd: list[str], env: dict, cwd: Path, log_path: Path, limit_mib: f
     return out
 
 
+def dumps(report: dict) -> str:
+    """Indented JSON with number lists (the RSS traces) kept on one line each."""
+    text = json.dumps(report, indent=1)
+    return re.sub(r"\[\s*(-?[\d.]+(?:,\s*-?[\d.]+)*)\s*\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text) + "\n"
+
+
 def shard_files(ckpt: Path) -> list[Path]:
     return sorted(ckpt.glob("*.safetensors"))
 
@@ -281,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     def save():
-        out_path.write_text(json.dumps(report, indent=1) + "\n")
+        out_path.write_text(dumps(report))
 
     print(f"fixed runtime overhead: {IMPORTS}", flush=True)
     report["runtime_overhead"] = monitored([sys.executable, "-c", IMPORTS], env, args.workdir,
