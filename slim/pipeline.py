@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import hashlib
@@ -10,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -226,6 +228,20 @@ def plan_stage(cfg: SlimConfig) -> dict[str, Any]:
     return results
 
 
+def return_freed_memory_to_os() -> None:
+    """glibc keeps freed heap blocks for reuse; layer-sized tensors allocated and freed over and over then
+    show up as RSS that grows with depth. Serving allocations above 128 KiB with mmap hands them back to the
+    OS on free (the same as ``MALLOC_MMAP_THRESHOLD_=131072``); elsewhere this does nothing."""
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold = -3  # from malloc.h
+    libc.mallopt(m_mmap_threshold, 128 << 10)
+
+
 def run(cfg: SlimConfig, resolved: dict[str, Any]) -> dict[str, Any]:
     """Run the configured job in this process (one rank of it under torchrun); returns results.json's content."""
     validate(cfg)
@@ -235,6 +251,7 @@ def run(cfg: SlimConfig, resolved: dict[str, Any]) -> dict[str, Any]:
         from slim.sensitivity import sensitivity_stage
 
         return sensitivity_stage(cfg, resolved)
+    return_freed_memory_to_os()
     if cfg.hardware.threads:
         torch.set_num_threads(cfg.hardware.threads)
     torch.manual_seed(cfg.seed)

@@ -24,7 +24,7 @@ from slim.formats.base import check_group_size
 from slim.models.adapters import ModelAdapter
 from slim.models.checkpoint import CheckpointReader
 from slim.models.materialize import materialize, release
-from slim.models.simulated import SimQuantLinear, swap_in
+from slim.models.simulated import SimQuantLinear, fake_quantize_input, swap_in
 from slim.quant.fp8 import FP8_DTYPE
 from slim.quant.observers import ACTIVATION_OBSERVERS, MinMaxObserver
 from slim.quant.schemes import Scheme, dequantize_weight
@@ -65,15 +65,19 @@ def module_kind(name: str) -> str:
     return name.rsplit(".", 1)[-1]  # lm_head
 
 
-def output_rel_err(weight: torch.Tensor, q: QuantizedLinear, sample: torch.Tensor | None) -> float | None:
-    """Relative error of the quantized module's output (weights and activations as exported) on ``sample``."""
+def weight_quality(weight: torch.Tensor, q: QuantizedLinear, sample: torch.Tensor | None) -> tuple[float, float | None]:
+    """SQNR (dB) of the quantized weight, and the relative error of the module's output on ``sample`` (its
+    first calibration rows) with weights and activations as exported. Decodes the weight once."""
+    w, wq = weight.float(), dequantize_weight(q, torch.float32).to(weight.device)
+    noise = (w - wq).pow(2).sum().item()
+    sqnr = math.inf if noise == 0 else 10 * math.log10(w.pow(2).sum().item() / noise)
     if sample is None or sample.numel() == 0:
-        return None
+        return sqnr, None
     with torch.no_grad():
         x = sample.float()
-        ref = torch.nn.functional.linear(x, weight.float())
-        err = (SimQuantLinear(q)(x) - ref).norm() / ref.norm().clamp_min(1e-30)
-    return float(err)
+        ref = torch.nn.functional.linear(x, w)
+        out = torch.nn.functional.linear(fake_quantize_input(x, q.input_scale), wq)
+    return sqnr, float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 @dataclass
@@ -97,13 +101,6 @@ class QuantizeResult:
             "skipped_prefixes": self.skipped_prefixes,
             "num_samples": self.num_samples,
         }
-
-
-def sqnr_db(weight: torch.Tensor, q: QuantizedLinear) -> float:
-    w = weight.float()
-    noise = (w - dequantize_weight(q)).pow(2).sum().item()
-    signal = w.pow(2).sum().item()
-    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
 
 
 def check_group_sizes(targets: dict[str, nn.Linear], group_size: int) -> None:
@@ -174,14 +171,14 @@ class LayerQuantizer:
             for tname, t in self.fmt.tensors(name, q).items():
                 self.writer.add(tname, t)
             obs_amax = amax.get(name)
+            sqnr, out_err = weight_quality(mod.weight, q, observers[name].sample)
             self.result.modules.append(ModuleReport(
                 name=name, in_features=mod.in_features, out_features=mod.out_features,
                 tokens=observers[name].tokens,
                 input_amax=None if obs_amax is None else float(obs_amax),
                 input_scale=None if q.input_scale is None else float(q.input_scale),
                 weight_scale_max=float(q.weight_scale.max()), weight_scale_min=float(q.weight_scale.min()),
-                sqnr_db=sqnr_db(mod.weight, q), fallback=name in fallback, kind=module_kind(name),
-                output_rel_err=output_rel_err(mod.weight, q, observers[name].sample),
+                sqnr_db=sqnr, fallback=name in fallback, kind=module_kind(name), output_rel_err=out_err,
             ))
         return out
 
@@ -266,6 +263,7 @@ def quantize_model(
                 swap_in(model, n, m)
         hidden = outputs
         release(layer)
+        reader.close()
         writer.maybe_flush()
         if store is not None and ((i + 1) % cfg.export.commit_every == 0 or i == len(layers) - 1):
             store.save_layer(i, writer.state(), [asdict(m) for m in result.modules], hidden)

@@ -8,6 +8,7 @@ scale per 128x128 block; ``load_type="fp8"`` dequantizes those on the fly, ``loa
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from functools import cached_property
 from pathlib import Path
 
@@ -23,7 +24,14 @@ BLOCK_SCALE_SUFFIX = "_scale_inv"  # weight -> weight_scale_inv
 
 
 class CheckpointReader:
-    """Tensors of a safetensors checkpoint directory, by name."""
+    """Tensors of a safetensors checkpoint directory, by name.
+
+    At most ``MAX_OPEN`` shards are open (memory-mapped) at a time, least recently used closed first, and
+    ``close()`` drops them all: every page read through an open map counts in the process's RSS, so keeping
+    every shard of a 600 GB checkpoint open would make memory grow with depth.
+    """
+
+    MAX_OPEN = 4
 
     def __init__(self, path: str | Path, load_type: str = "bf16", block: tuple[int, int] = (128, 128)):
         self.path = Path(path)
@@ -32,7 +40,7 @@ class CheckpointReader:
         if not (self.path / "config.json").is_file():
             raise SlimError(f"model path {self.path} has no config.json; point model.path at a checkpoint directory")
         self.weight_map = self._weight_map()
-        self._handles: dict[str, object] = {}
+        self._handles: OrderedDict[str, object] = OrderedDict()
         self.aliases: dict[str, str] = {}  # name -> stored name (tied weights saved once)
 
     def _weight_map(self) -> dict[str, str]:
@@ -54,12 +62,21 @@ class CheckpointReader:
         return weight_map
 
     def _handle(self, shard: str):
-        if shard not in self._handles:
-            try:
-                self._handles[shard] = safe_open(self.path / shard, framework="pt")
-            except Exception as exc:  # safetensors raises its own error types for truncated headers
-                raise SlimError(f"cannot read {self.path / shard}: {exc}; the file is truncated or corrupt") from exc
-        return self._handles[shard]
+        if shard in self._handles:
+            self._handles.move_to_end(shard)
+            return self._handles[shard]
+        try:
+            handle = safe_open(self.path / shard, framework="pt")
+        except Exception as exc:  # safetensors raises its own error types for truncated headers
+            raise SlimError(f"cannot read {self.path / shard}: {exc}; the file is truncated or corrupt") from exc
+        self._handles[shard] = handle
+        while len(self._handles) > self.MAX_OPEN:
+            self._handles.popitem(last=False)
+        return handle
+
+    def close(self) -> None:
+        """Unmap every open shard (call between layers)."""
+        self._handles.clear()
 
     def tie(self, name: str, stored: str) -> None:
         """Serve ``name`` from ``stored`` when the checkpoint saved tied weights once (tie_word_embeddings)."""

@@ -17,6 +17,13 @@ from slim.quant.schemes import dequantize_weight
 from slim.quant.types import QuantizedLinear
 
 
+def fake_quantize_input(x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
+    """FP8 quantize-dequantize of a Linear's input: static per-tensor scale, or dynamic per token if None."""
+    if input_scale is not None:
+        return fake_quantize_fp8(x, input_scale.to(x.device))
+    return fake_quantize_fp8(x, fp8_scale(x.abs().amax(dim=-1, keepdim=True)))
+
+
 class SimQuantLinear(nn.Module):
     def __init__(self, q: QuantizedLinear, bias: torch.Tensor | None = None):
         super().__init__()
@@ -25,11 +32,7 @@ class SimQuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in]
-        xf = x.float()
-        if self.q.input_scale is not None:
-            xq = fake_quantize_fp8(xf, self.q.input_scale.to(x.device))
-        else:  # dynamic per-token FP8
-            xq = fake_quantize_fp8(xf, fp8_scale(xf.abs().amax(dim=-1, keepdim=True)))
+        xq = fake_quantize_input(x.float(), self.q.input_scale)
         w = dequantize_weight(self.q, torch.float32).to(x.device)  # [out, in]
         bias = None if self.bias is None else self.bias.float()
         return F.linear(xq, w, bias).to(x.dtype)
