@@ -91,3 +91,35 @@ def test_a_hanging_rank_fails_the_job_in_bounded_time(tmp_path):
     err = proc.stderr + proc.stdout
     assert "rank 0: all_reduce failed" in err and "1" in err.split("rank 0: all_reduce failed", 1)[1]
     assert not (tmp_path / "run" / "checkpoint" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_a_rank_failing_mid_export_then_rerun_resumes_to_the_same_tensors(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1' and os.environ.get('SLIM_TEST_BREAK'):\n"
+        "    import slim.resume as r\n"
+        "    original, calls = r.ResumeStore.save_layer, [0]\n"
+        "    def save_layer(self, *args, **kwargs):\n"
+        "        calls[0] += 1\n"
+        "        if calls[0] == 3:\n"
+        "            raise RuntimeError('injected failure on rank 1 after two commits')\n"
+        "        return original(self, *args, **kwargs)\n"
+        "    r.ResumeStore.save_layer = save_layer\n"
+    )
+    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    run = tmp_path / "run"
+    failed = slim_main("hardware=cpu_x2", *COMMON, f"hydra.run.dir={run}", cwd=tmp_path,
+                       env={**env, "SLIM_TEST_BREAK": "1"}, timeout=300)
+    assert failed.returncode != 0 and "injected failure on rank 1" in failed.stderr + failed.stdout
+    assert json.loads((run / "checkpoint" / ".slim_resume" / "commit.json").read_text())["layer"] == 1
+    resumed = slim_main("hardware=cpu_x2", *COMMON, f"hydra.run.dir={run}", cwd=tmp_path, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resuming after layer 1" in resumed.stderr + resumed.stdout
+    single = slim_main("hardware=cpu", *COMMON, f"hydra.run.dir={tmp_path / 'cpu'}", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-4000:]
+    one, two = tensors(tmp_path / "cpu" / "checkpoint"), tensors(run / "checkpoint")
+    assert one.keys() == two.keys()
+    assert all(torch.equal(one[n], two[n]) for n in one), [n for n in one if not torch.equal(one[n], two[n])]
