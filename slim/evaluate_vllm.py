@@ -234,6 +234,7 @@ def evaluate_vllm(checkpoint_path: str | Path, tokenizer_path: str | Path, cfg: 
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     task_dir = prepare_tasks(Path(workdir) / "lm_eval_tasks")
+    add_bos = _tokenizer_adds_bos(tokenizer_path, trust_remote_code)
     with VLLMServer(cmd, port, log_path, cfg.vllm_startup_timeout_s, server_env()) as server:
         card = next((m for m in _get_json(f"{server.base_url}/v1/models").get("data", []) if m.get("id") == name), {})
         max_len = int(card.get("max_model_len") or 2048)
@@ -245,7 +246,7 @@ def evaluate_vllm(checkpoint_path: str | Path, tokenizer_path: str | Path, cfg: 
                 "tokenizer": str(tokenizer_path),
                 "tokenizer_backend": "huggingface",
                 "tokenized_requests": True,
-                "add_bos_token": _tokenizer_adds_bos(tokenizer_path, trust_remote_code),
+                "add_bos_token": add_bos,
                 "max_length": max_len,  # lm-eval keeps prompts below it: one token is generated per request
                 "num_concurrent": 1,
                 "max_retries": 3,
