@@ -92,7 +92,7 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     With ``export.resume`` it saves commit points and continues from the last one when the run dir has one.
     """
     from slim.calibration.data import calibration_tokens, check_seq_len
-    from slim.export import CheckpointWriter, finalize_checkpoint
+    from slim.export import CheckpointWriter
     from slim.formats import FORMATS
     from slim.models.adapters import build_skeleton, load_config
     from slim.models.checkpoint import CheckpointReader
