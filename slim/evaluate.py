@@ -47,22 +47,21 @@ def flatten_results(results: dict) -> dict[str, dict[str, float]]:
     return out
 
 
-def evaluate(model, tokenizer, cfg: EvalConfig, workdir: Path) -> dict[str, dict[str, float]]:
-    """Run lm-eval on an in-memory model (slim's own loader built it from a checkpoint)."""
+def run_tasks(model, cfg: EvalConfig, workdir: Path, **model_kwargs) -> dict[str, dict[str, float]]:
+    """lm-eval's ``simple_evaluate`` over ``cfg.tasks``, offline, with the shipped tasks available.
+
+    ``model`` is an lm-eval LM object or a registered model name (then ``model_kwargs`` carry its
+    ``model_args`` and ``batch_size``); returns ``{task: {metric: value}}``.
+    """
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # keep the run log to slim's own stage lines
-    task_dir = prepare_tasks(workdir / "lm_eval_tasks")
-    # softmax_dtype=float32: lm-eval otherwise sums log-probs in the model dtype, and bf16 sums round to
-    # multiples of 8-16 nats per document, hiding every quantization effect below ~1%.
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, device=str(model.device),
-              softmax_dtype=torch.float32)
+    task_dir = prepare_tasks(Path(workdir) / "lm_eval_tasks")
     out = lm_eval.simple_evaluate(
-        model=lm,
+        model=model,
         tasks=list(cfg.tasks),
         num_fewshot=cfg.num_fewshot,
         limit=cfg.limit,
@@ -70,8 +69,20 @@ def evaluate(model, tokenizer, cfg: EvalConfig, workdir: Path) -> dict[str, dict
         bootstrap_iters=0,
         log_samples=False,
         verbosity="ERROR",
+        **model_kwargs,
     )
     return flatten_results(out["results"])
+
+
+def evaluate(model, tokenizer, cfg: EvalConfig, workdir: Path) -> dict[str, dict[str, float]]:
+    """Run lm-eval on an in-memory model (slim's own loader built it from a checkpoint)."""
+    from lm_eval.models.huggingface import HFLM
+
+    # softmax_dtype=float32: lm-eval otherwise sums log-probs in the model dtype, and bf16 sums round to
+    # multiples of 8-16 nats per document, hiding every quantization effect below ~1%.
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, device=str(model.device),
+              softmax_dtype=torch.float32)
+    return run_tasks(lm, cfg, workdir)
 
 
 def evaluate_checkpoint(path: Path, cfg: EvalConfig, workdir: Path, *, tokenizer, load: Callable[[Path], Any],

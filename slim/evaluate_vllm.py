@@ -205,7 +205,7 @@ def server_env() -> dict[str, str]:
 def evaluate_vllm(checkpoint_path: str | Path, tokenizer_path: str | Path, cfg: EvalConfig, workdir: Path,
                   *, trust_remote_code: bool = False) -> dict[str, dict[str, float]]:
     """Serve ``checkpoint_path`` with vLLM and score it on ``cfg.tasks``; ``{task: {metric: value}}``."""
-    from slim.evaluate import flatten_results, prepare_tasks
+    from slim.evaluate import run_tasks
 
     checkpoint = Path(checkpoint_path).resolve()
     if not (checkpoint / "config.json").is_file():
@@ -227,19 +227,12 @@ def evaluate_vllm(checkpoint_path: str | Path, tokenizer_path: str | Path, cfg: 
     cmd = server_command(python, dist, checkpoint, name, port, cfg, trust_remote_code)
     log_path = Path(workdir) / f"vllm_server_{name}.log"
 
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    task_dir = prepare_tasks(Path(workdir) / "lm_eval_tasks")
     add_bos = _tokenizer_adds_bos(tokenizer_path, trust_remote_code)
     with VLLMServer(cmd, port, log_path, cfg.vllm_startup_timeout_s, server_env()) as server:
         card = next((m for m in _get_json(f"{server.base_url}/v1/models").get("data", []) if m.get("id") == name), {})
         max_len = int(card.get("max_model_len") or 2048)
-        out = lm_eval.simple_evaluate(
-            model="local-completions",
+        return run_tasks(
+            "local-completions", cfg, Path(workdir),
             model_args={
                 "model": name,
                 "base_url": f"{server.base_url}/v1/completions",
@@ -254,12 +247,5 @@ def evaluate_vllm(checkpoint_path: str | Path, tokenizer_path: str | Path, cfg: 
                 "trust_remote_code": trust_remote_code,
             },
             batch_size=cfg.batch_size,
-            tasks=list(cfg.tasks),
-            num_fewshot=cfg.num_fewshot,
-            limit=cfg.limit,
-            task_manager=TaskManager(include_path=str(task_dir)),
-            bootstrap_iters=0,
-            log_samples=False,
-            verbosity="ERROR",
         )
-    return flatten_results(out["results"])
+
