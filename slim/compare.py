@@ -20,27 +20,9 @@ from typing import Any
 import yaml
 
 from slim.errors import SlimError
+from slim.targets import KINDS, module_kind  # noqa: F401  (module_kind: part of this module's API)
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_EXPERT_RE = re.compile(r"\.experts\.\d+\.")
-KINDS = ("attention", "dense mlp", "shared expert", "routed experts", "lm_head", "other")
-
-
-def module_kind(name: str) -> str:
-    """What a quantized Linear is, from its name: attention, dense mlp, shared expert, routed experts, lm_head."""
-    if ".self_attn." in f".{name}.":
-        return "attention"
-    if _EXPERT_RE.search(name):
-        return "routed experts"
-    if ".shared_experts." in name:
-        return "shared expert"
-    if name == "lm_head" or name.endswith(".lm_head"):
-        return "lm_head"
-    if ".mlp." in name:
-        return "dense mlp"
-    return "other"
-
-
 def layer_index(name: str) -> int | None:
     m = _LAYER_RE.search(name)
     return int(m.group(1)) if m else None

@@ -30,7 +30,7 @@ from slim.quant.observers import ACTIVATION_OBSERVERS, MinMaxObserver
 from slim.quant.schemes import Scheme, dequantize_weight
 from slim.quant.types import QuantizedLinear
 from slim.resume import LayerCommit, ResumeStore
-from slim.targets import Selection
+from slim.targets import Selection, module_kind
 
 log = logging.getLogger(__name__)
 _EXPERT_RE = re.compile(r"\.experts\.\d+\.")
@@ -50,19 +50,6 @@ class ModuleReport:
     fallback: bool = False
     kind: str = ""
     output_rel_err: float | None = None  # ||y_q - y|| / ||y|| on the first calibration rows it saw
-
-
-def module_kind(name: str) -> str:
-    """The module group a Linear belongs to, for per-layer tables and plots."""
-    if ".experts." in name:
-        return "routed_expert"
-    if ".shared_experts." in name:
-        return "shared_expert"
-    if ".self_attn." in name:
-        return "attention"
-    if ".mlp." in name:
-        return "dense_mlp"
-    return name.rsplit(".", 1)[-1]  # lm_head
 
 
 def weight_quality(weight: torch.Tensor, q: QuantizedLinear, sample: torch.Tensor | None) -> tuple[float, float | None]:

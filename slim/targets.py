@@ -56,3 +56,22 @@ def select_targets(model: nn.Module, patterns: Iterable[str]) -> Selection:
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     ignored, matched = resolve_ignored(patterns, linears)
     return Selection({n: m for n, m in linears.items() if n not in ignored}, ignored, matched)
+
+
+_ROUTED_EXPERT_RE = re.compile(r"\.experts\.\d+\.")
+KINDS = ("attention", "dense mlp", "shared expert", "routed experts", "lm_head", "other")
+
+
+def module_kind(name: str) -> str:
+    """What a quantized Linear is, from its name: attention, dense mlp, shared expert, routed experts, lm_head."""
+    if ".self_attn." in f".{name}.":
+        return "attention"
+    if _ROUTED_EXPERT_RE.search(name):
+        return "routed experts"
+    if ".shared_experts." in name:
+        return "shared expert"
+    if name == "lm_head" or name.endswith(".lm_head"):
+        return "lm_head"
+    if ".mlp." in name:
+        return "dense mlp"
+    return "other"

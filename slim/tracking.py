@@ -114,7 +114,7 @@ class Tracker:
             return
         import wandb
 
-        from slim.compare import module_kind
+        from slim.targets import module_kind
 
         columns = list(rows[0])
         clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
