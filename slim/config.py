@@ -23,6 +23,7 @@ SCHEMES = ("fp8_static", "w4a8", "w4a8_dynamic")
 LOAD_TYPES = ("fp8", "bf16")
 MODES = ("quantize", "plan", "eval", "sensitivity")
 DTYPES = ("bfloat16", "float16", "float32")
+CALIBRATION_SOURCES = ("embedded", "jsonl", "hf", "none")
 
 
 @dataclass
@@ -68,7 +69,7 @@ class HardwareConfig:
 @dataclass
 class CalibrationConfig:
     name: str = MISSING
-    source: str = "embedded"  # embedded | jsonl | hf
+    source: str = "embedded"  # embedded | jsonl | hf | none (calibration off: weights only, w4a8_dynamic)
     path: str | None = None  # jsonl file (source=jsonl)
     dataset: str | None = None  # dataset name (source=hf), needs dataset access
     split: str = "train"
@@ -184,7 +185,7 @@ def validate(cfg: SlimConfig) -> SlimConfig:
     _choice(cfg.model.dtype, DTYPES, "model.dtype")
     _choice(cfg.scheme.name, SCHEMES, "scheme.name")
     _choice(cfg.scheme.quant_method, ("per-tensor", "per-group"), "scheme.quant_method")
-    _choice(cfg.calibration.source, ("embedded", "jsonl", "hf"), "calibration.source")
+    _choice(cfg.calibration.source, CALIBRATION_SOURCES, "calibration.source")
     _choice(cfg.calibration.propagate, ("unquantized", "quantized"), "calibration.propagate")
     _choice(cfg.logger.mode, ("offline", "online", "disabled"), "logger.mode")
     _choice(cfg.eval.backend, ("hf", "vllm"), "eval.backend")
@@ -208,6 +209,18 @@ def validate(cfg: SlimConfig) -> SlimConfig:
     if cfg.export.max_shard_mb <= 0 or cfg.export.commit_every <= 0:
         raise SlimError("export.max_shard_mb and export.commit_every must be positive")
     c = cfg.calibration
+    if c.source == "none":
+        from slim.quant.schemes import SCHEMES as SPECS
+
+        if SPECS[s.name].static_activations:
+            dynamic = [n for n, spec in SPECS.items() if not spec.static_activations]
+            raise SlimError(
+                f"scheme={s.name} stores static activation scales, which come from calibration: choose "
+                f"calibration=embedded (or jsonl/hf), or a dynamic-activation scheme: {', '.join(dynamic)}")
+        if cfg.mode == "sensitivity":
+            raise SlimError("mode=sensitivity ranks modules by calibration loss: choose calibration=embedded "
+                            "(or jsonl/hf)")
+        return cfg
     if c.num_samples <= 0 or c.seq_len <= 0 or c.batch_size <= 0:
         raise SlimError("calibration.num_samples, seq_len and batch_size must be positive")
     if c.source == "jsonl" and not c.path:

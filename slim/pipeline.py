@@ -118,17 +118,24 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     model, adapter = build_skeleton(load_config(str(source), cfg.model.trust_remote_code), DTYPES[cfg.model.dtype])
     adapter.open_reader(reader, model.config)
     selection = select_targets(model, cfg.scheme.ignore_layers)
-    check_seq_len(cfg.calibration, getattr(model.config, "max_position_embeddings", None))
+    calibrate = cfg.calibration.source != "none"
+    if calibrate:
+        check_seq_len(cfg.calibration, getattr(model.config, "max_position_embeddings", None))
     plan = plan_memory(cfg, model, adapter, selection.ignored)
     log.info("memory plan: %.2f GiB per device, %.2f GiB host per rank, checkpoint %.2f GiB",
              plan.device_total / GiB, plan.host_total / GiB, plan.checkpoint_bytes / GiB)
     if not plan.feasible:
         raise SlimError(f"this run does not fit hardware={cfg.hardware.name}: " + "; ".join(plan.problems)
                         + " (python -m slim.main mode=plan ... prints the breakdown)")
-    ids = calibration_tokens(cfg.calibration, tokenizer, getattr(model.config, "max_position_embeddings", None))
-    if ids.shape[0] < dist.world:
-        raise SlimError(f"{ids.shape[0]} calibration samples cannot be split over {dist.world} ranks; "
-                        f"raise calibration.num_samples to at least {dist.world}")
+    if calibrate:
+        ids = calibration_tokens(cfg.calibration, tokenizer, getattr(model.config, "max_position_embeddings", None))
+        if ids.shape[0] < dist.world:
+            raise SlimError(f"{ids.shape[0]} calibration samples cannot be split over {dist.world} ranks; "
+                            f"raise calibration.num_samples to at least {dist.world}")
+    else:
+        ids = None
+        log.info("calibration off (calibration=none): weights only, no forward pass; activations are "
+                 "quantized per token at run time")
     scheme = SCHEMES[cfg.scheme.name]
     if cfg.scheme.format not in FORMATS:
         raise SlimError(f"scheme.format={cfg.scheme.format!r} is unknown; choose one of: {', '.join(FORMATS)}")
@@ -138,7 +145,7 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     start = store.load_layer(commit["layer"], dist.device) if commit else None
     try:
         result = quantize_model(model=model, adapter=adapter, reader=reader, writer=writer, fmt=fmt, scheme=scheme,
-                                input_ids=dist.shard(ids), cfg=cfg, device=dist.device, selection=selection,
+                                input_ids=None if ids is None else dist.shard(ids), cfg=cfg, device=dist.device, selection=selection,
                                 dist=dist, store=store, start=start)
     except BaseException as exc:
         writer.abandon()  # close the open shard file; the last commit point still describes it
@@ -146,7 +153,7 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
             raise SlimError(f"writing the checkpoint into {out_dir} failed: {exc.strerror}; free some space and "
                             "rerun the same command to resume from the last complete layer") from exc
         raise
-    result.num_samples = int(ids.shape[0])
+    result.num_samples = 0 if ids is None else int(ids.shape[0])
     shards = [shard for part in dist.gather(writer.close()) for shard in part]  # rank order
     checksums = {k: v for part in dist.gather(writer.checksums) for k, v in part.items()}
     config = {k: v for k, v in src_config.items() if k != "quantization_config"}
@@ -163,7 +170,7 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
         "weight_observer": cfg.scheme.weight_observer,
         "source": str(source),
         "source_load_type": cfg.model.load_type,
-        "calibration": {
+        "calibration": None if ids is None else {
             "name": cfg.calibration.name,
             "num_samples": int(ids.shape[0]),
             "seq_len": int(ids.shape[1]),

@@ -191,13 +191,18 @@ def quantize_model(
 ) -> QuantizeResult:
     """Stream, calibrate, quantize and write the whole model. ``cfg`` is the full SlimConfig.
 
+    ``input_ids=None`` is calibration off: no forward pass, weights only (dynamic-activation schemes).
     With several ranks, ``input_ids`` is this rank's slice of the calibration set; observers are merged
     across ranks before any scale is computed, and each rank writes the quantized modules it owns.
     With ``store``, a commit point is saved every ``cfg.export.commit_every`` layers; ``start`` continues
     after such a commit (its writer state, module reports and hidden states).
     """
     dist = dist or Dist()
-    result = QuantizeResult(num_samples=int(input_ids.shape[0]))
+    calibrate = input_ids is not None
+    if not calibrate and scheme.static_activations:
+        raise SlimError(f"{scheme.name} needs static activation scales: calibrate (calibration=embedded) or "
+                        "choose a dynamic-activation scheme")
+    result = QuantizeResult(num_samples=int(input_ids.shape[0]) if calibrate else 0)
     targets = selection.targets
     for pattern, names in selection.matches.items():
         log.info("ignore_layers %r matched %d module(s): %s", pattern, len(names), names[0] + (" ..." if len(names) > 1 else ""))
@@ -207,7 +212,7 @@ def quantize_model(
     owned = {n for i, n in enumerate(sorted(targets)) if dist.owns(i)}
     lq = LayerQuantizer(scheme, fmt, writer, reader, cfg.scheme.group_size, cfg.scheme.weight_observer, result,
                         owned, writes_rest=dist.is_main)
-    propagate = cfg.calibration.propagate == "quantized"
+    propagate = calibrate and cfg.calibration.propagate == "quantized"
     runner = LayerRunner(model, device)
     bs = cfg.calibration.batch_size
 
@@ -216,7 +221,7 @@ def quantize_model(
         head = adapter.head_modules(model)
         for prefix, mod in head.items():
             materialize(mod, prefix, reader, device)
-        hidden = runner.embed(input_ids, bs)
+        hidden = runner.embed(input_ids, bs) if calibrate else []
         for prefix, mod in head.items():
             lq.write_rest(mod, prefix, set())
             release(mod)
@@ -226,9 +231,10 @@ def quantize_model(
         result.modules = [ModuleReport(**m) for m in start.modules]
         hidden, first = start.hidden, start.layer + 1
         log.info("resuming after layer %d of %d (commit in %s)", start.layer, len(layers), store.dir)
-    log.info("calibration hidden states: %d samples x %d tokens x %d, %.1f MiB, kept on %s between layers",
-             input_ids.shape[0], input_ids.shape[1], hidden[0].shape[-1],
-             sum(h.numel() * h.element_size() for h in hidden) / 2**20, device)
+    if calibrate:
+        log.info("calibration hidden states: %d samples x %d tokens x %d, %.1f MiB, kept on %s between layers",
+                 input_ids.shape[0], input_ids.shape[1], hidden[0].shape[-1],
+                 sum(h.numel() * h.element_size() for h in hidden) / 2**20, device)
 
     progress = tqdm(range(first, len(layers)), desc="quantize layers", unit="layer", leave=False,
                     initial=first, total=len(layers))
@@ -237,10 +243,14 @@ def quantize_model(
         prefix = adapter.layer_prefix(i)
         materialize(layer, prefix, reader, device)
         layer_targets = {n: m for n, m in targets.items() if n.startswith(prefix)}
-        with observe(layer_targets, cfg.scheme.activation_observer) as obs, route_all(layer, cfg.calibration.route_all_experts):
-            outputs = runner.forward(layer, hidden, prefix.rstrip("."))
-        dist.reduce_observers(obs)
-        log_expert_coverage(prefix.rstrip("."), obs)
+        if calibrate:
+            with observe(layer_targets, cfg.scheme.activation_observer) as obs, \
+                    route_all(layer, cfg.calibration.route_all_experts):
+                outputs = runner.forward(layer, hidden, prefix.rstrip("."))
+            dist.reduce_observers(obs)
+            log_expert_coverage(prefix.rstrip("."), obs)
+        else:  # weights only: observers that saw nothing (no input scale, no output error)
+            obs, outputs = {n: MinMaxObserver() for n in layer_targets}, []
         qs = lq.quantize(layer_targets, obs, scheme.static_activations, everything=propagate)
         lq.write_rest(layer, prefix, set(layer_targets))
         if propagate:  # layer i+1 sees the quantized layer i
@@ -262,7 +272,9 @@ def quantize_model(
     for prefix, mod in tail.items():
         materialize(mod, prefix, reader, device)
     tail_targets = {n: m for n, m in targets.items() if any(n + "." == p or n.startswith(p) for p in tail)}
-    if tail_targets:  # lm_head when a user chose to quantize it: its input is the final-norm output
+    if tail_targets and not calibrate:
+        lq.quantize(tail_targets, {n: MinMaxObserver() for n in tail_targets}, static=False)
+    elif tail_targets:  # lm_head when a user chose to quantize it: its input is the final-norm output
         with torch.no_grad():
             normed = [model.model.norm(h) for h in hidden]
         obs = {n: ACTIVATION_OBSERVERS[cfg.scheme.activation_observer]() for n in tail_targets}

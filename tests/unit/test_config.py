@@ -55,3 +55,16 @@ def test_wrong_type_fails_at_compose():
 def test_validation_names_the_fix(overrides, message):
     with pytest.raises(SlimError, match=message):
         validate(make(*overrides))
+
+
+@pytest.mark.parametrize("scheme", ["fp8_static", "w4a8"])
+def test_calibration_off_refuses_static_activation_schemes(scheme):
+    with pytest.raises(SlimError, match=f"scheme={scheme} stores static activation scales.*: w4a8_dynamic$"):
+        validate(make(f"scheme={scheme}", "calibration=none"))
+    with pytest.raises(SlimError, match="mode=sensitivity ranks modules by calibration loss"):
+        validate(make("scheme=w4a8_dynamic", "calibration=none", "mode=sensitivity"))
+
+
+def test_calibration_off_composes_for_dynamic_activations():
+    cfg = validate(make("scheme=w4a8_dynamic", "calibration=none"))
+    assert (cfg.calibration.source, cfg.calibration.num_samples) == ("none", 0)

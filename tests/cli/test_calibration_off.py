@@ -1,0 +1,46 @@
+"""calibration=none: weights only, no forward pass; the weights are those a calibrated run writes."""
+
+import json
+
+from safetensors.torch import load_file
+from test_bad_input import assert_refused
+from test_cli import slim_main
+
+
+def tensors(ckpt):
+    out = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_calibration_off_writes_the_calibrated_runs_weights(tmp_path):
+    common = ["scheme=w4a8_dynamic", "eval=none", "logger=none"]
+    off = slim_main(*common, "calibration=none", f"hydra.run.dir={tmp_path / 'off'}", cwd=tmp_path)
+    assert off.returncode == 0, off.stderr[-3000:]
+    log = (tmp_path / "off" / "main.log").read_text()
+    assert "calibration off (calibration=none)" in log
+    assert "calibration hidden states" not in log and "tokens per expert" not in log  # no forward pass ran
+    on = slim_main(*common, "calibration.num_samples=4", "calibration.seq_len=64", f"hydra.run.dir={tmp_path / 'on'}",
+                   cwd=tmp_path)
+    assert on.returncode == 0, on.stderr[-3000:]
+    assert "calibration hidden states" in (tmp_path / "on" / "main.log").read_text()
+
+    a, b = tensors(tmp_path / "off" / "checkpoint"), tensors(tmp_path / "on" / "checkpoint")
+    assert a.keys() == b.keys() and any(k.endswith(".weight_packed") for k in a)
+    assert not any(k.endswith(".input_scale") for k in a)  # dynamic activations: nothing to calibrate
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].equal(b[k]), k
+
+    config = json.loads((tmp_path / "off" / "checkpoint" / "config.json").read_text())
+    assert config["slim"]["calibration"] is None
+    assert config["quantization_config"]["config_groups"]["group_0"]["input_activations"]["dynamic"] is True
+    modules = json.loads((tmp_path / "off" / "modules.json").read_text())
+    assert modules and all(m["tokens"] == 0 and m["output_rel_err"] is None and m["sqnr_db"] > 10 for m in modules)
+
+
+def test_calibration_off_refuses_static_activation_scales(tmp_path):
+    proc = slim_main("scheme=fp8_static", "calibration=none", "eval=none", "logger=none",
+                     f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert_refused(proc, "scheme=fp8_static stores static activation scales", "w4a8_dynamic")
+    assert not (tmp_path / "r" / "checkpoint").exists()
