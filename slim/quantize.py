@@ -56,15 +56,17 @@ def weight_quality(weight: torch.Tensor, q: QuantizedLinear, sample: torch.Tenso
     """SQNR (dB) of the quantized weight, and the relative error of the module's output on ``sample`` (its
     first calibration rows) with weights and activations as exported. Decodes the weight once."""
     w, wq = weight.float(), dequantize_weight(q, torch.float32).to(weight.device)
-    noise = (w - wq).pow(2).sum().item()
-    sqnr = math.inf if noise == 0 else 10 * math.log10(w.pow(2).sum().item() / noise)
-    if sample is None or sample.numel() == 0:
-        return sqnr, None
-    with torch.no_grad():
-        x = sample.float()
-        ref = torch.nn.functional.linear(x, w)
-        out = torch.nn.functional.linear(fake_quantize_input(x, q.input_scale), wq)
-    return sqnr, float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+    out_err = None
+    if sample is not None and sample.numel():
+        with torch.no_grad():
+            x = sample.float()
+            ref = torch.nn.functional.linear(x, w)
+            out = torch.nn.functional.linear(fake_quantize_input(x, q.input_scale), wq)
+        out_err = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+    signal = float(torch.linalg.vector_norm(w))
+    noise = float(torch.linalg.vector_norm(wq.sub_(w)))  # wq is ours: the error, in place
+    sqnr = math.inf if noise == 0 else 20 * math.log10(signal / noise)
+    return sqnr, out_err
 
 
 @dataclass
@@ -121,6 +123,19 @@ def resolve_amax(observers: dict[str, MinMaxObserver]) -> tuple[dict[str, torch.
     return amax, fallback
 
 
+def group_by_prefix(modules: dict[str, nn.Linear], prefixes: set[str]) -> dict[str, dict[str, nn.Linear]]:
+    """{prefix: {name: module}} for the names that start with one of ``prefixes`` (each ends with a dot);
+    one pass over the names, not one per layer (DeepSeek-R1 has ~45k expert projections in 61 layers)."""
+    out: dict[str, dict[str, nn.Linear]] = {}
+    for name, mod in modules.items():
+        cut = name.find(".")
+        while cut != -1 and name[: cut + 1] not in prefixes:
+            cut = name.find(".", cut + 1)
+        if cut != -1:
+            out.setdefault(name[: cut + 1], {})[name] = mod
+    return out
+
+
 def log_expert_coverage(layer: str, observers: dict[str, MinMaxObserver]) -> None:
     """One line per MoE layer: calibration tokens per routed expert (min/median/max), experts without any."""
     tokens = sorted(o.tokens for n, o in observers.items() if ".experts." in n and n.endswith("gate_proj"))
@@ -141,7 +156,9 @@ class LayerQuantizer:
 
     def quantize(self, modules: dict[str, nn.Linear], observers: dict[str, MinMaxObserver],
                  static: bool, everything: bool = False) -> dict[str, QuantizedLinear]:
-        """Quantize and write the modules this rank owns (all of them with ``everything``, for propagation)."""
+        """Quantize and write the modules this rank owns. With ``everything`` (propagation) it quantizes all of
+        them and returns their QuantizedLinears; otherwise each is dropped once written (a layer's int4/FP8
+        codes are a byte per weight: keeping them would add half a bf16 layer to the peak)."""
         amax, fallback = resolve_amax(observers) if static else ({}, set())
         if fallback:
             log.warning("%d expert projection(s) saw no calibration token, e.g. %s; used the max over their "
@@ -152,7 +169,8 @@ class LayerQuantizer:
                 continue
             q = self.scheme.quantize(mod.weight, amax.get(name), self.group_size, self.weight_observer,
                                     getattr(self.fmt, "group_scale_dtype", None))
-            out[name] = q
+            if everything:
+                out[name] = q
             if name not in self.owned:
                 continue
             for tname, t in self.fmt.tensors(name, q).items():
@@ -217,6 +235,7 @@ def quantize_model(
     bs = cfg.calibration.batch_size
 
     layers = adapter.layers(model)
+    by_layer = group_by_prefix(targets, {adapter.layer_prefix(i) for i in range(len(layers))})
     if start is None:
         head = adapter.head_modules(model)
         for prefix, mod in head.items():
@@ -242,7 +261,7 @@ def quantize_model(
         layer = layers[i]
         prefix = adapter.layer_prefix(i)
         materialize(layer, prefix, reader, device)
-        layer_targets = {n: m for n, m in targets.items() if n.startswith(prefix)}
+        layer_targets = by_layer.get(prefix, {})
         if calibrate:
             with observe(layer_targets, cfg.scheme.activation_observer) as obs, \
                     route_all(layer, cfg.calibration.route_all_experts):
@@ -259,6 +278,7 @@ def quantize_model(
             for n, m in originals.items():
                 swap_in(model, n, m)
         hidden = outputs
+        del qs, outputs
         release(layer)
         reader.close()
         writer.maybe_flush()

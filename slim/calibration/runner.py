@@ -17,6 +17,7 @@ from transformers.masking_utils import create_causal_mask
 from slim.errors import SlimError
 from slim.models.moe import UnfusedExperts
 from slim.quant.observers import ACTIVATION_OBSERVERS, MinMaxObserver
+from slim.quant.stats import all_finite
 
 
 class LayerRunner:
@@ -56,7 +57,7 @@ class LayerRunner:
         for h in hidden:
             out = layer(h, **self._layer_kwargs(h))
             out = out[0] if isinstance(out, tuple) else out
-            if not torch.isfinite(out).all():
+            if not all_finite(out):
                 raise SlimError(
                     f"calibration activations became NaN/Inf in {name}; check this layer's weights in the "
                     "checkpoint, or calibrate in a wider dtype (model.dtype=float32)"

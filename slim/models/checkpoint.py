@@ -112,15 +112,16 @@ class CheckpointReader:
         if self.load_type == "fp8" and not self.is_block_fp8:
             raise SlimError(f"{self.path} has no FP8 block scales (weight_scale_inv); set model.load_type=bf16")
 
-    def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """A tensor as the model uses it: FP8 block weights dequantized, floats cast to ``dtype``."""
+    def get(self, name: str, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.Tensor:
+        """A tensor as the model uses it, on ``device``: FP8 block weights dequantized (there: the 1-byte codes
+        travel, not the decoded values), floats cast to ``dtype``."""
         t = self.raw(name)
         if t.dtype == FP8_DTYPE:
             scale_name = name + BLOCK_SCALE_SUFFIX
             if scale_name not in self.weight_map:
                 raise SlimError(f"FP8 tensor {name} has no {scale_name}; the checkpoint is incomplete")
-            return dequantize_fp8_block(t, self.raw(scale_name), self.block, dtype)
-        return t.to(dtype) if t.is_floating_point() else t
+            return dequantize_fp8_block(t.to(device), self.raw(scale_name).to(device), self.block, dtype)
+        return (t.to(dtype) if t.is_floating_point() else t).to(device)
 
     def passthrough(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """A tensor to copy into another checkpoint: as stored, or dequantized to ``dtype`` if block-FP8."""

@@ -7,6 +7,7 @@ from torch import nn
 
 from slim.errors import SlimError
 from slim.models.checkpoint import CheckpointReader
+from slim.quant.stats import all_finite
 
 
 def materialize_own(module: nn.Module, prefix: str, reader: CheckpointReader, device: str | torch.device = "cpu") -> None:
@@ -16,13 +17,13 @@ def materialize_own(module: nn.Module, prefix: str, reader: CheckpointReader, de
     dequantized on read.
     """
     for pname, param in list(module.named_parameters(recurse=False)):
-        tensor = reader.get(prefix + pname, param.dtype).to(device)
+        tensor = reader.get(prefix + pname, param.dtype, device)
         if tensor.shape != param.shape:
             raise SlimError(
                 f"{prefix + pname} has shape {tuple(tensor.shape)} in the checkpoint but the config "
                 f"expects {tuple(param.shape)}; config.json and weights disagree"
             )
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not all_finite(tensor):
             bad = int((~torch.isfinite(tensor)).sum())
             stored = reader.weight_map.get(prefix + pname, "?")
             raise SlimError(f"{prefix + pname} (in {stored}) has {bad} NaN/Inf value(s); the checkpoint is "
@@ -30,7 +31,7 @@ def materialize_own(module: nn.Module, prefix: str, reader: CheckpointReader, de
         module._parameters[pname] = nn.Parameter(tensor, requires_grad=False)
     for bname, buf in list(module.named_buffers(recurse=False)):
         if bname not in module._non_persistent_buffers_set:
-            module._buffers[bname] = reader.get(prefix + bname, buf.dtype).to(device)
+            module._buffers[bname] = reader.get(prefix + bname, buf.dtype, device)
 
 
 def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, device: str | torch.device = "cpu") -> None:

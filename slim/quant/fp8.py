@@ -6,6 +6,9 @@ to +-448 before the cast because the overflow behaviour of the fp8 cast differs 
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -22,12 +25,32 @@ def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
 
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``clamp(x / scale, -448, 448)`` cast to float8_e4m3fn (division in fp32)."""
-    return torch.clamp(x.float() / scale.float(), -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return torch.div(x.float(), scale.float()).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def fp8_to_float32(q: torch.Tensor) -> torch.Tensor:
+    """``q.float()`` for float8_e4m3fn, bit for bit. On CPU the codes are decoded two at a time through a
+    65536-entry table (512 KiB; numpy's ``take``), about 3x faster than torch's element-wise cast there.
+    Always a new tensor (callers scale it in place), also for input that is not FP8."""
+    if q.dtype != FP8_DTYPE:
+        return q.to(torch.float32, copy=True)
+    if q.device.type != "cpu" or q.numel() < 2 or q.numel() % 2 or not q.is_contiguous():
+        return q.float()
+    pairs = q.view(torch.uint8).numpy().view(np.uint16)  # little- or big-endian: the table is built to match
+    return torch.from_numpy(np.take(_pair_table(), pairs).view(np.float32)).view(q.shape)
+
+
+@functools.cache
+def _pair_table() -> np.ndarray:
+    """float64 slot i = the two float32 values of the byte pair whose native uint16 is i."""
+    single = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float().numpy()
+    pair_bytes = np.arange(65536, dtype=np.uint16).view(np.uint8).reshape(-1, 2)  # native byte order
+    return np.stack([single[pair_bytes[:, 0]], single[pair_bytes[:, 1]]], axis=1).view(np.float64).ravel()
 
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``q * scale`` computed in fp32, returned as ``dtype``."""
-    return (q.float() * scale.float()).to(dtype)
+    return fp8_to_float32(q).mul_(scale.float()).to(dtype)
 
 
 def fake_quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -76,5 +99,8 @@ def dequantize_fp8_block(
             f"weight_scale_inv shape {tuple(scale_inv.shape)} does not match weight {tuple(q.shape)} "
             f"with {bm}x{bn} blocks (expected {(-(-rows // bm), -(-cols // bn))})"
         )
+    if rows % bm == 0 and cols % bn == 0:  # whole blocks: broadcast the block scale, in place
+        x = fp8_to_float32(q).view(rb, bm, cb, bn)
+        return x.mul_(scale_inv.float()[:, None, :, None]).view(rows, cols).to(dtype)
     scale = scale_inv.float().repeat_interleave(bm, 0)[:rows].repeat_interleave(bn, 1)[:, :cols]
-    return (q.float() * scale).to(dtype)
+    return fp8_to_float32(q).mul_(scale).to(dtype)

@@ -29,15 +29,20 @@ def int4_scale(absmax: torch.Tensor) -> torch.Tensor:
 
 def round_groups(groups: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """groups [..., g] fp32, scale [...] -> codes [..., g] as fp32 values in [-8, 7]."""
-    return torch.clamp(torch.round(groups / scale.float()[..., None]), INT4_MIN, INT4_MAX)
+    return torch.div(groups, scale.float()[..., None]).round_().clamp_(INT4_MIN, INT4_MAX)
 
 
 def quantize_int4(weight: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
     """weight [out, in], scale [out, in // g] -> int8 codes in [-8, 7], shape [out, in]."""
-    return round_groups(group_view(weight, group_size), scale).to(torch.int8).reshape(weight.shape)
+    return quantize_groups(group_view(weight, group_size), scale)
+
+
+def quantize_groups(groups: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """groups [out, G, g] (fp32), scale [out, G] -> int8 codes in [-8, 7], shape [out, G * g]."""
+    return round_groups(groups, scale).to(torch.int8).reshape(groups.shape[0], -1)
 
 
 def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, group_size: int, dtype=torch.float32) -> torch.Tensor:
     """int8 codes [out, in] * per-group scale [out, in // g] -> weight [out, in] (fp32 math)."""
-    groups = q.float().reshape(q.shape[0], -1, group_size)  # [out, G, g]
-    return (groups * scale.float()[..., None]).reshape(q.shape).to(dtype)
+    groups = q.to(torch.float32, copy=True).reshape(q.shape[0], -1, group_size)  # [out, G, g], ours
+    return groups.mul_(scale.float()[..., None]).reshape(q.shape).to(dtype)

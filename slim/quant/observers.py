@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from slim.quant.stats import absmax
+
 
 class MinMaxObserver:
     """Running max |x| (fp32), the number of tokens (rows) seen, and the first ``sample_rows`` rows
@@ -29,7 +31,7 @@ class MinMaxObserver:
         # x: [..., in_features]
         if x.numel() == 0:
             return
-        batch_amax = x.detach().abs().amax().float().cpu()
+        batch_amax = absmax(x.detach()).float().cpu()
         if not torch.isfinite(batch_amax):
             self.nonfinite = True
         self.amax = torch.maximum(self.amax, batch_amax)
@@ -48,7 +50,7 @@ FakeQuant = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def weight_clip_minmax(groups: torch.Tensor, fake_quant: FakeQuant) -> torch.Tensor:
     """Plain absmax over the last dim: groups [..., g] -> [...]."""
-    return groups.abs().amax(dim=-1)
+    return absmax(groups, dim=-1)
 
 
 def weight_clip_mse(groups: torch.Tensor, fake_quant: FakeQuant, grid: int = 100, max_shrink: float = 0.2,
@@ -58,11 +60,11 @@ def weight_clip_mse(groups: torch.Tensor, fake_quant: FakeQuant, grid: int = 100
     than minmax's. The defaults are llm-compressor's MSE observer's (shrink at most 20%, norm 2.4): the
     exponent above 2 and the small shrink keep the largest weights, which matter most to the layer output,
     from being clipped to buy a lower plain MSE."""
-    absmax = groups.abs().amax(dim=-1)  # [...]
-    best_clip = absmax.clone()
-    best_err = (fake_quant(groups, absmax) - groups).abs().pow(norm).sum(dim=-1)
+    amax = absmax(groups, dim=-1)  # [...]
+    best_clip = amax.clone()
+    best_err = (fake_quant(groups, amax) - groups).abs().pow(norm).sum(dim=-1)
     for i in range(1, int(max_shrink * grid) + 1):
-        clip = absmax * (1 - i / grid)
+        clip = amax * (1 - i / grid)
         err = (fake_quant(groups, clip) - groups).abs().pow(norm).sum(dim=-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)

@@ -43,15 +43,15 @@ class Scheme:
                 raise ValueError(f"{self.name} needs an input amax from calibration")
             input_scale = fp8.fp8_scale(input_amax.reshape(1))
         if self.weight_bits == 8:
-            w = weight.float().reshape(1, -1)  # one group: the whole tensor
-            scale = fp8.fp8_scale(observe(w, _fp8_round_trip).reshape(1))
-            return QuantizedLinear(fp8.quantize_fp8(weight, scale), scale, input_scale, 8)
+            w = weight.float()
+            scale = fp8.fp8_scale(observe(w.reshape(1, -1), _fp8_round_trip).reshape(1))  # one group: the tensor
+            return QuantizedLinear(fp8.quantize_fp8(w, scale), scale, input_scale, 8)
         assert group_size is not None
         groups = int4.group_view(weight, group_size)  # [out, G, g]
         scale = int4.int4_scale(observe(groups, _int4_round_trip))  # [out, G] fp32
         if group_scale_dtype is not None:
             scale = scale.to(group_scale_dtype)
-        codes = int4.quantize_int4(weight, scale, group_size)
+        codes = int4.quantize_groups(groups, scale)
         return QuantizedLinear(codes, scale, input_scale, 4, group_size)
 
 

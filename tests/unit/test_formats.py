@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from slim.formats import FORMATS, CompressedTensorsFormat, Format, check_group_size, check_quantized, get_format
 from slim.formats import quantized_modules
 from slim.formats.base import group_size_divisors
+from slim.formats.compressed_tensors import pack_int4
 from slim.quant.fp8 import FP8_DTYPE, dequantize_fp8, fp8_scale, quantize_fp8
 from slim.quant.types import QuantizedLinear
 
@@ -154,6 +155,18 @@ def test_int4_packing_is_compressed_tensors_packing(group_size):
     # The definition vLLM unpacks (uint4b8): code i of a word lives in bits 4i..4i+3, offset by +8.
     nibbles = torch.stack([(packed >> (4 * i)) & 0xF for i in range(8)], dim=-1).reshape(q.weight.shape)
     assert torch.equal(nibbles - 8, q.weight.to(torch.int32))
+
+
+@pytest.mark.parametrize("shape", [(16, 8), (5, 256), (3, 12), (1, 4)])  # the last two take the library path
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fast_int4_packing_equals_pack_to_int32(shape, transposed):
+    codes = torch.randint(-8, 8, shape[::-1] if transposed else shape, dtype=torch.int8,
+                          generator=torch.Generator().manual_seed(sum(shape)))
+    codes = codes.t() if transposed else codes
+    codes[0, : min(16, shape[1])] = torch.arange(-8, 8, dtype=torch.int8)[: min(16, shape[1])]  # every code
+    packed = pack_int4(codes)
+    assert packed.dtype == torch.int32 and packed.is_contiguous()
+    assert torch.equal(packed, pack_to_int32(codes.contiguous(), 4))
 
 
 @pytest.mark.parametrize("group_size", GROUP_SIZES)

@@ -13,6 +13,7 @@ from slim.quant.fp8 import (
     dequantize_fp8_block,
     fake_quantize_fp8,
     fp8_scale,
+    fp8_to_float32,
     quantize_fp8,
     quantize_fp8_block,
 )
@@ -73,6 +74,31 @@ def test_block_round_trip_ragged(shape):
     assert sqnr_db(w, d) > 28
     # definition: dequant = fp8 value * its block's scale
     assert torch.equal(d[r, c], q[r, c].float() * s[-1, -1])
+
+
+def test_table_decode_is_torchs_cast_bit_for_bit():
+    codes = torch.arange(256, dtype=torch.uint8)
+    every_pair = torch.stack(torch.meshgrid(codes, codes, indexing="ij"), -1).reshape(-1).view(FP8_DTYPE)
+    out = fp8_to_float32(every_pair)  # NaN codes too: compare the bits
+    assert out.dtype == torch.float32 and torch.equal(out.view(torch.int32), every_pair.float().view(torch.int32))
+    odd, strided = every_pair[:5], every_pair.view(256, 512)[:, ::2]  # the plain-cast paths
+    assert torch.equal(fp8_to_float32(odd).view(torch.int32), odd.float().view(torch.int32))
+    assert torch.equal(fp8_to_float32(strided).view(torch.int32), strided.float().view(torch.int32))
+    x = torch.randn(4, 6)
+    y = fp8_to_float32(x)
+    assert torch.equal(y, x) and y.data_ptr() != x.data_ptr()  # a copy: callers scale it in place
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (100, 300), (128, 130)])
+def test_block_dequantize_is_code_times_its_blocks_scale(shape):
+    torch.manual_seed(3)
+    q, s = quantize_fp8_block(torch.randn(shape))
+    s = s * torch.rand_like(s)  # any scales
+    rows = torch.arange(shape[0])[:, None] // 128
+    cols = torch.arange(shape[1])[None, :] // 128
+    want = q.float() * s[rows, cols]
+    assert torch.equal(dequantize_fp8_block(q, s, dtype=torch.float32), want)
+    assert torch.equal(dequantize_fp8_block(q, s), want.to(torch.bfloat16))
 
 
 def test_block_scale_shape_mismatch_is_reported():
