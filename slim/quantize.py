@@ -167,7 +167,8 @@ class LayerQuantizer:
         for name, mod in modules.items():
             if name not in self.owned and not everything:
                 continue
-            q = self.scheme.quantize(mod.weight, amax.get(name), self.group_size, self.weight_observer,
+            weight = mod.weight.float()  # one fp32 copy for the quantizer and the quality figures
+            q = self.scheme.quantize(weight, amax.get(name), self.group_size, self.weight_observer,
                                     getattr(self.fmt, "group_scale_dtype", None))
             if everything:
                 out[name] = q
@@ -176,7 +177,7 @@ class LayerQuantizer:
             for tname, t in self.fmt.tensors(name, q).items():
                 self.writer.add(tname, t)
             obs_amax = amax.get(name)
-            sqnr, out_err = weight_quality(mod.weight, q, observers[name].sample)
+            sqnr, out_err = weight_quality(weight, q, observers[name].sample)
             self.result.modules.append(ModuleReport(
                 name=name, in_features=mod.in_features, out_features=mod.out_features,
                 tokens=observers[name].tokens,
