@@ -2,8 +2,10 @@
 
 The model skeleton is built on the meta device (free), so every figure comes from the real module shapes:
 the largest decoder layer streamed onto the device, the calibration hidden states kept between layers,
-one batch's forward activations, quantization temporaries, and the host-side writer buffer. A run whose
-plan does not fit its hardware preset is refused before anything is loaded.
+one batch's forward activations, quantization temporaries; on the host, the checkpoint pages of the layer
+being read (memory-mapped, as stored) and the one quantized tensor being written (the writer streams every
+tensor straight into its shard file). A run whose plan does not fit its hardware preset is refused before
+anything is loaded.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import torch
 from torch import nn
 
 from slim.config import SlimConfig
-from slim.export import DEFAULT_MAX_SHARD_BYTES
 from slim.quant.schemes import SCHEMES
 
 GiB = 2**30
@@ -97,9 +98,6 @@ def plan_memory(cfg: SlimConfig, model, adapter, ignored: set[str]) -> MemoryPla
     inter = max(getattr(conf, "intermediate_size", 0),
                 getattr(conf, "moe_intermediate_size", 0) * (getattr(conf, "num_experts_per_tok", 1) or 1))
     largest_linear = max((m.in_features * m.out_features for m in targets.values()), default=0)
-    layer_quantized = max(
-        sum(_quantized_bytes(m, scheme, cfg.scheme.group_size) for n, m in targets.items()
-            if n.startswith(adapter.layer_prefix(i))) for i in range(len(layers)))
 
     device = {
         "layer weights (compute dtype)": layer_params[big] * dtype_bytes,
@@ -107,17 +105,18 @@ def plan_memory(cfg: SlimConfig, model, adapter, ignored: set[str]) -> MemoryPla
         "forward activations (one batch)": batch * T * (heads * T * 4 + 4 * inter * dtype_bytes + 4 * hidden * 4),
         "quantization temporaries (fp32)": 3 * largest_linear * 4,
     }
+    stored_bytes = 1 if cfg.model.load_type == "fp8" else dtype_bytes  # per weight on disk (FP8 codes or bf16)
     host = {
-        "writer buffer (one shard + one layer)": min(DEFAULT_MAX_SHARD_BYTES, sum(
-            _quantized_bytes(m, scheme, cfg.scheme.group_size) for m in targets.values())) + layer_quantized,
+        "checkpoint pages of one layer (memory-mapped)": layer_params[big] * stored_bytes,
+        "writer (one quantized tensor in flight)": max(
+            (_quantized_bytes(m, scheme, cfg.scheme.group_size) for m in targets.values()), default=0),
         "runtime": HOST_RUNTIME_BYTES,
     }
     if hw.device == "cpu":
         host.update(device)
         device = {}
-    else:
+    else:  # FP8 codes are decoded on the device: nothing dequantized is staged on the host
         device["runtime (CUDA context)"] = DEVICE_RUNTIME_BYTES
-        host["staging (largest dequantized tensor)"] = largest_linear * dtype_bytes
 
     quantized = sum(_quantized_bytes(m, scheme, cfg.scheme.group_size) for m in targets.values())
     other = sum(p.numel() for n, p in model.named_parameters()

@@ -38,6 +38,19 @@ def test_deepseek_r1_presets_are_feasible(r1_skeleton, hardware, scheme):
     assert expected_ckpt[0] < plan.checkpoint_bytes / GiB < expected_ckpt[1]
 
 
+def test_host_holds_one_mapped_layer_and_one_tensor_in_flight(r1_skeleton):
+    model, adapter = r1_skeleton
+    for load_type, stored in (("fp8", 1), ("bf16", 2)):
+        cfg = r1_cfg("hardware=h20x8", "scheme=fp8_static", f"model.load_type={load_type}")
+        host = plan_memory(cfg, model, adapter, {"lm_head"}).host_bytes
+        assert host["checkpoint pages of one layer (memory-mapped)"] == 11_507_286_016 * stored
+        # the largest quantized Linear: a dense-layer MLP projection, 18432 x 7168 FP8 codes + two scales
+        assert host["writer (one quantized tensor in flight)"] == 18432 * 7168 + 8
+    cfg = r1_cfg("hardware=h20x8", "calibration=none", "scheme=w4a8_dynamic")
+    plan = plan_memory(cfg, model, adapter, {"lm_head"})
+    assert plan.device_bytes["calibration hidden states (in + out)"] == 0 and plan.feasible
+
+
 def test_hidden_states_shrink_with_ranks(r1_skeleton):
     model, adapter = r1_skeleton
     per = {}
