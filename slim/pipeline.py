@@ -142,11 +142,12 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     fmt = FORMATS[cfg.scheme.format]
     writer = CheckpointWriter(out_dir, max_shard_bytes=cfg.export.max_shard_mb << 20,
                               tag=f"rank{dist.rank:03d}-" if dist.world > 1 else "")
-    start = store.load_layer(commit["layer"], dist.device) if commit else None
+    hidden_device = dist.device if plan.hidden_states_on == "device" else torch.device("cpu")
+    start = store.load_layer(commit["layer"], hidden_device) if commit else None
     try:
         result = quantize_model(model=model, adapter=adapter, reader=reader, writer=writer, fmt=fmt, scheme=scheme,
                                 input_ids=None if ids is None else dist.shard(ids), cfg=cfg, device=dist.device, selection=selection,
-                                dist=dist, store=store, start=start)
+                                dist=dist, store=store, start=start, hidden_device=hidden_device)
     except BaseException as exc:
         writer.abandon()  # close the open shard file; the last commit point still describes it
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -1,7 +1,8 @@
 """Memory plan: what a run needs per rank, from the model's config.json alone (no weights are read).
 
 The model skeleton is built on the meta device (free), so every figure comes from the real module shapes:
-the largest decoder layer streamed onto the device, the calibration hidden states kept between layers,
+the largest decoder layer streamed onto the device, the calibration hidden states kept between layers (on the
+device, or in host memory when they do not fit there),
 one batch's forward activations, quantization temporaries; on the host, the checkpoint pages of the layer
 being read (memory-mapped, as stored) and the one quantized tensor being written (the writer streams every
 tensor straight into its shard file). A run whose plan does not fit its hardware preset is refused before
@@ -40,6 +41,7 @@ class MemoryPlan:
     device_capacity: int = 0
     host_capacity_per_rank: int = 0
     checkpoint_bytes: int = 0
+    hidden_states_on: str = "device"  # device | host: where calibration hidden states wait between layers
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -66,6 +68,7 @@ class MemoryPlan:
         rows += [f"| device | **total** (capacity {self.device_capacity / GiB:.0f}) | {self.device_total / GiB:.2f} |"]
         rows += [f"| host | {k} | {v / GiB:.2f} |" for k, v in self.host_bytes.items()]
         rows += [f"| host | **total** (share of node {self.host_capacity_per_rank / GiB:.0f}) | {self.host_total / GiB:.2f} |"]
+        rows.append(f"calibration hidden states kept on the {self.hidden_states_on} between layers")
         rows.append(f"expected checkpoint size: {self.checkpoint_bytes / GiB:.2f} GiB")
         rows.append("feasible" if self.feasible else "NOT feasible: " + "; ".join(self.problems))
         return "\n".join(rows)
@@ -99,9 +102,10 @@ def plan_memory(cfg: SlimConfig, model, adapter, ignored: set[str]) -> MemoryPla
                 getattr(conf, "moe_intermediate_size", 0) * (getattr(conf, "num_experts_per_tok", 1) or 1))
     largest_linear = max((m.in_features * m.out_features for m in targets.values()), default=0)
 
+    all_hidden = 2 * samples * T * hidden * dtype_bytes  # every sample's input and output of one layer
     device = {
         "layer weights (compute dtype)": layer_params[big] * dtype_bytes,
-        "calibration hidden states (in + out)": 2 * samples * T * hidden * dtype_bytes,
+        "calibration hidden states (in + out)": all_hidden,
         "forward activations (one batch)": batch * T * (heads * T * 4 + 4 * inter * dtype_bytes + 4 * hidden * 4),
         "quantization temporaries (fp32)": 3 * largest_linear * 4,
     }
@@ -112,11 +116,19 @@ def plan_memory(cfg: SlimConfig, model, adapter, ignored: set[str]) -> MemoryPla
             (_quantized_bytes(m, scheme, cfg.scheme.group_size) for m in targets.values()), default=0),
         "runtime": HOST_RUNTIME_BYTES,
     }
+    hidden_on = "device"
     if hw.device == "cpu":
+        hidden_on = "host"
         host.update(device)
         device = {}
     else:  # FP8 codes are decoded on the device: nothing dequantized is staged on the host
         device["runtime (CUDA context)"] = DEVICE_RUNTIME_BYTES
+        if hw.device_memory_gb and sum(device.values()) > USABLE_FRACTION * hw.device_memory_gb * GiB and all_hidden:
+            # too big for the device: they wait in host memory and each batch visits the device
+            del device["calibration hidden states (in + out)"]
+            device["calibration hidden states (one batch in + out)"] = 2 * batch * T * hidden * dtype_bytes
+            host["calibration hidden states (in + out)"] = all_hidden
+            hidden_on = "host"
 
     quantized = sum(_quantized_bytes(m, scheme, cfg.scheme.group_size) for m in targets.values())
     other = sum(p.numel() for n, p in model.named_parameters()
@@ -126,6 +138,7 @@ def plan_memory(cfg: SlimConfig, model, adapter, ignored: set[str]) -> MemoryPla
         largest_layer=adapter.layer_prefix(big).rstrip("."), largest_layer_params=layer_params[big],
         device_bytes=device, host_bytes=host, device_capacity=int(hw.device_memory_gb * GiB),
         host_capacity_per_rank=int(hw.host_memory_gb * GiB / hw.procs_per_node), checkpoint_bytes=quantized + other,
+        hidden_states_on=hidden_on,
     )
     if device and plan.device_total > USABLE_FRACTION * plan.device_capacity:
         plan.problems.append(

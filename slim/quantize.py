@@ -206,7 +206,7 @@ class LayerQuantizer:
 def quantize_model(
     *, model, adapter: ModelAdapter, reader: CheckpointReader, writer: CheckpointWriter, fmt, scheme: Scheme,
     input_ids: torch.Tensor, cfg, device: torch.device, selection: Selection, dist: Dist | None = None,
-    store: ResumeStore | None = None, start: LayerCommit | None = None,
+    store: ResumeStore | None = None, start: LayerCommit | None = None, hidden_device: torch.device | None = None,
 ) -> QuantizeResult:
     """Stream, calibrate, quantize and write the whole model. ``cfg`` is the full SlimConfig.
 
@@ -214,7 +214,9 @@ def quantize_model(
     With several ranks, ``input_ids`` is this rank's slice of the calibration set; observers are merged
     across ranks before any scale is computed, and each rank writes the quantized modules it owns.
     With ``store``, a commit point is saved every ``cfg.export.commit_every`` layers; ``start`` continues
-    after such a commit (its writer state, module reports and hidden states).
+    after such a commit (its writer state, module reports and hidden states). ``hidden_device``: where the
+    calibration hidden states wait between layers (default ``device``; the host when the plan finds they do
+    not fit on the device).
     """
     dist = dist or Dist()
     calibrate = input_ids is not None
@@ -232,7 +234,8 @@ def quantize_model(
     lq = LayerQuantizer(scheme, fmt, writer, reader, cfg.scheme.group_size, cfg.scheme.weight_observer, result,
                         owned, writes_rest=dist.is_main)
     propagate = calibrate and cfg.calibration.propagate == "quantized"
-    runner = LayerRunner(model, device)
+    hidden_device = hidden_device or device
+    runner = LayerRunner(model, device, hidden_device)
     bs = cfg.calibration.batch_size
 
     layers = adapter.layers(model)
@@ -252,9 +255,12 @@ def quantize_model(
         hidden, first = start.hidden, start.layer + 1
         log.info("resuming after layer %d of %d (commit in %s)", start.layer, len(layers), store.dir)
     if calibrate:
-        log.info("calibration hidden states: %d samples x %d tokens x %d, %.1f MiB, kept on %s between layers",
+        where = "in host memory" if hidden_device.type == "cpu" else f"on {hidden_device}"
+        if hidden_device != device:
+            where += f" (they do not fit on {device}; each batch visits it for its forward pass)"
+        log.info("calibration hidden states: %d samples x %d tokens x %d, %.1f MiB, kept %s between layers",
                  input_ids.shape[0], input_ids.shape[1], hidden[0].shape[-1],
-                 sum(h.numel() * h.element_size() for h in hidden) / 2**20, device)
+                 sum(h.numel() * h.element_size() for h in hidden) / 2**20, where)
 
     progress = tqdm(range(first, len(layers)), desc="quantize layers", unit="layer", leave=False,
                     initial=first, total=len(layers))
@@ -297,7 +303,7 @@ def quantize_model(
         lq.quantize(tail_targets, {n: MinMaxObserver() for n in tail_targets}, static=False)
     elif tail_targets:  # lm_head when a user chose to quantize it: its input is the final-norm output
         with torch.no_grad():
-            normed = [model.model.norm(h) for h in hidden]
+            normed = [model.model.norm(h.to(device)) for h in hidden]
         obs = {n: ACTIVATION_OBSERVERS[cfg.scheme.activation_observer]() for n in tail_targets}
         for n in tail_targets:
             for h in normed:

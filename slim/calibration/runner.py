@@ -1,7 +1,8 @@
 """Layer-sequential calibration: the calibration set's hidden states walk through the model one layer at a time.
 
 Only the current decoder layer's weights are resident; the hidden states of all samples are kept between
-layers (on the compute device). ``observe`` hooks the inputs of the target Linears of one layer.
+layers, on the compute device or, when they do not fit there, in host memory (``store_device``: each batch
+then visits the device for its forward pass). ``observe`` hooks the inputs of the target Linears of one layer.
 """
 
 from __future__ import annotations
@@ -23,15 +24,16 @@ from slim.quant.stats import all_finite
 class LayerRunner:
     """Runs batches of hidden states through single decoder layers of a (mostly meta) model."""
 
-    def __init__(self, model: PreTrainedModel, device: torch.device):
+    def __init__(self, model: PreTrainedModel, device: torch.device, store_device: torch.device | None = None):
         self.model = model
         self.device = device
+        self.store_device = store_device or device  # where hidden states wait between layers
         self._kwargs_cache: dict[tuple, dict] = {}
 
     def embed(self, input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
         """[N, T] token ids -> list of [b, T, H] hidden states (the embedding must be materialized)."""
         embed = self.model.model.embed_tokens
-        return [embed(chunk.to(self.device)) for chunk in input_ids.split(batch_size)]
+        return [embed(chunk.to(self.device)).to(self.store_device) for chunk in input_ids.split(batch_size)]
 
     def _layer_kwargs(self, hidden: torch.Tensor) -> dict:
         key = (tuple(hidden.shape), hidden.dtype)
@@ -55,6 +57,7 @@ class LayerRunner:
     def forward(self, layer: nn.Module, hidden: list[torch.Tensor], name: str) -> list[torch.Tensor]:
         outputs = []
         for h in hidden:
+            h = h.to(self.device)
             out = layer(h, **self._layer_kwargs(h))
             out = out[0] if isinstance(out, tuple) else out
             if not all_finite(out):
@@ -62,7 +65,7 @@ class LayerRunner:
                     f"calibration activations became NaN/Inf in {name}; check this layer's weights in the "
                     "checkpoint, or calibrate in a wider dtype (model.dtype=float32)"
                 )
-            outputs.append(out)
+            outputs.append(out.to(self.store_device))
         return outputs
 
 

@@ -51,6 +51,22 @@ def test_host_holds_one_mapped_layer_and_one_tensor_in_flight(r1_skeleton):
     assert plan.device_bytes["calibration hidden states (in + out)"] == 0 and plan.feasible
 
 
+def test_hidden_states_too_big_for_the_device_wait_in_host_memory(r1_skeleton):
+    model, adapter = r1_skeleton
+    small = plan_memory(r1_cfg("hardware=h20x1_lowmem"), model, adapter, {"lm_head"})
+    assert small.hidden_states_on == "device" and "calibration hidden states (in + out)" in small.device_bytes
+    cfg = r1_cfg("hardware=h20x1_lowmem", "calibration.num_samples=1024", "calibration.seq_len=4096",
+                 "calibration.batch_size=1")
+    big = plan_memory(cfg, model, adapter, {"lm_head"})
+    every = 2 * 1024 * 4096 * 7168 * 2  # every sample's layer input and output, bf16: 112 GiB > 96 GiB
+    assert big.hidden_states_on == "host" and big.feasible, big.table()
+    assert big.host_bytes["calibration hidden states (in + out)"] == every
+    assert big.device_bytes["calibration hidden states (one batch in + out)"] == every // 1024
+    assert "kept on the host" in big.table()
+    cpu = plan_memory(r1_cfg("hardware=cpu"), model, adapter, {"lm_head"})
+    assert cpu.hidden_states_on == "host" and not cpu.device_bytes
+
+
 def test_hidden_states_shrink_with_ranks(r1_skeleton):
     model, adapter = r1_skeleton
     per = {}
