@@ -146,8 +146,8 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     start = store.load_layer(commit["layer"], hidden_device) if commit else None
     try:
         result = quantize_model(model=model, adapter=adapter, reader=reader, writer=writer, fmt=fmt, scheme=scheme,
-                                input_ids=None if ids is None else dist.shard(ids), cfg=cfg, device=dist.device, selection=selection,
-                                dist=dist, store=store, start=start, hidden_device=hidden_device)
+                                input_ids=None if ids is None else dist.shard(ids), cfg=cfg, device=dist.device,
+                                selection=selection, dist=dist, store=store, start=start, hidden_device=hidden_device)
     except BaseException as exc:
         writer.abandon()  # close the open shard file; the last commit point still describes it
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):

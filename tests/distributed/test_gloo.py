@@ -34,12 +34,15 @@ COMMON = ["eval=none", "logger=none", "calibration.num_samples=8", "calibration.
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme", ["fp8_static", "w4a8"])
-def test_two_ranks_bit_identical_to_one(tmp_path, scheme):
+@pytest.mark.parametrize("scheme,overrides", [
+    ("fp8_static", COMMON), ("w4a8", COMMON),
+    ("w4a8_dynamic", ["eval=none", "logger=none", "calibration=none"]),  # calibration off: weights only
+])
+def test_two_ranks_bit_identical_to_one(tmp_path, scheme, overrides):
     runs = {}
     for hw in ("cpu", "cpu_x2"):
         run_dir = tmp_path / hw
-        proc = slim_main(f"hardware={hw}", f"scheme={scheme}", *COMMON, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+        proc = slim_main(f"hardware={hw}", f"scheme={scheme}", *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-4000:]
         runs[hw] = run_dir / "checkpoint"
     one, two = tensors(runs["cpu"]), tensors(runs["cpu_x2"])
