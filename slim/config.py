@@ -46,7 +46,9 @@ class SchemeConfig:
     quant_method: str = "per-tensor"  # seed: weight granularity, per-tensor | per-group
     group_size: int | None = None  # seed: quantization.group_size (per-group only)
     ignore_layers: list[str] = field(default_factory=lambda: ["lm_head"])  # seed: layers left unquantized
-    low_memory: bool = True  # seed: quantization.low_memory (one layer resident at a time)
+    # seed: quantization.low_memory. Layers always stream one at a time; true also lets calibration hidden
+    # states wait in host memory when they do not fit on the device (false: such a run is refused)
+    low_memory: bool = True
     weight_observer: str = "minmax"
     activation_observer: str = "minmax"
     format: str = "compressed-tensors"
@@ -201,6 +203,9 @@ def validate(cfg: SlimConfig) -> SlimConfig:
         raise SlimError("scheme.group_size is only used with scheme.quant_method=per-group; set it to null")
     if s.name == "fp8_static" and (s.bits != 8 or s.quant_method != "per-tensor"):
         raise SlimError("fp8_static quantizes weights to 8 bits per-tensor: set scheme.bits=8 scheme.quant_method=per-tensor")
+    if cfg.model.low_cpu_mem_usage and not s.low_memory:
+        raise SlimError("model.low_cpu_mem_usage=true runs with weights on the host, which needs "
+                        "scheme.low_memory=true (or set model.low_cpu_mem_usage=false)")
     if cfg.model.low_cpu_mem_usage and cfg.model.device_map != "cpu":
         raise SlimError(
             "model.low_cpu_mem_usage=true keeps weights on the host: set model.device_map=cpu "

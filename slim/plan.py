@@ -123,8 +123,9 @@ def plan_memory(cfg: SlimConfig, model, adapter, ignored: set[str]) -> MemoryPla
         device = {}
     else:  # FP8 codes are decoded on the device: nothing dequantized is staged on the host
         device["runtime (CUDA context)"] = DEVICE_RUNTIME_BYTES
-        if hw.device_memory_gb and sum(device.values()) > USABLE_FRACTION * hw.device_memory_gb * GiB and all_hidden:
-            # too big for the device: they wait in host memory and each batch visits the device
+        too_big = sum(device.values()) > USABLE_FRACTION * hw.device_memory_gb * GiB
+        if cfg.scheme.low_memory and hw.device_memory_gb and too_big and all_hidden:
+            # low-memory mode, too big for the device: they wait in host memory and each batch visits the device
             del device["calibration hidden states (in + out)"]
             device["calibration hidden states (one batch in + out)"] = 2 * batch * T * hidden * dtype_bytes
             host["calibration hidden states (in + out)"] = all_hidden

@@ -47,6 +47,7 @@ def test_wrong_type_fails_at_compose():
         (["model.load_type=int8"], "model.load_type"),
         (["scheme=w4a8", "scheme.group_size=null"], "group_size"),
         (["model.device_map=cuda"], "device_map=cpu"),
+        (["scheme.low_memory=false"], "needs scheme.low_memory=true"),
         (["calibration.seq_len=0"], "positive"),
         (["eval.backend=vlm"], "hf, vllm"),
         (["scheme.weight_observer=percentile"], "minmax, mse"),

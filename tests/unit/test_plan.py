@@ -63,6 +63,9 @@ def test_hidden_states_too_big_for_the_device_wait_in_host_memory(r1_skeleton):
     assert big.host_bytes["calibration hidden states (in + out)"] == every
     assert big.device_bytes["calibration hidden states (one batch in + out)"] == every // 1024
     assert "kept on the host" in big.table()
+    strict = plan_memory(r1_cfg("hardware=h20x1_lowmem", "calibration.num_samples=1024", "calibration.seq_len=4096",
+                                "calibration.batch_size=1", "scheme.low_memory=false"), model, adapter, {"lm_head"})
+    assert strict.hidden_states_on == "device" and not strict.feasible  # low_memory=false: no offload, refused
     cpu = plan_memory(r1_cfg("hardware=cpu"), model, adapter, {"lm_head"})
     assert cpu.hidden_states_on == "host" and not cpu.device_bytes
 
