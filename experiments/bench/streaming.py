@@ -217,13 +217,13 @@ def calib_label(calibration: dict | None) -> str:
 
 
 def run_slim(ckpt: Path, run_dir: Path, scheme: str, calib: tuple[int, int] | None, env: dict, threads: int,
-             limit_mib: float | None = None) -> dict:
+             limit_mib: float | None = None, hardware: str = "cpu") -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     calibration = ["calibration=none"] if calib is None else \
         [f"calibration.num_samples={calib[0]}", f"calibration.seq_len={calib[1]}"]
     overrides = [f"model.path={ckpt}", "eval=none", "logger=none", f"scheme={scheme}", *calibration,
-                 f"hardware.threads={threads}", f"hydra.run.dir={run_dir}"]
+                 f"hardware={hardware}", f"hardware.threads={threads}", f"hydra.run.dir={run_dir}"]
     cmd = [sys.executable, "-m", "slim.main", *overrides]
     res = {"command": "python -m slim.main " + " ".join(overrides), "scheme": scheme,
            "calibration": None if calib is None else {"num_samples": calib[0], "seq_len": calib[1]}}
@@ -259,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--q-lora-rank", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="OMP/torch threads of the slim process")
+    p.add_argument("--hardware", default="cpu",
+                   help="slim's hardware preset; on a GPU machine h20x1_lowmem measures the device path (FP8 "
+                        "decoded and quantized on the GPU)")
     p.add_argument("--slim-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the slim runs, e.g. MALLOC_MMAP_THRESHOLD_=131072 (recorded)")
     p.add_argument("--max-rss-gib", type=float, default=8.0, help="kill a slim run whose RSS passes this (shared machines)")
@@ -289,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "streaming", "utc": stamp, "git": git_head(),
         "machine": {"cpus": os.cpu_count(), "mem_total_gib": round(psutil.virtual_memory().total / 2**30, 1),
                     "loadavg_start": os.getloadavg(), "python": platform.python_version(), "threads": args.threads,
+                    "hardware": args.hardware,
                     "slim_env": slim_extra_env},
         "synthetic": {**width, **extra, "seed": args.seed},
         "notes": ["throughput target: the calibration=none runs (calibration off); runs with calibration show "
@@ -339,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{n} layers] slim {scheme} calibration {label}", flush=True)
             warm(files)
             r = run_slim(ckpt, args.workdir / f"run{n}_{scheme}_{label}", scheme, calib, env, args.threads,
-                         args.max_rss_gib * 1024)
+                         args.max_rss_gib * 1024, args.hardware)
             if r["returncode"] == 0:
                 r["throughput_vs_copy"] = round(r["quantize_read_write_mb_s"] / depth["copy"]["read_write_mb_s"], 3)
                 print(f"   wall {r['wall_s']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB, quantize "
