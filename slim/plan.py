@@ -2,11 +2,10 @@
 
 The model skeleton is built on the meta device (free), so every figure comes from the real module shapes:
 the largest decoder layer streamed onto the device, the calibration hidden states kept between layers (on the
-device, or in host memory when they do not fit there),
-one batch's forward activations, quantization temporaries; on the host, the checkpoint pages of the layer
-being read (memory-mapped, as stored) and the one quantized tensor being written (the writer streams every
-tensor straight into its shard file). A run whose plan does not fit its hardware preset is refused before
-anything is loaded.
+device, or in host memory when they do not fit there), one batch's forward activations, quantization
+temporaries; on the host, the checkpoint pages of the layer being read (memory-mapped, as stored) and the one
+quantized tensor being written (the writer streams every tensor straight into its shard file). A run whose
+plan does not fit its hardware preset is refused before anything is loaded.
 """
 
 from __future__ import annotations

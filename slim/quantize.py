@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -30,10 +29,9 @@ from slim.quant.observers import ACTIVATION_OBSERVERS, MinMaxObserver
 from slim.quant.schemes import Scheme, dequantize_weight
 from slim.quant.types import QuantizedLinear
 from slim.resume import LayerCommit, ResumeStore
-from slim.targets import Selection, module_kind
+from slim.targets import ROUTED_EXPERT_RE, Selection, module_kind
 
 log = logging.getLogger(__name__)
-_EXPERT_RE = re.compile(r"\.experts\.\d+\.")
 
 
 @dataclass
@@ -111,8 +109,8 @@ def resolve_amax(observers: dict[str, MinMaxObserver]) -> tuple[dict[str, torch.
             raise SlimError(f"calibration inputs of {name} contain NaN/Inf; check the checkpoint and calibration data")
         if obs.tokens > 0:
             continue
-        group = _EXPERT_RE.sub(".experts.*.", name)
-        peers = [amax[n] for n in amax if _EXPERT_RE.sub(".experts.*.", n) == group and n != name]
+        group = ROUTED_EXPERT_RE.sub(".experts.*.", name)
+        peers = [amax[n] for n in amax if ROUTED_EXPERT_RE.sub(".experts.*.", n) == group and n != name]
         if name == group or not peers:
             raise SlimError(
                 f"{name} received no calibration token and has no calibrated sibling expert; "

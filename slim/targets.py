@@ -58,7 +58,7 @@ def select_targets(model: nn.Module, patterns: Iterable[str]) -> Selection:
     return Selection({n: m for n, m in linears.items() if n not in ignored}, ignored, matched)
 
 
-_ROUTED_EXPERT_RE = re.compile(r"\.experts\.\d+\.")
+ROUTED_EXPERT_RE = re.compile(r"\.experts\.\d+\.")  # one routed expert's part of a name
 KINDS = ("attention", "dense mlp", "shared expert", "routed experts", "lm_head", "other")
 
 
@@ -66,7 +66,7 @@ def module_kind(name: str) -> str:
     """What a quantized Linear is, from its name: attention, dense mlp, shared expert, routed experts, lm_head."""
     if ".self_attn." in f".{name}.":
         return "attention"
-    if _ROUTED_EXPERT_RE.search(name):
+    if ROUTED_EXPERT_RE.search(name):
         return "routed experts"
     if ".shared_experts." in name:
         return "shared expert"

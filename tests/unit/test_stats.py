@@ -11,6 +11,8 @@ def test_absmax_is_abs_amax_bit_for_bit(dtype):
     x = torch.randn(6, 5, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
     x[1, 2] = 0.0  # an all-zero group: +0.0, as abs().amax() gives
     x[2, 3] = -x[2, 3].abs()  # a group whose absmax is a negative value
+    kept = absmax(x, dim=-1, keepdim=True)
+    assert torch.equal(kept, x.abs().amax(dim=-1, keepdim=True)) and kept.shape == (6, 5, 1)
     for dim in (None, -1, 1):
         got = absmax(x) if dim is None else absmax(x, dim=dim)
         want = x.abs().amax() if dim is None else x.abs().amax(dim=dim)
