@@ -11,6 +11,8 @@ import functools
 import numpy as np
 import torch
 
+from slim.quant.stats import div_exact
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
 # compressed-tensors replaces a zero scale by the fp32 epsilon; we do the same so files agree.
@@ -19,7 +21,7 @@ _SCALE_EPS = torch.finfo(torch.float32).eps
 
 def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
     """Symmetric FP8 scale ``amax / 448`` in fp32; a zero amax gives the fp32 epsilon, never 0."""
-    scale = amax.float() / FP8_MAX
+    scale = div_exact(amax.float(), FP8_MAX)
     return torch.where(scale == 0, torch.full_like(scale, _SCALE_EPS), scale)
 
 

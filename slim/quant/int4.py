@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from slim.quant.stats import div_exact
+
 INT4_MIN, INT4_MAX = -8, 7
 INT4_HALF_RANGE = (INT4_MAX - INT4_MIN) / 2  # 7.5
 _SCALE_EPS = torch.finfo(torch.float32).eps
@@ -23,7 +25,7 @@ def group_view(weight: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def int4_scale(absmax: torch.Tensor) -> torch.Tensor:
     """``absmax / 7.5`` in fp32; zero groups get the fp32 epsilon (compressed-tensors does the same)."""
-    scale = absmax.float() / INT4_HALF_RANGE
+    scale = div_exact(absmax.float(), INT4_HALF_RANGE)
     return torch.where(scale == 0, torch.full_like(scale, _SCALE_EPS), scale)
 
 

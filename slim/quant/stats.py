@@ -1,8 +1,13 @@
-"""One-pass reductions used on every weight: absmax and the NaN/Inf check.
+"""Elementary operations used on every weight, the same to the bit on every device.
 
-Both go through ``torch.aminmax``, a single vectorized pass (several times faster on CPU than ``abs().amax()``
-or ``isfinite().all()``, which each write a full-size temporary). NaN propagates through it, and an infinity
-lands in the min or the max, so ``all_finite`` is exact.
+``absmax`` and ``all_finite`` go through ``torch.aminmax``, a single vectorized pass (several times faster on
+CPU than ``abs().amax()`` or ``isfinite().all()``, which each write a full-size temporary). NaN propagates
+through it, and an infinity lands in the min or the max, so ``all_finite`` is exact.
+
+``div_exact`` divides by a constant with IEEE (correctly rounded) division on every device. ``x / 448.0`` is
+not that on CUDA: PyTorch turns a division by a CPU scalar into a multiplication by its fp32 reciprocal there,
+which is one ulp off for some ``x``, so scales computed on a GPU would differ from the CPU's (and from
+compressed-tensors' on CPU).
 """
 
 from __future__ import annotations
@@ -23,3 +28,9 @@ def all_finite(x: torch.Tensor) -> bool:
         return True
     lo, hi = torch.aminmax(x)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def div_exact(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``x / divisor``, correctly rounded on every device: the divisor is a 0-d tensor on ``x``'s device (a fill,
+    no host transfer), which PyTorch divides element by element instead of multiplying by a reciprocal."""
+    return torch.div(x, torch.full((), divisor, dtype=x.dtype, device=x.device))
