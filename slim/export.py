@@ -3,11 +3,7 @@
 Tensors are never buffered: each one goes straight into the open shard file (``*.safetensors.tmp``) behind a
 reserved header region, and the JSON header is written into that region when the shard closes (padded with
 spaces, which the safetensors format allows), then the file is renamed. A file with a final name is therefore
-always whole, and memory stays one tensor in flight, however large a shard is.
-
-The bytes are written and hashed on one background thread (file writes and sha256 release the GIL), so that
-work overlaps the quantization of the next tensor; at most one tensor waits for it, in order. Every shard
-close, commit point (``state()``) and ``close()`` waits for it first.
+always whole, and memory stays one tensor, however large a shard is.
 
 ``slim_manifest.json`` (sha256 of every tensor's bytes), ``model.safetensors.index.json`` and ``config.json``
 are written at the very end, config last: a directory without ``config.json`` is an unfinished export, never a
@@ -22,8 +18,6 @@ import os
 import re
 import shutil
 import struct
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -91,23 +85,18 @@ class ShardFile:
         entry = {"dtype": "F8_E4M3", "shape": list(tensor.shape), "data_offsets": [self.data_bytes, 1 << 62]}
         return 8 + self._header_len + len(_entry_json(name, entry)) + 1 <= self.reserve
 
-    def add(self, name: str, tensor: torch.Tensor) -> memoryview:
-        """Give ``tensor`` the next place in the file (its header entry and offsets) and return its bytes, which
-        :meth:`append` must then write, in the order of the ``add`` calls."""
+    def add(self, name: str, tensor: torch.Tensor) -> str:
+        """Append ``tensor``; returns the sha256 of its bytes."""
         if tensor.dtype not in SAFETENSORS_DTYPES:
             raise TypeError(f"{name}: dtype {tensor.dtype} has no safetensors equivalent")
         buf = tensor_bytes(tensor)
+        self._f.write(buf)
         end = self.data_bytes + buf.nbytes
         entry = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
                  "data_offsets": [self.data_bytes, end]}
         self.entries[name] = entry
         self._header_len += len(_entry_json(name, entry)) + 1
         self.data_bytes = end
-        return buf
-
-    def append(self, buf: memoryview) -> str:
-        """Write the bytes :meth:`add` returned; returns their sha256."""
-        self._f.write(buf)
         return hashlib.sha256(buf).hexdigest()
 
     def state(self) -> dict[str, Any]:
@@ -147,10 +136,8 @@ class CheckpointWriter:
         self.header_reserve = min(HEADER_RESERVE, max(64 << 10, max_shard_bytes >> 12))
         self.tag = tag
         self._current: ShardFile | None = None
-        self.checksums: dict[str, str] = {}  # in write order; "" while a tensor's bytes wait to be written
+        self.checksums: dict[str, str] = {}
         self.shards: list[tuple[str, list[str], int]] = []  # closed: (file name, tensor names, bytes)
-        self._pool: ThreadPoolExecutor | None = None  # the background writer (started by the first add)
-        self._pending: deque[tuple[str, Future]] = deque()
 
     def _shard_name(self, i: int) -> str:
         return f"model-{self.tag}{i:05d}.safetensors"
@@ -167,22 +154,7 @@ class CheckpointWriter:
         if self._current is None:
             self._current = ShardFile(self.out_dir / self._shard_name(len(self.shards) + 1),
                                       reserve=self.header_reserve)
-        buf = self._current.add(name, tensor)
-        self.checksums[name] = ""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="slim-writer")
-        self._pending.append((name, self._pool.submit(self._current.append, buf)))
-        while len(self._pending) > 1:  # one tensor in flight: the writer's memory stays one tensor
-            self._collect()
-
-    def _collect(self) -> None:
-        name, done = self._pending.popleft()
-        self.checksums[name] = done.result()  # a failed write (a full disk) raises here
-
-    def wait(self) -> None:
-        """Until every added tensor is written (raises the first write error)."""
-        while self._pending:
-            self._collect()
+        self.checksums[name] = self._current.add(name, tensor)
 
     def maybe_flush(self) -> None:
         """Call at layer boundaries: closes the open shard once it holds ``max_shard_bytes``."""
@@ -192,7 +164,6 @@ class CheckpointWriter:
     def flush(self) -> None:
         if self._current is None:
             return
-        self.wait()
         cur, self._current = self._current, None
         cur.close()
         self.shards.append((cur.path.name, sorted(cur.entries), cur.data_bytes))
@@ -200,16 +171,9 @@ class CheckpointWriter:
     def close(self) -> list[tuple[str, list[str], int]]:
         """Close the open shard; return this writer's shards."""
         self.flush()
-        self._stop()
         return list(self.shards)
 
-    def _stop(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-
     def state(self) -> dict[str, Any]:
-        self.wait()
         return {"shards": [list(s) for s in self.shards], "checksums": dict(self.checksums),
                 "current": None if self._current is None else self._current.state()}
 
@@ -227,11 +191,6 @@ class CheckpointWriter:
             self._current = ShardFile(self.out_dir / cur["file"], cur["entries"], cur["data_bytes"], cur["reserve"])
 
     def abandon(self) -> None:
-        """After a failure: let queued writes finish (their errors are moot now), close the open shard file."""
-        for _, done in self._pending:
-            done.exception()
-        self._pending.clear()
-        self._stop()
         if self._current is not None:
             self._current.abandon()
             self._current = None

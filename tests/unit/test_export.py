@@ -1,14 +1,12 @@
-"""The streamed shard writer: what it writes is what safetensors reads back, the manifest hashes those bytes,
-and a write that fails on the background thread surfaces in the caller."""
+"""The streamed shard writer: what it writes is what safetensors reads back, and the manifest hashes those bytes."""
 
 import hashlib
 import json
 
-import pytest
 import torch
 from safetensors import safe_open
 
-from slim.export import MANIFEST, CheckpointWriter, ShardFile
+from slim.export import MANIFEST, CheckpointWriter
 
 
 def tensors() -> dict[str, torch.Tensor]:
@@ -29,7 +27,6 @@ def test_shards_read_back_bit_exact_and_manifest_hashes_the_bytes(tmp_path):
     ts = tensors()
     for name, t in ts.items():
         writer.add(name, t)
-        assert len(writer._pending) <= 1  # one tensor in flight
         writer.maybe_flush()
     out = writer.finalize({"architectures": ["X"]}, src)
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
@@ -41,23 +38,3 @@ def test_shards_read_back_bit_exact_and_manifest_hashes_the_bytes(tmp_path):
         assert back.dtype == t.dtype and torch.equal(back.view(torch.uint8), t.view(torch.uint8)), name
         assert manifest[name]["sha256"] == hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest()
 
-
-def test_a_failed_background_write_is_raised_to_the_caller(tmp_path, monkeypatch):
-    calls = []
-    real = ShardFile.append
-
-    def append(self, buf):
-        calls.append(1)
-        if len(calls) == 3:
-            raise OSError(28, "No space left on device")
-        return real(self, buf)
-
-    monkeypatch.setattr(ShardFile, "append", append)
-    writer = CheckpointWriter(tmp_path / "out")
-    with pytest.raises(OSError, match="No space left"):
-        for name, t in tensors().items():
-            writer.add(name, t)
-        writer.wait()
-    writer.abandon()
-    assert writer._pool is None and not writer._pending
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["model-00001.safetensors.tmp"]  # never renamed
