@@ -94,6 +94,7 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     from slim.calibration.data import calibration_tokens, check_seq_len
     from slim.export import CheckpointWriter
     from slim.formats import FORMATS
+    from slim.hostmem import keep_temporaries_in_heap
     from slim.models.adapters import build_skeleton, load_config
     from slim.models.checkpoint import CheckpointReader
     from slim.models.loading import DTYPES
@@ -144,6 +145,7 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
                               tag=f"rank{dist.rank:03d}-" if dist.world > 1 else "")
     hidden_device = dist.device if plan.hidden_states_on == "device" else torch.device("cpu")
     start = store.load_layer(commit["layer"], hidden_device) if commit else None
+    keep_temporaries_in_heap()
     try:
         result = quantize_model(model=model, adapter=adapter, reader=reader, writer=writer, fmt=fmt, scheme=scheme,
                                 input_ids=None if ids is None else dist.shard(ids), cfg=cfg, device=dist.device,

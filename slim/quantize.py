@@ -8,7 +8,6 @@ layer, move on. Peak memory = one layer + the calibration hidden states, whateve
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -23,10 +22,11 @@ from slim.formats.base import check_group_size
 from slim.models.adapters import ModelAdapter
 from slim.models.checkpoint import CheckpointReader
 from slim.models.materialize import materialize, release
-from slim.models.simulated import SimQuantLinear, fake_quantize_input, swap_in
+from slim.models.simulated import SimQuantLinear, swap_in
 from slim.quant.fp8 import FP8_DTYPE
 from slim.quant.observers import ACTIVATION_OBSERVERS, MinMaxObserver
-from slim.quant.schemes import Scheme, dequantize_weight
+from slim.quant.blockwise import CPU_BLOCK, quantize_blockwise
+from slim.quant.schemes import Scheme
 from slim.quant.types import QuantizedLinear
 from slim.resume import LayerCommit, ResumeStore
 from slim.targets import ROUTED_EXPERT_RE, Selection, module_kind
@@ -48,23 +48,6 @@ class ModuleReport:
     fallback: bool = False
     kind: str = ""
     output_rel_err: float | None = None  # ||y_q - y|| / ||y|| on the first calibration rows it saw
-
-
-def weight_quality(weight: torch.Tensor, q: QuantizedLinear, sample: torch.Tensor | None) -> tuple[float, float | None]:
-    """SQNR (dB) of the quantized weight, and the relative error of the module's output on ``sample`` (its
-    first calibration rows) with weights and activations as exported. Decodes the weight once."""
-    w, wq = weight.float(), dequantize_weight(q, torch.float32).to(weight.device)
-    out_err = None
-    if sample is not None and sample.numel():
-        with torch.no_grad():
-            x = sample.float()
-            ref = torch.nn.functional.linear(x, w)
-            out = torch.nn.functional.linear(fake_quantize_input(x, q.input_scale), wq)
-        out_err = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
-    signal = float(torch.linalg.vector_norm(w))
-    noise = float(torch.linalg.vector_norm(wq.sub_(w)))  # wq is ours: the error, in place
-    sqnr = math.inf if noise == 0 else 20 * math.log10(signal / noise)
-    return sqnr, out_err
 
 
 @dataclass
@@ -165,9 +148,10 @@ class LayerQuantizer:
         for name, mod in modules.items():
             if name not in self.owned and not everything:
                 continue
-            weight = mod.weight.float()  # one fp32 copy for the quantizer and the quality figures
-            q = self.scheme.quantize(weight, amax.get(name), self.group_size, self.weight_observer,
-                                    getattr(self.fmt, "group_scale_dtype", None))
+            block = CPU_BLOCK if mod.weight.device.type == "cpu" else None  # devices: whole tensors
+            q, quality = quantize_blockwise(self.scheme, mod.weight, amax.get(name), self.group_size,
+                                            self.weight_observer, getattr(self.fmt, "group_scale_dtype", None),
+                                            observers[name].sample, block)
             if everything:
                 out[name] = q
             if name not in self.owned:
@@ -175,14 +159,14 @@ class LayerQuantizer:
             for tname, t in self.fmt.tensors(name, q).items():
                 self.writer.add(tname, t)
             obs_amax = amax.get(name)
-            sqnr, out_err = weight_quality(weight, q, observers[name].sample)
             self.result.modules.append(ModuleReport(
                 name=name, in_features=mod.in_features, out_features=mod.out_features,
                 tokens=observers[name].tokens,
                 input_amax=None if obs_amax is None else float(obs_amax),
                 input_scale=None if q.input_scale is None else float(q.input_scale),
                 weight_scale_max=float(q.weight_scale.max()), weight_scale_min=float(q.weight_scale.min()),
-                sqnr_db=sqnr, fallback=name in fallback, kind=module_kind(name), output_rel_err=out_err,
+                sqnr_db=quality.sqnr_db, fallback=name in fallback, kind=module_kind(name),
+                output_rel_err=quality.output_rel_err,
             ))
         return out
 

@@ -31,11 +31,16 @@ class Scheme:
         group_size: int | None = None,
         weight_observer: str = "minmax",
         group_scale_dtype: torch.dtype | None = None,
+        weight_amax: torch.Tensor | None = None,
     ) -> QuantizedLinear:
         """Quantize one Linear. ``group_scale_dtype``: the dtype the format stores int4 group scales in;
-        scales are rounded to it *before* the codes are computed, so what is written is what was simulated."""
+        scales are rounded to it *before* the codes are computed, so what is written is what was simulated.
+        ``weight_amax``: for per-tensor (FP8) weights with the minmax observer, the whole weight's absmax when
+        ``weight`` is a block of its rows (``slim.quant.blockwise``)."""
         if weight_observer not in WEIGHT_OBSERVERS:
             raise ValueError(f"unknown weight observer {weight_observer!r}; choose one of: {', '.join(WEIGHT_OBSERVERS)}")
+        if weight_amax is not None and (self.weight_bits != 8 or weight_observer != "minmax"):
+            raise ValueError("weight_amax stands for the minmax observer of a per-tensor (FP8) weight only")
         observe = WEIGHT_OBSERVERS[weight_observer]
         input_scale = None
         if self.static_activations:
@@ -44,7 +49,8 @@ class Scheme:
             input_scale = fp8.fp8_scale(input_amax.reshape(1))
         if self.weight_bits == 8:
             w = weight.float()
-            scale = fp8.fp8_scale(observe(w.reshape(1, -1), _fp8_round_trip).reshape(1))  # one group: the tensor
+            amax = observe(w.reshape(1, -1), _fp8_round_trip) if weight_amax is None else weight_amax.float()
+            scale = fp8.fp8_scale(amax.reshape(1))  # one group: the tensor
             return QuantizedLinear(fp8.quantize_fp8(w, scale), scale, input_scale, 8)
         assert group_size is not None
         groups = int4.group_view(weight, group_size)  # [out, G, g]

@@ -89,7 +89,8 @@ def test_table_decode_is_torchs_cast_bit_for_bit():
     assert torch.equal(y, x) and y.data_ptr() != x.data_ptr()  # a copy: callers scale it in place
 
 
-@pytest.mark.parametrize("shape", [(256, 384), (100, 300), (128, 130)])
+# (384, 4096): decoded on the CPU in chunks of 64 rows, two per 128-row block (CPU_DECODE_CHUNK = 2**18 values)
+@pytest.mark.parametrize("shape", [(256, 384), (100, 300), (128, 130), (384, 4096)])
 def test_block_dequantize_is_code_times_its_blocks_scale(shape):
     torch.manual_seed(3)
     q, s = quantize_fp8_block(torch.randn(shape))
