@@ -5,8 +5,9 @@ free (its adaptive threshold is also frozen once any library sets one). The laye
 float32 temporaries of ~1 MB per row block of every weight, so each of them page-faults anew: measured on a
 DeepSeek-R1-shaped layer on CPU, about half of the quantize time. Up to ``MMAP_THRESHOLD`` allocations come from
 the heap instead and stay there for the next block, and the heap keeps up to ``TRIM_THRESHOLD`` free at its top.
-Larger allocations (a layer's weights) still get their own pages and go back to the kernel when freed, so peak
-memory stays one layer.
+Larger allocations still get their own pages. Heap pages freed in the middle of the heap are not returned by
+free(); ``release_free_heap`` (glibc's ``malloc_trim``), called after each layer, hands them back, so peak
+memory stays one layer whatever the depth.
 """
 
 from __future__ import annotations
@@ -23,20 +24,31 @@ MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit
 TRIM_THRESHOLD = 64 << 20
 
 
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
 def keep_temporaries_in_heap() -> bool:
     """Set glibc's mmap and trim thresholds (see module docstring); False where that is not glibc or
     ``SLIM_MALLOPT=0`` asks to leave the allocator alone."""
     if os.environ.get("SLIM_MALLOPT", "1") == "0":
         return False
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
-    except (OSError, AttributeError):
-        mallopt = None
-    if mallopt is None:  # musl, macOS, Windows: no mallopt
+    libc = _libc()
+    if libc is None:  # musl, macOS, Windows: no mallopt
         return False
-    ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     log.debug("mallopt mmap threshold %d MiB, trim threshold %d MiB: %s", MMAP_THRESHOLD >> 20,
               TRIM_THRESHOLD >> 20, "set" if ok else "refused")
     return ok
+
+
+def release_free_heap() -> None:
+    """Return every free heap page to the kernel (glibc ``malloc_trim(0)``); a no-op elsewhere."""
+    libc = _libc()
+    if libc is not None and os.environ.get("SLIM_MALLOPT", "1") != "0":
+        libc.malloc_trim(0)

@@ -18,6 +18,7 @@ from slim.calibration.runner import LayerRunner, observe, route_all
 from slim.distributed import Dist
 from slim.errors import SlimError
 from slim.export import CheckpointWriter
+from slim.hostmem import release_free_heap
 from slim.formats.base import check_group_size
 from slim.models.adapters import ModelAdapter
 from slim.models.checkpoint import CheckpointReader
@@ -270,6 +271,7 @@ def quantize_model(
         del qs, outputs
         release(layer)
         reader.close()
+        release_free_heap()  # the layer's freed heap pages go back: memory stays one layer whatever the depth
         writer.maybe_flush()
         if store is not None and ((i + 1) % cfg.export.commit_every == 0 or i == len(layers) - 1):
             store.save_layer(i, writer.state(), [asdict(m) for m in result.modules], hidden)
