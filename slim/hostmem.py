@@ -1,13 +1,12 @@
-"""Host allocator policy for the layer loop (glibc only; elsewhere nothing changes).
+"""Host allocator policy for the layer loop on a CPU (glibc only; elsewhere nothing changes).
 
-By default glibc gives every allocation of 128 KiB or more fresh pages from the kernel and returns them on
-free (its adaptive threshold is also frozen once any library sets one). The layer loop allocates and frees
-float32 temporaries of ~1 MB per row block of every weight, so each of them page-faults anew: measured on a
-DeepSeek-R1-shaped layer on CPU, about half of the quantize time. Up to ``MMAP_THRESHOLD`` allocations come from
-the heap instead and stay there for the next block, and the heap keeps up to ``TRIM_THRESHOLD`` free at its top.
-Larger allocations still get their own pages. Heap pages freed in the middle of the heap are not returned by
-free(); ``release_free_heap`` (glibc's ``malloc_trim``), called after each layer, hands them back, so peak
-memory stays one layer whatever the depth.
+glibc serves large allocations (128 KiB and up, by default) with pages of their own and returns them to the
+kernel on free. The CPU weight path allocates and frees float32 temporaries of ~1 MB per row block of every
+weight, so each one page-faults anew: on 3 DeepSeek-R1-shaped layers, 6.6 M page faults and 19.2 s in
+``quantize_model`` without this policy, 0.6 M and 11.2 s with it. ``keep_temporaries_in_heap`` serves
+allocations up to ``MMAP_THRESHOLD`` from the heap, which keeps up to ``TRIM_THRESHOLD`` free at its top for
+the next block. Heap pages freed below live chunks are not returned by free(), so ``release_free_heap``
+(glibc's ``malloc_trim``), called after each layer, hands them back: peak memory stays one layer at any depth.
 """
 
 from __future__ import annotations

@@ -145,7 +145,8 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
                               tag=f"rank{dist.rank:03d}-" if dist.world > 1 else "")
     hidden_device = dist.device if plan.hidden_states_on == "device" else torch.device("cpu")
     start = store.load_layer(commit["layer"], hidden_device) if commit else None
-    keep_temporaries_in_heap()
+    if dist.device.type == "cpu":  # the block-wise weight path's temporaries (a GPU's live on the GPU)
+        keep_temporaries_in_heap()
     try:
         result = quantize_model(model=model, adapter=adapter, reader=reader, writer=writer, fmt=fmt, scheme=scheme,
                                 input_ids=None if ids is None else dist.shard(ids), cfg=cfg, device=dist.device,

@@ -271,7 +271,8 @@ def quantize_model(
         del qs, outputs
         release(layer)
         reader.close()
-        release_free_heap()  # the layer's freed heap pages go back: memory stays one layer whatever the depth
+        if device.type == "cpu":
+            release_free_heap()  # the layer's freed heap pages go back: memory stays one layer at any depth
         writer.maybe_flush()
         if store is not None and ((i + 1) % cfg.export.commit_every == 0 or i == len(layers) - 1):
             store.save_layer(i, writer.state(), [asdict(m) for m in result.modules], hidden)
