@@ -16,7 +16,7 @@ from slim.quant.stats import div_exact
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
 # Block-FP8 weights are decoded on a CPU this many values at a time at most (whole rows): the float32 temporary
-# stays in cache and its pages are reused, where a whole 2048 x 7168 expert is 58 MB of fresh pages.
+# stays in cache (and in the heap, with slim.hostmem), where a whole 2048 x 7168 expert is 58 MB of fresh pages.
 CPU_DECODE_CHUNK = 1 << 18
 # compressed-tensors replaces a zero scale by the fp32 epsilon; we do the same so files agree.
 _SCALE_EPS = torch.finfo(torch.float32).eps
