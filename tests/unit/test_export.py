@@ -1,4 +1,5 @@
-"""The streamed shard writer: what it writes is what safetensors reads back, and the manifest hashes those bytes."""
+"""The streamed shard writer: what it writes is what safetensors reads back, and the manifest hashes those bytes
+(small tensors inline, large ones on a helper thread while they are written)."""
 
 import hashlib
 import json
@@ -17,6 +18,7 @@ def tensors() -> dict[str, torch.Tensor]:
         dtype = (torch.float32, torch.bfloat16, torch.int32, torch.float8_e4m3fn)[i % 4]
         t = torch.randn(shape, generator=g)
         out[f"model.layers.{i}.w"] = t.clamp(-448, 448).to(dtype) if dtype.is_floating_point else (t * 100).to(dtype)
+    out["lm_head.weight"] = torch.randn(600, 1024, generator=g)  # 2.4 MB: hashed on the helper thread
     return out
 
 
