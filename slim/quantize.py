@@ -18,15 +18,15 @@ from slim.calibration.runner import LayerRunner, observe, route_all
 from slim.distributed import Dist
 from slim.errors import SlimError
 from slim.export import CheckpointWriter
-from slim.hostmem import release_free_heap
 from slim.formats.base import check_group_size
+from slim.hostmem import release_free_heap
 from slim.models.adapters import ModelAdapter
 from slim.models.checkpoint import CheckpointReader
 from slim.models.materialize import materialize, release
 from slim.models.simulated import SimQuantLinear, swap_in
+from slim.quant.blockwise import CPU_BLOCK, quantize_blockwise
 from slim.quant.fp8 import FP8_DTYPE
 from slim.quant.observers import ACTIVATION_OBSERVERS, MinMaxObserver
-from slim.quant.blockwise import CPU_BLOCK, quantize_blockwise
 from slim.quant.schemes import Scheme
 from slim.quant.types import QuantizedLinear
 from slim.resume import LayerCommit, ResumeStore

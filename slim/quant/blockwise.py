@@ -55,6 +55,7 @@ class Quality:
         return math.sqrt(self.out_err) / max(math.sqrt(self.out_ref), 1e-30) if self.has_sample else None
 
 
+@torch.no_grad()
 def quantize_blockwise(
     scheme: Scheme,
     weight: torch.Tensor,  # [out, in], as the model holds it (bf16)
