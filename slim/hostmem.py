@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 
@@ -23,22 +24,25 @@ MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit
 TRIM_THRESHOLD = 64 << 20
 
 
+@functools.cache
 def _libc():
+    """glibc with ``mallopt`` and ``malloc_trim``, or None (another libc, or ``SLIM_MALLOPT=0``); looked up once:
+    ``find_library`` runs a subprocess."""
+    if os.environ.get("SLIM_MALLOPT", "1") == "0":
+        return None
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
-        return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
     except OSError:
         return None
+    return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 def keep_temporaries_in_heap() -> bool:
     """Set glibc's mmap and trim thresholds (see module docstring); False where that is not glibc or
     ``SLIM_MALLOPT=0`` asks to leave the allocator alone."""
-    if os.environ.get("SLIM_MALLOPT", "1") == "0":
-        return False
     libc = _libc()
-    if libc is None:  # musl, macOS, Windows: no mallopt
+    if libc is None:  # musl, macOS, Windows, or opted out
         return False
     ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     log.debug("mallopt mmap threshold %d MiB, trim threshold %d MiB: %s", MMAP_THRESHOLD >> 20,
@@ -49,5 +53,5 @@ def keep_temporaries_in_heap() -> bool:
 def release_free_heap() -> None:
     """Return every free heap page to the kernel (glibc ``malloc_trim(0)``); a no-op elsewhere."""
     libc = _libc()
-    if libc is not None and os.environ.get("SLIM_MALLOPT", "1") != "0":
+    if libc is not None:
         libc.malloc_trim(0)

@@ -5,8 +5,8 @@ Every int4 group lies within a row, and an FP8 per-tensor scale (minmax) needs o
 one pass over the stored weight with no temporary; so each block of rows is quantized on its own by the
 scheme's own ``quantize``. On a CPU, blocks of about 2**18 weights keep the float32 temporaries (the weight, the
 codes, the error) in cache and, with ``slim.hostmem``'s allocator policy, on the same heap pages, where a whole
-DeepSeek-R1 expert (2048 x 7168) makes every float32 temporary 58 MB of fresh pages. The quality figures (SQNR, and the output error on the first
-calibration rows) are float32 norms of each block, summed in float64.
+DeepSeek-R1 expert (2048 x 7168) makes every float32 temporary 58 MB of fresh pages. The quality figures (SQNR,
+and the output error on the first calibration rows) are float32 norms of each block, summed in float64.
 """
 
 from __future__ import annotations

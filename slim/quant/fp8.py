@@ -104,8 +104,11 @@ def dequantize_fp8_block(
             f"weight_scale_inv shape {tuple(scale_inv.shape)} does not match weight {tuple(q.shape)} "
             f"with {bm}x{bn} blocks (expected {(-(-rows // bm), -(-cols // bn))})"
         )
-    if rows % bm == 0 and cols % bn == 0 and q.device.type == "cpu":  # a few rows at a time, in cache
-        out = torch.empty(rows, cols, dtype=dtype)
+    if rows % bm == 0 and cols % bn == 0:  # whole blocks: broadcast the block scale, in place
+        if q.device.type != "cpu":
+            x = fp8_to_float32(q).view(rb, bm, cb, bn)
+            return x.mul_(scale_inv.float()[:, None, :, None]).view(rows, cols).to(dtype)
+        out = torch.empty(rows, cols, dtype=dtype)  # on a CPU a few rows at a time, in cache
         step = bm
         while step % 2 == 0 and step * cols > CPU_DECODE_CHUNK:
             step //= 2
@@ -114,8 +117,5 @@ def dequantize_fp8_block(
             x = fp8_to_float32(q[r : r + step]).view(step, cb, bn).mul_(scale[r // bm][None, :, None])
             out[r : r + step].view(step, cb, bn).copy_(x)  # copy_ rounds to ``dtype`` as .to() does
         return out
-    if rows % bm == 0 and cols % bn == 0:  # whole blocks: broadcast the block scale, in place
-        x = fp8_to_float32(q).view(rb, bm, cb, bn)
-        return x.mul_(scale_inv.float()[:, None, :, None]).view(rows, cols).to(dtype)
     scale = scale_inv.float().repeat_interleave(bm, 0)[:rows].repeat_interleave(bn, 1)[:, :cols]
     return fp8_to_float32(q).mul_(scale).to(dtype)
