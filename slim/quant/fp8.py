@@ -6,9 +6,6 @@ to +-448 before the cast because the overflow behaviour of the fp8 cast differs 
 
 from __future__ import annotations
 
-import functools
-
-import numpy as np
 import torch
 
 from slim.quant.stats import div_exact
@@ -34,23 +31,31 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_to_float32(q: torch.Tensor) -> torch.Tensor:
-    """``q.float()`` for float8_e4m3fn, bit for bit. On CPU the codes are decoded two at a time through a
-    65536-entry table (512 KiB; numpy's ``take``), about 3x faster than torch's element-wise cast there.
-    Always a new tensor (callers scale it in place), also for input that is not FP8."""
+    """``q.float()`` for float8_e4m3fn, bit for bit, NaN codes included. On a CPU the codes are decoded by
+    :func:`_fp8_over_256` (several times faster than torch's element-wise cast there). Always a new tensor
+    (callers scale it in place), also for input that is not FP8."""
     if q.dtype != FP8_DTYPE:
         return q.to(torch.float32, copy=True)
-    if q.device.type != "cpu" or q.numel() < 2 or q.numel() % 2 or not q.is_contiguous():
-        return q.float()
-    pairs = q.view(torch.uint8).numpy().view(np.uint16)  # little- or big-endian: the table is built to match
-    return torch.from_numpy(np.take(_pair_table(), pairs).view(np.float32)).view(q.shape)
+    x = _fp8_over_256(q)
+    return q.float() if x is None else x.mul_(256.0)
 
 
-@functools.cache
-def _pair_table() -> np.ndarray:
-    """float64 slot i = the two float32 values of the byte pair whose native uint16 is i."""
-    single = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float().numpy()
-    pair_bytes = np.arange(65536, dtype=np.uint16).view(np.uint8).reshape(-1, 2)  # native byte order
-    return np.stack([single[pair_bytes[:, 0]], single[pair_bytes[:, 1]]], axis=1).view(np.float64).ravel()
+def _fp8_over_256(q: torch.Tensor) -> torch.Tensor | None:
+    """``q.float() / 256`` exactly, for float8_e4m3fn codes on a CPU; None for a NaN code or another device.
+
+    e4m3's 7 magnitude bits shifted left by 7 are the float16 with the same exponent and mantissa bits, whose
+    bias is 8 more (15 vs 7): that float16 is the code's value / 2**8, subnormals included, and float16 ->
+    float32 is exact (F16C). The sign moves from bit 7 to bit 15: the int8 -> int16 cast sign-extends, so after
+    the shift bits 15 and 14 both hold it, and the mask clears bit 14. The two NaN codes (0x7F, 0xFF) would come
+    out as +-480: they are looked for first, on the bytes, and left to torch's cast.
+    """
+    if q.device.type != "cpu" or q.numel() == 0:
+        return None
+    codes = q.view(torch.uint8)
+    if int(torch.bitwise_and(codes, 0x7F).amax()) == 0x7F:
+        return None
+    bits = q.view(torch.int8).to(torch.int16).bitwise_left_shift_(7).bitwise_and_(~0x4000)
+    return bits.view(torch.float16).float()
 
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -94,8 +99,10 @@ def dequantize_fp8_block(
     scale_inv: torch.Tensor,
     block: tuple[int, int] = (128, 128),
     dtype: torch.dtype = torch.bfloat16,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Inverse of :func:`quantize_fp8_block`: ``q * scale_inv`` per block, in fp32, cast to ``dtype``."""
+    """Inverse of :func:`quantize_fp8_block`: ``q * scale_inv`` per block, in fp32, cast to ``dtype``.
+    ``out``: where a CPU decode writes (``dtype``, ``q``'s shape; e.g. from ``slim.hostmem.LayerArena``)."""
     rows, cols = q.shape
     bm, bn = block
     rb, cb = scale_inv.shape
@@ -104,18 +111,27 @@ def dequantize_fp8_block(
             f"weight_scale_inv shape {tuple(scale_inv.shape)} does not match weight {tuple(q.shape)} "
             f"with {bm}x{bn} blocks (expected {(-(-rows // bm), -(-cols // bn))})"
         )
-    if rows % bm == 0 and cols % bn == 0:  # whole blocks: broadcast the block scale, in place
-        if q.device.type != "cpu":
-            x = fp8_to_float32(q).view(rb, bm, cb, bn)
-            return x.mul_(scale_inv.float()[:, None, :, None]).view(rows, cols).to(dtype)
-        out = torch.empty(rows, cols, dtype=dtype)  # on a CPU a few rows at a time, in cache
+    if out is not None and (out.shape != q.shape or out.dtype != dtype):
+        raise ValueError(f"out is {out.dtype} {tuple(out.shape)}, not {dtype} {tuple(q.shape)}")
+    whole_blocks = rows % bm == 0 and cols % bn == 0
+    if whole_blocks and q.device.type == "cpu":  # a few rows at a time, in cache
+        out = torch.empty(rows, cols, dtype=dtype) if out is None else out
         step = bm
         while step % 2 == 0 and step * cols > CPU_DECODE_CHUNK:
             step //= 2
         scale = scale_inv.float()
+        scale_256 = scale * 256.0  # exact, so (code / 256) * (scale * 256) rounds the same product once
+        if not bool(torch.isfinite(scale_256).all()):
+            scale_256 = None  # a scale within 2**8 of fp32's largest: multiply the plain decoded value
         for r in range(0, rows, step):
-            x = fp8_to_float32(q[r : r + step]).view(step, cb, bn).mul_(scale[r // bm][None, :, None])
+            x = _fp8_over_256(q[r : r + step]) if scale_256 is not None else None
+            x, s = (fp8_to_float32(q[r : r + step]), scale) if x is None else (x, scale_256)
+            x = x.view(step, cb, bn).mul_(s[r // bm][None, :, None])
             out[r : r + step].view(step, cb, bn).copy_(x)  # copy_ rounds to ``dtype`` as .to() does
         return out
-    scale = scale_inv.float().repeat_interleave(bm, 0)[:rows].repeat_interleave(bn, 1)[:, :cols]
-    return fp8_to_float32(q).mul_(scale).to(dtype)
+    if whole_blocks:  # on a device: broadcast the block scale, in place
+        x = fp8_to_float32(q).view(rb, bm, cb, bn).mul_(scale_inv.float()[:, None, :, None]).view(rows, cols)
+    else:
+        scale = scale_inv.float().repeat_interleave(bm, 0)[:rows].repeat_interleave(bn, 1)[:, :cols]
+        x = fp8_to_float32(q).mul_(scale)
+    return x.to(dtype) if out is None else out.copy_(x)

@@ -17,6 +17,7 @@ from slim.quant.fp8 import (
     quantize_fp8,
     quantize_fp8_block,
 )
+from slim.quant.fp8 import _fp8_over_256
 
 FP8_TENSOR = QuantizationArgs(num_bits=8, type=QuantizationType.FLOAT, strategy=QuantizationStrategy.TENSOR, symmetric=True)
 
@@ -76,7 +77,7 @@ def test_block_round_trip_ragged(shape):
     assert torch.equal(d[r, c], q[r, c].float() * s[-1, -1])
 
 
-def test_table_decode_is_torchs_cast_bit_for_bit():
+def test_cpu_decode_is_torchs_cast_bit_for_bit():
     codes = torch.arange(256, dtype=torch.uint8)
     every_pair = torch.stack(torch.meshgrid(codes, codes, indexing="ij"), -1).reshape(-1).view(FP8_DTYPE)
     out = fp8_to_float32(every_pair)  # NaN codes too: compare the bits
@@ -100,6 +101,52 @@ def test_block_dequantize_is_code_times_its_blocks_scale(shape):
     want = q.float() * s[rows, cols]
     assert torch.equal(dequantize_fp8_block(q, s, dtype=torch.float32), want)
     assert torch.equal(dequantize_fp8_block(q, s), want.to(torch.bfloat16))
+
+
+def test_cpu_decode_is_the_code_over_256_bit_for_bit():
+    codes = torch.arange(256, dtype=torch.uint8)
+    finite = (codes & 0x7F) != 0x7F
+    fp8 = codes[finite].view(FP8_DTYPE)  # every finite code: zeros, subnormals, normals, both signs
+    got = _fp8_over_256(fp8)
+    assert got.dtype == torch.float32
+    assert torch.equal(got.view(torch.int32), (fp8.float() / 256).view(torch.int32))
+    assert torch.equal(got.mul(256).view(torch.int32), fp8.float().view(torch.int32))
+    assert _fp8_over_256(codes.view(FP8_DTYPE)) is None  # a NaN code: left to torch's cast
+    assert _fp8_over_256(codes[:0].view(FP8_DTYPE)) is None
+
+
+@pytest.mark.parametrize("scale_kind", ["nan_code", "huge", "subnormal"])
+def test_block_dequantize_edge_cases_are_exact(scale_kind):
+    """The CPU decode multiplies (code / 256) by (scale * 256): the same product, rounded once. Where that
+    cannot hold (a NaN code, a scale whose * 256 overflows) it decodes plainly; subnormal scales need nothing."""
+    torch.manual_seed(5)
+    q, s = quantize_fp8_block(torch.randn(256, 384))
+    if scale_kind == "nan_code":
+        q.view(torch.uint8)[70, 200] = 0xFF
+    elif scale_kind == "huge":
+        s[1, 2] = torch.finfo(torch.float32).max / 100  # * 256 overflows; codes above 100 decode to inf
+    else:
+        s = s * 2.0**-140  # fp32 subnormals
+    rows = torch.arange(256)[:, None] // 128
+    cols = torch.arange(384)[None, :] // 128
+    want = q.float() * s[rows, cols]
+    got = dequantize_fp8_block(q, s, dtype=torch.float32)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))  # NaN and inf bits included
+    if scale_kind == "nan_code":
+        assert got[70, 200].isnan() and got.isnan().sum() == 1
+
+
+def test_block_dequantize_writes_into_out():
+    q, s = quantize_fp8_block(torch.randn(256, 256))
+    out = torch.full((256, 256), 7.0, dtype=torch.bfloat16)
+    assert dequantize_fp8_block(q, s, out=out) is out
+    assert torch.equal(out, dequantize_fp8_block(q, s))
+    ragged_q, ragged_s = quantize_fp8_block(torch.randn(100, 300))
+    ragged_out = torch.empty(100, 300, dtype=torch.bfloat16)
+    assert dequantize_fp8_block(ragged_q, ragged_s, out=ragged_out) is ragged_out
+    assert torch.equal(ragged_out, dequantize_fp8_block(ragged_q, ragged_s))
+    with pytest.raises(ValueError, match="out is"):
+        dequantize_fp8_block(q, s, out=torch.empty(256, 256))  # float32, not bfloat16
 
 
 def test_block_scale_shape_mismatch_is_reported():
