@@ -1,8 +1,10 @@
 """Elementary operations used on every weight, the same to the bit on every device.
 
-``absmax`` and ``all_finite`` go through ``torch.aminmax``, a single vectorized pass (several times faster on
-CPU than ``abs().amax()`` or ``isfinite().all()``, which each write a full-size temporary). NaN propagates
-through it, and an infinity lands in the min or the max, so ``all_finite`` is exact.
+``absmax`` and ``all_finite`` take the min and the max instead of writing a full-size temporary as
+``abs().amax()`` or ``isfinite().all()`` do. Over a whole tensor that is ``torch.aminmax``, one vectorized pass;
+along a dim, ``amax`` and ``amin`` separately: on a CPU, ``aminmax`` over groups of 128 took 2.0 ns per value
+and the two reductions 0.25 ns together. NaN propagates through both, and an infinity lands in the min or the
+max, so ``all_finite`` is exact.
 
 ``div_exact`` divides by a constant with IEEE (correctly rounded) division on every device. ``x / 448.0`` is
 not that on CUDA: PyTorch turns a division by a CPU scalar into a multiplication by its fp32 reciprocal there,
@@ -18,7 +20,7 @@ import torch
 def absmax(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
     """``x.abs().amax(dim, keepdim)``, bit for bit (a zero comes out +0.0), in one pass; ``dim=None`` reduces
     everything."""
-    lo, hi = torch.aminmax(x) if dim is None else torch.aminmax(x, dim=dim, keepdim=keepdim)
+    lo, hi = torch.aminmax(x) if dim is None else (x.amin(dim, keepdim), x.amax(dim, keepdim))
     return torch.maximum(-lo, hi) + 0.0  # + 0.0 turns the -0.0 of an all-zero group into +0.0
 
 
