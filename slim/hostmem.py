@@ -15,14 +15,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
-import math
-import mmap
 import os
-import weakref
-from collections.abc import Iterable
-
-import numpy as np
-import torch
 
 log = logging.getLogger(__name__)
 
@@ -62,58 +55,3 @@ def release_free_heap() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
-
-
-class LayerArena:
-    """Host memory for one decoder layer's decoded weights, mapped once and reused by every later layer.
-
-    On a CPU, fresh pages cost far more than the decode that fills them: on a 2-core VM, writing a decoded
-    DeepSeek-R1 expert into new pages took 2.0 ns per weight, into pages used before 1.0 ns (huge pages did not
-    help: the cost is the first touch, not the page count). Between ``begin(nbytes)`` and ``reset()``,
-    :meth:`empty` carves tensors out of one anonymous mapping that stays mapped between layers, so the first
-    layer touches the pages and the others reuse them. Peak memory is unchanged (the layer's weights were
-    resident anyway); between layers the mapping holds one layer's weights.
-
-    Nothing is ever overwritten while in use: ``reset`` checks, through weak references, that every tensor it
-    handed out is gone; if one is still referenced, the mapping is left to it and the next layer maps a new one.
-    Outside ``begin``/``reset``, and past the reserved size, :meth:`empty` is plain ``torch.empty``.
-    """
-
-    ALIGN = 64  # bytes; a cache line, and enough for every dtype
-
-    def __init__(self) -> None:
-        self._base: np.ndarray | None = None  # uint8 view of the mapping
-        self._used = 0
-        self._active = False
-        self._handed: list[weakref.ref] = []
-
-    @property
-    def capacity(self) -> int:
-        return 0 if self._base is None else self._base.nbytes
-
-    def begin(self, sizes: Iterable[int]) -> None:
-        """Start a layer whose tensors have these byte sizes (mapped anew if the current mapping is smaller;
-        reserving more than is decoded costs nothing: untouched pages are never resident)."""
-        nbytes = sum(-(-n // self.ALIGN) * self.ALIGN for n in sizes)
-        if nbytes > self.capacity:
-            self._base = None  # the old mapping goes first
-            self._base = np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.uint8)
-        self._used, self._active = 0, True
-
-    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        nbytes = math.prod(shape) * dtype.itemsize
-        start = -(-self._used // self.ALIGN) * self.ALIGN
-        if not self._active or nbytes == 0 or start + nbytes > self.capacity:
-            return torch.empty(shape, dtype=dtype)
-        view = self._base[start : start + nbytes]
-        self._handed.append(weakref.ref(view))
-        self._used = start + nbytes
-        return torch.from_numpy(view).view(dtype).view(shape)  # the tensor keeps ``view`` (and the mapping) alive
-
-    def reset(self) -> None:
-        """The layer's tensors are released: the next ``begin`` reuses the mapping, unless one is still held."""
-        if any(ref() is not None for ref in self._handed):
-            log.debug("a decoded weight outlived its layer: its mapping is left to it, the next layer maps anew")
-            self._base = None
-        self._handed.clear()
-        self._used, self._active = 0, False

@@ -19,7 +19,7 @@ from slim.distributed import Dist
 from slim.errors import SlimError
 from slim.export import CheckpointWriter
 from slim.formats.base import check_group_size
-from slim.hostmem import LayerArena, release_free_heap
+from slim.hostmem import release_free_heap
 from slim.models.adapters import ModelAdapter
 from slim.models.checkpoint import CheckpointReader
 from slim.models.materialize import materialize, release
@@ -245,14 +245,11 @@ def quantize_model(
                  input_ids.shape[0], input_ids.shape[1], hidden[0].shape[-1],
                  sum(h.numel() * h.element_size() for h in hidden) / 2**20, where)
 
-    arena = reader.arena = LayerArena() if device.type == "cpu" else None
     progress = tqdm(range(first, len(layers)), desc="quantize layers", unit="layer", leave=False,
                     initial=first, total=len(layers))
     for i in progress:
         layer = layers[i]
         prefix = adapter.layer_prefix(i)
-        if arena is not None:
-            arena.begin(p.numel() * p.element_size() for p in layer.parameters())
         materialize(layer, prefix, reader, device)
         layer_targets = by_layer.get(prefix, {})
         if calibrate:
@@ -274,8 +271,7 @@ def quantize_model(
         del qs, outputs
         release(layer)
         reader.close()
-        if arena is not None:
-            arena.reset()  # its pages stay mapped: the next layer decodes into them
+        if device.type == "cpu":
             release_free_heap()  # the layer's freed heap pages go back: memory stays one layer at any depth
         writer.maybe_flush()
         if store is not None and ((i + 1) % cfg.export.commit_every == 0 or i == len(layers) - 1):
@@ -284,7 +280,6 @@ def quantize_model(
             if dist.is_main:
                 store.commit(i)
 
-    reader.arena = None  # unmapped with the last layer's tensors
     tail = adapter.tail_modules(model)
     for prefix, mod in tail.items():
         materialize(mod, prefix, reader, device)

@@ -16,7 +16,6 @@ import torch
 from safetensors import safe_open
 
 from slim.errors import SlimError
-from slim.hostmem import LayerArena
 from slim.quant.fp8 import FP8_DTYPE, dequantize_fp8_block
 
 INDEX = "model.safetensors.index.json"
@@ -43,7 +42,6 @@ class CheckpointReader:
         self.weight_map = self._weight_map()
         self._handles: OrderedDict[str, object] = OrderedDict()
         self.aliases: dict[str, str] = {}  # name -> stored name (tied weights saved once)
-        self.arena: LayerArena | None = None  # where CPU-decoded FP8 weights go (the layer loop sets one)
 
     def _weight_map(self) -> dict[str, str]:
         if (self.path / INDEX).is_file():
@@ -122,8 +120,7 @@ class CheckpointReader:
             scale_name = name + BLOCK_SCALE_SUFFIX
             if scale_name not in self.weight_map:
                 raise SlimError(f"FP8 tensor {name} has no {scale_name}; the checkpoint is incomplete")
-            out = self.arena.empty(t.shape, dtype) if self.arena is not None and torch.device(device).type == "cpu" else None
-            return dequantize_fp8_block(t.to(device), self.raw(scale_name).to(device), self.block, dtype, out)
+            return dequantize_fp8_block(t.to(device), self.raw(scale_name).to(device), self.block, dtype)
         return (t.to(dtype) if t.is_floating_point() else t).to(device)
 
     def passthrough(self, name: str, dtype: torch.dtype) -> torch.Tensor:

@@ -63,39 +63,3 @@ def test_freed_heap_pages_go_back_after_a_layer():
     out = subprocess.run([sys.executable, "-c", TRIM_SCRIPT], capture_output=True, text=True, check=True).stdout.split()
     before, after = int(out[0]), int(out[1])
     assert before - after > 200  # the 270 MiB freed between the live chunks are returned
-
-
-def test_layer_arena_reuses_one_mapping_layer_after_layer():
-    import math
-
-    import torch
-
-    from slim.hostmem import LayerArena
-
-    arena = LayerArena()
-    sizes = [(300, 7), (64, 64), (5,)]
-    nbytes = [math.prod(s) * 2 for s in sizes]  # bfloat16
-
-    def layer():
-        arena.begin(nbytes)
-        ts = [arena.empty(s, torch.bfloat16) for s in sizes]
-        for i, t in enumerate(ts):
-            t.fill_(i + 1)
-        return ts
-
-    first = layer()
-    ptrs = [t.data_ptr() for t in first]
-    assert all(p % LayerArena.ALIGN == 0 for p in ptrs)
-    assert max(ptrs) - min(ptrs) < arena.capacity  # carved out of one mapping
-    assert [float(t[0].flatten()[0]) for t in first] == [1.0, 2.0, 3.0]  # disjoint: nothing overwritten
-    del first
-    arena.reset()
-    second = layer()
-    assert [t.data_ptr() for t in second] == ptrs  # the same pages, no fresh ones
-    assert arena.empty((10 ** 6,), torch.bfloat16).data_ptr() not in range(min(ptrs), min(ptrs) + arena.capacity)
-    arena.reset()  # ``second`` is still referenced: its mapping is left to it
-    third = layer()
-    assert third[0].data_ptr() != ptrs[0]
-    assert torch.all(second[0] == 1) and torch.all(third[0] == 1)
-    arena.reset()
-    assert arena.empty((4, 4), torch.float32).data_ptr() not in {t.data_ptr() for t in third}  # outside a layer
