@@ -111,6 +111,8 @@ def test_cpu_decode_is_the_code_over_256_bit_for_bit():
     assert got.dtype == torch.float32
     assert torch.equal(got.view(torch.int32), (fp8.float() / 256).view(torch.int32))
     assert torch.equal(got.mul(256).view(torch.int32), fp8.float().view(torch.int32))
+    strided = fp8[::3]
+    assert torch.equal(fp8_to_float32(strided).view(torch.int32), strided.float().view(torch.int32))
     assert _fp8_over_256(codes.view(FP8_DTYPE)) is None  # a NaN code: left to torch's cast
     assert _fp8_over_256(codes[:0].view(FP8_DTYPE)) is None
 
