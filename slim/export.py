@@ -63,7 +63,6 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 _hasher: ThreadPoolExecutor | None = None
-_syncer: ThreadPoolExecutor | None = None
 
 
 def _hash_beside(buf: memoryview) -> Future:
@@ -72,14 +71,6 @@ def _hash_beside(buf: memoryview) -> Future:
     if _hasher is None:
         _hasher = ThreadPoolExecutor(1, thread_name_prefix="slim-sha256")
     return _hasher.submit(lambda: hashlib.sha256(buf).hexdigest())
-
-
-def _fsync_beside(fd: int) -> Future:
-    """``os.fsync(fd)`` on a helper thread: the disk takes what is written so far while the caller computes."""
-    global _syncer
-    if _syncer is None:
-        _syncer = ThreadPoolExecutor(1, thread_name_prefix="slim-fsync")
-    return _syncer.submit(os.fsync, fd)
 
 
 def _entry_json(name: str, entry: dict) -> str:
@@ -94,7 +85,6 @@ class ShardFile:
         self.path, self.tmp, self.reserve = path, path.with_name(path.name + ".tmp"), reserve
         self.entries: dict[str, dict] = dict(entries or {})
         self.data_bytes = data_bytes
-        self._syncing: Future | None = None
         self._header_len = len(json.dumps(_METADATA, separators=(",", ":"))) + sum(
             len(_entry_json(n, e)) + 1 for n, e in self.entries.items())
         if data_bytes:  # resume: the committed prefix of the file stays, whatever came after it goes
@@ -126,19 +116,6 @@ class ShardFile:
         self.data_bytes = end
         return digest.result() if digest is not None else hashlib.sha256(buf).hexdigest()
 
-    def sync_beside(self) -> None:
-        """Start writing what the shard holds so far to disk on a helper thread (one at a time), so that
-        ``close()``'s fsync finds little left to do."""
-        if self._syncing is None or self._syncing.done():
-            self._wait_sync()
-            self._f.flush()
-            self._syncing = _fsync_beside(self._f.fileno())
-
-    def _wait_sync(self) -> None:
-        if self._syncing is not None:
-            syncing, self._syncing = self._syncing, None
-            syncing.result()
-
     def state(self) -> dict[str, Any]:
         self._f.flush()
         return {"file": self.path.name, "entries": self.entries, "data_bytes": self.data_bytes, "reserve": self.reserve}
@@ -148,7 +125,6 @@ class ShardFile:
         pad = self.reserve - 8 - len(header)
         if pad < 0:
             raise RuntimeError(f"{self.path.name}: header of {len(header)} bytes overflows its reserve")
-        self._wait_sync()
         self._f.seek(0)
         self._f.write(struct.pack("<Q", self.reserve - 8) + header + b" " * pad)
         self._f.flush()
@@ -158,10 +134,7 @@ class ShardFile:
         os.replace(self.tmp, self.path)
 
     def abandon(self) -> None:
-        try:
-            self._wait_sync()
-        finally:
-            self._f.close()
+        self._f.close()
 
 
 class CheckpointWriter:
@@ -201,12 +174,9 @@ class CheckpointWriter:
         self.checksums[name] = self._current.add(name, tensor)
 
     def maybe_flush(self) -> None:
-        """Call at layer boundaries: closes the open shard once it holds ``max_shard_bytes``, else starts an
-        fsync of what it holds so far beside the next layer's work."""
+        """Call at layer boundaries: closes the open shard once it holds ``max_shard_bytes``."""
         if self._current is not None and self._current.data_bytes >= self.max_shard_bytes:
             self.flush()
-        elif self._current is not None:
-            self._current.sync_beside()
 
     def flush(self) -> None:
         if self._current is None:

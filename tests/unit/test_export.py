@@ -40,25 +40,3 @@ def test_shards_read_back_bit_exact_and_manifest_hashes_the_bytes(tmp_path):
         assert back.dtype == t.dtype and torch.equal(back.view(torch.uint8), t.view(torch.uint8)), name
         assert manifest[name]["sha256"] == hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest()
 
-
-
-def test_layer_boundaries_fsync_the_open_shard_beside_and_close_waits(tmp_path, monkeypatch):
-    import os
-    import threading
-
-    real_fsync, calls = os.fsync, []
-
-    def fsync(fd):
-        calls.append(threading.current_thread().name)
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    writer = CheckpointWriter(tmp_path / "out", max_shard_bytes=1 << 30)  # never full: one shard
-    ts = {"a": torch.randn(1000, 100), "b": torch.randn(500, 100)}
-    for name, t in ts.items():
-        writer.add(name, t)
-        writer.maybe_flush()  # a layer boundary
-    [(fname, names, _)] = writer.close()
-    assert calls[0].startswith("slim-fsync") and calls[-1] == threading.main_thread().name  # close syncs last
-    with safe_open(tmp_path / "out" / fname, framework="pt") as f:
-        assert sorted(names) == sorted(f.keys()) and all(torch.equal(f.get_tensor(n), t) for n, t in ts.items())
