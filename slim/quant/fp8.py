@@ -102,7 +102,7 @@ def dequantize_fp8_block(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_fp8_block`: ``q * scale_inv`` per block, in fp32, cast to ``dtype``.
-    ``out``: where a CPU decode writes (``dtype``, ``q``'s shape; e.g. from ``slim.hostmem.LayerArena``)."""
+    ``out``: a ``dtype`` tensor of ``q``'s shape to write into (e.g. memory reused from an earlier layer)."""
     rows, cols = q.shape
     bm, bn = block
     rb, cb = scale_inv.shape

@@ -9,6 +9,7 @@ from compressed_tensors.quantization.utils import calculate_qparams
 from slim.quant.fp8 import (
     FP8_DTYPE,
     FP8_MAX,
+    _fp8_over_256,
     dequantize_fp8,
     dequantize_fp8_block,
     fake_quantize_fp8,
@@ -17,7 +18,6 @@ from slim.quant.fp8 import (
     quantize_fp8,
     quantize_fp8_block,
 )
-from slim.quant.fp8 import _fp8_over_256
 
 FP8_TENSOR = QuantizationArgs(num_bits=8, type=QuantizationType.FLOAT, strategy=QuantizationStrategy.TENSOR, symmetric=True)
 
