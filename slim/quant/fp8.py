@@ -99,10 +99,8 @@ def dequantize_fp8_block(
     scale_inv: torch.Tensor,
     block: tuple[int, int] = (128, 128),
     dtype: torch.dtype = torch.bfloat16,
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Inverse of :func:`quantize_fp8_block`: ``q * scale_inv`` per block, in fp32, cast to ``dtype``.
-    ``out``: a ``dtype`` tensor of ``q``'s shape to write into (e.g. memory reused from an earlier layer)."""
+    """Inverse of :func:`quantize_fp8_block`: ``q * scale_inv`` per block, in fp32, cast to ``dtype``."""
     rows, cols = q.shape
     bm, bn = block
     rb, cb = scale_inv.shape
@@ -111,11 +109,11 @@ def dequantize_fp8_block(
             f"weight_scale_inv shape {tuple(scale_inv.shape)} does not match weight {tuple(q.shape)} "
             f"with {bm}x{bn} blocks (expected {(-(-rows // bm), -(-cols // bn))})"
         )
-    if out is not None and (out.shape != q.shape or out.dtype != dtype):
-        raise ValueError(f"out is {out.dtype} {tuple(out.shape)}, not {dtype} {tuple(q.shape)}")
-    whole_blocks = rows % bm == 0 and cols % bn == 0
-    if whole_blocks and q.device.type == "cpu":  # a few rows at a time, in cache
-        out = torch.empty(rows, cols, dtype=dtype) if out is None else out
+    if rows % bm == 0 and cols % bn == 0:  # whole blocks: broadcast the block scale, in place
+        if q.device.type != "cpu":
+            x = fp8_to_float32(q).view(rb, bm, cb, bn)
+            return x.mul_(scale_inv.float()[:, None, :, None]).view(rows, cols).to(dtype)
+        out = torch.empty(rows, cols, dtype=dtype)  # on a CPU a few rows at a time, in cache
         step = bm
         while step % 2 == 0 and step * cols > CPU_DECODE_CHUNK:
             step //= 2
@@ -124,14 +122,11 @@ def dequantize_fp8_block(
         if not bool(torch.isfinite(scale_256).all()):
             scale_256 = None  # a scale within 2**8 of fp32's largest: multiply the plain decoded value
         for r in range(0, rows, step):
-            x = _fp8_over_256(q[r : r + step]) if scale_256 is not None else None
-            x, s = (fp8_to_float32(q[r : r + step]), scale) if x is None else (x, scale_256)
+            chunk = q[r : r + step]
+            x = _fp8_over_256(chunk) if scale_256 is not None else None
+            x, s = (chunk.float(), scale) if x is None else (x, scale_256)  # None: torch's cast (NaN codes)
             x = x.view(step, cb, bn).mul_(s[r // bm][None, :, None])
             out[r : r + step].view(step, cb, bn).copy_(x)  # copy_ rounds to ``dtype`` as .to() does
         return out
-    if whole_blocks:  # on a device: broadcast the block scale, in place
-        x = fp8_to_float32(q).view(rb, bm, cb, bn).mul_(scale_inv.float()[:, None, :, None]).view(rows, cols)
-    else:
-        scale = scale_inv.float().repeat_interleave(bm, 0)[:rows].repeat_interleave(bn, 1)[:, :cols]
-        x = fp8_to_float32(q).mul_(scale)
-    return x.to(dtype) if out is None else out.copy_(x)
+    scale = scale_inv.float().repeat_interleave(bm, 0)[:rows].repeat_interleave(bn, 1)[:, :cols]
+    return fp8_to_float32(q).mul_(scale).to(dtype)

@@ -18,8 +18,8 @@ import torch
 
 
 def absmax(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
-    """``x.abs().amax(dim, keepdim)``, bit for bit (a zero comes out +0.0), in one pass; ``dim=None`` reduces
-    everything."""
+    """``x.abs().amax(dim, keepdim)``, bit for bit (a zero comes out +0.0), without a full-size temporary;
+    ``dim=None`` reduces everything."""
     lo, hi = torch.aminmax(x) if dim is None else (x.amin(dim, keepdim), x.amax(dim, keepdim))
     return torch.maximum(-lo, hi) + 0.0  # + 0.0 turns the -0.0 of an all-zero group into +0.0
 

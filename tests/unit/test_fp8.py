@@ -138,19 +138,6 @@ def test_block_dequantize_edge_cases_are_exact(scale_kind):
         assert got[70, 200].isnan() and got.isnan().sum() == 1
 
 
-def test_block_dequantize_writes_into_out():
-    q, s = quantize_fp8_block(torch.randn(256, 256))
-    out = torch.full((256, 256), 7.0, dtype=torch.bfloat16)
-    assert dequantize_fp8_block(q, s, out=out) is out
-    assert torch.equal(out, dequantize_fp8_block(q, s))
-    ragged_q, ragged_s = quantize_fp8_block(torch.randn(100, 300))
-    ragged_out = torch.empty(100, 300, dtype=torch.bfloat16)
-    assert dequantize_fp8_block(ragged_q, ragged_s, out=ragged_out) is ragged_out
-    assert torch.equal(ragged_out, dequantize_fp8_block(ragged_q, ragged_s))
-    with pytest.raises(ValueError, match="out is"):
-        dequantize_fp8_block(q, s, out=torch.empty(256, 256))  # float32, not bfloat16
-
-
 def test_block_scale_shape_mismatch_is_reported():
     q, s = quantize_fp8_block(torch.randn(256, 256))
     with pytest.raises(ValueError, match="weight_scale_inv shape"):
