@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 ALIGN = 4096  # file offsets, lengths and buffer addresses of direct writes are multiples of this
-STAGE_BYTES = 8 << 20  # per staging buffer; two are used (16 MiB resident, reused for every write)
+STAGE_BYTES = 4 << 20  # per staging buffer; two are used (8 MiB resident, reused for every write)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
