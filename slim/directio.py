@@ -1,4 +1,4 @@
-"""Append to a file around the page cache (``O_DIRECT``), through two small aligned staging buffers.
+"""Append to a file around the page cache (``O_DIRECT``), through a small aligned staging buffer.
 
 A checkpoint is written once and not read back by the writer, so the page cache only costs: every buffered
 ``write`` copies the bytes into freshly allocated cache pages, and where fresh pages are expensive (a virtual
@@ -6,11 +6,11 @@ machine whose host backs guest memory lazily) that copy was most of the export's
 developed on, 2 GiB of zeros took 3.5-17.9 s through buffered ``dd`` and 1.0-1.6 s with ``oflag=direct``; a
 4-layer R1-shaped export spent 53% of its CPU samples in the kernel's page-cache copy (perf).
 
-Bytes are gathered in a page-aligned staging buffer and written in whole aligned blocks by a helper thread,
-while the caller fills the other buffer. ``sync()`` writes everything gathered so far (the last, partial block
-padded with zeros); ``close()`` cuts the file back to its true length. Where the filesystem refuses ``O_DIRECT``
-(tmpfs, some network filesystems, platforms without it), :func:`open_direct` returns ``None`` and callers write
-buffered as before. The file's bytes are the same either way. A filesystem that accepts the flag but refuses the
+Bytes are gathered in a page-aligned staging buffer and written in whole aligned blocks (``os.pwrite`` releases
+the GIL, so the shard writer's hashing thread runs meanwhile). ``sync()`` writes everything gathered so far
+(the last, partial block padded with zeros); ``close()`` cuts the file back to its true length. Where the
+filesystem refuses ``O_DIRECT`` (tmpfs, some network filesystems, platforms without it), :func:`open_direct`
+returns ``None`` and callers write buffered as before. The file's bytes are the same either way. A filesystem that accepts the flag but refuses the
 writes fails the export with an error naming ``export.direct_io=false``.
 """
 
@@ -19,11 +19,10 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 ALIGN = 4096  # file offsets, lengths and buffer addresses of direct writes are multiples of this
-STAGE_BYTES = 4 << 20  # per staging buffer; two are used (8 MiB resident, reused for every write)
+STAGE_BYTES = 1 << 20  # the staging buffer: resident once, reused for every write (larger ones were no faster)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
@@ -36,7 +35,7 @@ def _align_up(n: int) -> int:
 
 
 class DirectAppender:
-    """Append bytes to ``path`` from byte offset ``pos`` on, with direct I/O.
+    """Append bytes to a file from byte offset ``pos`` on, with direct I/O.
 
     Bytes of the file before ``pos`` that share its block are read back first, so ``pos`` need not be aligned.
     The file holds everything passed to :meth:`write` once :meth:`sync` or :meth:`close` returns; between
@@ -48,20 +47,17 @@ class DirectAppender:
         if stage_bytes <= 0 or stage_bytes % ALIGN:
             raise ValueError(f"stage_bytes must be a positive multiple of {ALIGN}, got {stage_bytes}")
         self.path, self._fd, self._cap = path, fd, stage_bytes
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS  # page-aligned, private (counted as the process's own)
-        self._stages = [mmap.mmap(-1, stage_bytes, flags=flags) for _ in range(2)]
-        self._views = [memoryview(s) for s in self._stages]
-        self._pending: list[Future | None] = [None, None]
-        self._io = ThreadPoolExecutor(1, thread_name_prefix="slim-direct-write")
-        self._cur = 0
-        self._base = _align_down(pos)  # file offset of the current stage's first byte
+        # page-aligned and private (counted as the process's own memory), touched once and reused
+        self._stage = mmap.mmap(-1, stage_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._view = memoryview(self._stage)
+        self._base = _align_down(pos)  # file offset of the staged bytes' first one
         self._fill = pos - self._base
         if self._fill:  # the block already holds bytes before pos: keep them
             with open(path, "rb") as f:
                 f.seek(self._base)
                 head = f.read(self._fill)
-            self._views[0][:len(head)] = head
-            self._views[0][len(head):self._fill] = bytes(self._fill - len(head))  # a hole reads as zeros
+            self._view[:len(head)] = head
+            self._view[len(head):self._fill] = bytes(self._fill - len(head))  # a hole reads as zeros
 
     @property
     def pos(self) -> int:
@@ -72,37 +68,32 @@ class DirectAppender:
         mv = memoryview(data).cast("B")
         done = 0
         while done < len(mv):
-            stage = self._views[self._cur]
             n = min(len(mv) - done, self._cap - self._fill)
-            stage[self._fill:self._fill + n] = mv[done:done + n]
+            self._view[self._fill:self._fill + n] = mv[done:done + n]
             self._fill += n
             done += n
             if self._fill == self._cap:
-                self._submit(self._cap)
+                self._pwrite(self._cap)
                 self._base += self._cap
                 self._fill = 0
-                self._cur ^= 1
-                self._wait(self._cur)  # the other buffer's write must be done before it is refilled
         return done
 
     def sync(self) -> None:
-        """Write every byte gathered so far; the partial last block stays staged for the next writes."""
-        if self._fill:
-            stage = self._views[self._cur]
-            end = _align_up(self._fill)
-            stage[self._fill:end] = bytes(end - self._fill)
-            self._submit(end)
-            self._wait(self._cur)
-            keep = _align_down(self._fill)
-            if keep:  # whole blocks are on disk; move the partial one to the front of the buffer
-                rest = self._fill - keep
-                stage[:rest] = stage[keep:self._fill]
-                self._base += keep
-                self._fill = rest
-        self._wait(self._cur ^ 1)
+        """Write every byte staged so far; the partial last block stays staged for the next writes."""
+        if not self._fill:
+            return
+        end = _align_up(self._fill)
+        self._view[self._fill:end] = bytes(end - self._fill)
+        self._pwrite(end)
+        keep = _align_down(self._fill)
+        if keep:  # whole blocks are on disk; move the partial one to the front of the buffer
+            rest = self._fill - keep
+            self._view[:rest] = self._view[keep:self._fill]
+            self._base += keep
+            self._fill = rest
 
     def close(self) -> None:
-        """Write everything, cut the file to :attr:`pos`, close it and release the buffers."""
+        """Write everything, cut the file to :attr:`pos`, close it and release the buffer."""
         try:
             self.sync()
             os.ftruncate(self._fd, self.pos)
@@ -110,24 +101,18 @@ class DirectAppender:
             self._release()
 
     def abandon(self) -> None:
-        """Drop what is staged (after a failure) and close the file; waits for a write in flight."""
-        for i in (0, 1):
-            try:
-                self._wait(i)
-            except OSError:
-                pass
+        """Drop what is staged (after a failure) and close the file."""
         self._release()
 
-    def _submit(self, n: int) -> None:
-        view, base = self._views[self._cur][:n], self._base
-        self._pending[self._cur] = self._io.submit(_pwrite_all, self._fd, view, base)
-
-    def _wait(self, i: int) -> None:
-        fut, self._pending[i] = self._pending[i], None
-        if fut is None:
-            return
+    def _pwrite(self, n: int) -> None:
+        """Write the first ``n`` staged bytes (a multiple of ALIGN) at the stage's file offset."""
+        done = 0
         try:
-            fut.result()
+            while done < n:  # a short write leaves an aligned remainder; the next call continues it
+                k = os.pwrite(self._fd, self._view[done:n], self._base + done)
+                if k <= 0:
+                    raise OSError(errno.EIO, f"direct write to {self.path} at offset {self._base + done} wrote nothing")
+                done += k
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
@@ -136,25 +121,15 @@ class DirectAppender:
                           ) from exc
 
     def _release(self) -> None:
-        self._io.shutdown(wait=True)
-        for v in self._views:
-            v.release()
-        for s in self._stages:
-            try:
-                s.close()
-            except BufferError:  # a failed write's traceback still views it: unmapped when that goes
-                pass
-        self._views, self._stages = [], []
+        if self._fd < 0:
+            return
+        self._view.release()
+        try:
+            self._stage.close()
+        except BufferError:  # a failed write's traceback still views it: unmapped when that goes
+            pass
         os.close(self._fd)
-
-
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(view):  # a short write leaves an aligned remainder; a second one continues it
-        n = os.pwrite(fd, view[done:], offset + done)
-        if n <= 0:
-            raise OSError(errno.EIO, f"direct write at offset {offset + done} wrote nothing")
-        done += n
+        self._fd = -1
 
 
 def open_direct(path: Path, pos: int, stage_bytes: int = STAGE_BYTES) -> DirectAppender | None:

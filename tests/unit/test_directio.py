@@ -13,7 +13,7 @@ from slim import directio
 from slim.directio import ALIGN, DirectAppender, open_direct
 from slim.export import CheckpointWriter
 
-STAGE = 3 * ALIGN  # small staging buffers: many refills and both buffers in flight
+STAGE = 3 * ALIGN  # a small staging buffer: many refills
 
 
 @pytest.fixture
