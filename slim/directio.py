@@ -10,8 +10,8 @@ Bytes are gathered in a page-aligned staging buffer and written in whole aligned
 the GIL, so the shard writer's hashing thread runs meanwhile). ``sync()`` writes everything gathered so far
 (the last, partial block padded with zeros); ``close()`` cuts the file back to its true length. Where the
 filesystem refuses ``O_DIRECT`` (tmpfs, some network filesystems, platforms without it), :func:`open_direct`
-returns ``None`` and callers write buffered as before. The file's bytes are the same either way. A filesystem that accepts the flag but refuses the
-writes fails the export with an error naming ``export.direct_io=false``.
+returns ``None`` and callers write buffered as before. The file's bytes are the same either way. A filesystem
+that accepts the flag but refuses the writes fails the export with an error naming ``export.direct_io=false``.
 """
 
 from __future__ import annotations
