@@ -118,7 +118,8 @@ class ExportConfig:
     max_shard_mb: int = 4096  # a shard closes at the first layer boundary past this size
     resume: bool = True  # rerunning in the same run dir continues an interrupted export
     commit_every: int = 1  # decoder layers between commit points (each saves the calibration hidden states)
-    direct_io: bool = True  # write shards around the page cache (O_DIRECT) where the filesystem allows it
+    # shards around the page cache (O_DIRECT): null = on local disk filesystems (ext4, xfs, ...), else buffered
+    direct_io: bool | None = None
 
 
 @dataclass

@@ -5,7 +5,7 @@ reserved header region, and the JSON header is written into that region when the
 spaces, which the safetensors format allows), then the file is renamed. A file with a final name is therefore
 always whole, and memory stays one tensor, however large a shard is.
 
-Shard data is written with ``O_DIRECT`` where the filesystem takes it (``slim.directio``; ``export.direct_io``):
+Shard data is written with ``O_DIRECT`` on local disk filesystems (``slim.directio``; ``export.direct_io``):
 the page cache is skipped, which on R1-shaped layers on a 2-core VM took most of the export's kernel time.
 
 A tensor of 1 MiB or more is hashed on a helper thread while its bytes are written (hashlib and file writes
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -30,8 +31,9 @@ from typing import Any
 
 import torch
 
-from slim.directio import open_direct
+from slim.directio import LOCAL_FILESYSTEMS, filesystem_type, open_direct
 
+log = logging.getLogger(__name__)
 INDEX = "model.safetensors.index.json"
 MANIFEST = "slim_manifest.json"
 DEFAULT_MAX_SHARD_BYTES = 4 << 30
@@ -163,10 +165,16 @@ class CheckpointWriter:
     """
 
     def __init__(self, out_dir: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tag: str = "",
-                 direct_io: bool = True):
+                 direct_io: bool | None = None):
         self.out_dir = Path(out_dir)
-        self.direct_io = direct_io
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if direct_io is None:  # default: around the page cache on local disk filesystems only (slim.directio)
+            fstype = filesystem_type(self.out_dir)
+            direct_io = fstype in LOCAL_FILESYSTEMS
+            log.info("shards in %s (%s): %s writes (export.direct_io=%s forces the other)", self.out_dir,
+                     fstype or "filesystem unknown", "direct" if direct_io else "buffered",
+                     str(not direct_io).lower())
+        self.direct_io = direct_io
         self.max_shard_bytes = max_shard_bytes
         # 1/4096 of a shard (1 MiB for 4 GiB shards), at least 64 KiB; a full header closes the shard early
         self.header_reserve = min(HEADER_RESERVE, max(64 << 10, max_shard_bytes >> 12))

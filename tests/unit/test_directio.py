@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from slim import directio
+from slim import directio, export
 from slim.directio import ALIGN, DirectAppender, open_direct
 from slim.export import CheckpointWriter
 
@@ -136,3 +136,30 @@ def test_shards_are_the_same_bytes_with_and_without_direct_io_and_after_a_resume
         assert shard_bytes(tmp_path / f"resumed{at}", direct_io=True, interrupt_at=at) == (*buffered, can_direct)
     monkeypatch.setattr(directio, "_O_DIRECT", 0)  # a platform without O_DIRECT writes buffered
     assert shard_bytes(tmp_path / "fallback", direct_io=True) == (*buffered, False)
+
+
+MOUNTINFO = r"""22 27 0:21 / /proc rw,relatime - proc proc rw
+27 1 252:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+30 27 0:40 / /scratch rw,relatime - nfs4 server:/export rw,vers=4.2
+31 30 0:41 / /scratch/local\040disk rw,relatime - xfs /dev/nvme0n1 rw
+32 27 0:42 / /mnt/lustre rw - lustre 10.0.0.1@o2ib:/fs rw
+33 27 0:43 / /mnt/lustre rw - tmpfs tmpfs rw
+"""
+
+
+@pytest.mark.parametrize("path, fstype", [
+    ("/", "ext4"), ("/home/user/run", "ext4"), ("/scratch", "nfs4"), ("/scratch/run/checkpoint", "nfs4"),
+    ("/scratch/local disk/run", "xfs"),  # escaped space, nested mount
+    ("/scratchpad", "ext4"),  # a name that only starts like a mount point
+    ("/mnt/lustre/x", "tmpfs"),  # mounted over: the last line wins
+])
+def test_filesystem_type_is_the_deepest_mount_holding_the_path(path, fstype):
+    assert directio.filesystem_type(path, MOUNTINFO) == fstype
+
+
+@pytest.mark.parametrize("fstype, direct", [("ext4", True), ("xfs", True), ("nfs4", False), ("lustre", False),
+                                            ("tmpfs", False), (None, False)])
+def test_writer_goes_direct_by_default_on_local_disk_filesystems_only(tmp_path, monkeypatch, fstype, direct):
+    monkeypatch.setattr(export, "filesystem_type", lambda path: fstype)
+    assert CheckpointWriter(tmp_path / "auto").direct_io is direct
+    assert CheckpointWriter(tmp_path / "forced", direct_io=not direct).direct_io is (not direct)
