@@ -2,9 +2,12 @@
 
 After a decoder layer (every ``export.commit_every`` layers) each rank saves, in ``<checkpoint>/.slim_resume/``:
 its writer's state (closed shards, the open shard's committed length and header entries, tensor checksums),
-its per-module reports, and its slice of the calibration hidden states. Once every rank has saved, rank 0
-writes ``commit.json``; a rerun of the same command reads it, truncates the open shard back to the committed
-length and continues with the next layer. Everything is deterministic, so the finished checkpoint is
+its per-module reports, and its slice of the calibration hidden states. The first three go into the rank's
+journal (``rankNNN-journal.jsonl``), one line per commit point holding only what is new since the line before
+(plus the open shard, whole), so a commit costs the same at layer 60 as at layer 1. Once every rank has saved,
+rank 0 writes ``commit.json``; a rerun of the same command reads it, folds the journal up to that layer (and
+cuts off any line after it), truncates the open shard back to the committed length and continues with the
+next layer. Everything is deterministic, so the finished checkpoint is
 byte-identical to that of an uninterrupted run. A commit belongs to one configuration (its fingerprint);
 a run with another configuration refuses to touch it unless ``overwrite=true``.
 """
@@ -13,7 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+from itertools import islice
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,24 +44,35 @@ class ResumeStore:
     def __init__(self, out_dir: str | Path, rank: int, fingerprint: str):
         self.dir = Path(out_dir) / RESUME_DIR
         self.rank, self.fingerprint = rank, fingerprint
+        self.journal = self.dir / f"rank{rank:03d}-journal.jsonl"
+        self._saved: tuple[int, int, int] | None = None  # shards, checksums, modules in the journal; None: none yet
 
-    def _files(self, layer: int) -> tuple[Path, Path]:
-        stem = f"rank{self.rank:03d}-layer{layer:05d}"
-        return self.dir / f"{stem}.json", self.dir / f"{stem}.safetensors"
+    def _hidden_file(self, layer: int) -> Path:
+        return self.dir / f"rank{self.rank:03d}-layer{layer:05d}.safetensors"
 
     def commit_record(self) -> dict[str, Any] | None:
         path = self.dir / "commit.json"
         return json.loads(path.read_text()) if path.is_file() else None
 
     def save_layer(self, layer: int, writer_state: dict, modules: list[dict], hidden: list[torch.Tensor]) -> None:
-        """This rank's part of the commit after ``layer`` (call ``commit`` on rank 0 once every rank has saved)."""
+        """This rank's part of the commit after ``layer`` (call ``commit`` on rank 0 once every rank has saved).
+
+        ``writer_state`` and ``modules`` are the whole state; the journal gets what the previous save of this store
+        did not have (shards, checksums and modules only ever grow, in order)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        meta, tensors = self._files(layer)
+        tensors = self._hidden_file(layer)
         tmp = tensors.with_name(tensors.name + ".tmp")
         save_file({f"hidden.{i}": h.detach().to("cpu").contiguous() for i, h in enumerate(hidden)}, str(tmp))
         tmp.replace(tensors)
-        atomic_write_text(meta, json.dumps({"fingerprint": self.fingerprint, "layer": layer, "writer": writer_state,
-                                            "modules": modules, "num_hidden": len(hidden)}) + "\n")
+        n_shards, n_sums, n_modules = self._saved or (0, 0, 0)
+        checksums = writer_state["checksums"]
+        line = {"fingerprint": self.fingerprint, "layer": layer, "num_hidden": len(hidden),
+                "current": writer_state["current"], "shards": writer_state["shards"][n_shards:],
+                "checksums": dict(islice(checksums.items(), n_sums, None)), "modules": modules[n_modules:]}
+        with open(self.journal, "a" if self._saved else "w") as f:  # a new store starts a new journal
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+        self._saved = (len(writer_state["shards"]), len(checksums), len(modules))
         for old in self.dir.glob(f"rank{self.rank:03d}-layer*"):  # the commit may still be the previous layer
             if int(old.name.split("layer")[1][:5]) < layer - 1:
                 old.unlink()
@@ -66,11 +82,29 @@ class ResumeStore:
                           json.dumps({"fingerprint": self.fingerprint, "stage": "layer", "layer": layer}) + "\n")
 
     def load_layer(self, layer: int, device: torch.device) -> LayerCommit:
-        meta_path, tensors = self._files(layer)
-        meta = json.loads(meta_path.read_text())
-        flat = load_file(str(tensors), device=str(device))
-        hidden = [flat[f"hidden.{i}"] for i in range(meta["num_hidden"])]
-        return LayerCommit(layer=layer, writer=meta["writer"], modules=meta["modules"], hidden=hidden)
+        """The commit after ``layer``: the journal folded up to it; lines after it (a commit point saved but not
+        committed, or a line cut short by a crash) are removed, so later saves continue the journal."""
+        shards, checksums, modules, last, end = [], {}, [], None, 0
+        with open(self.journal, "rb") as f:
+            for raw in f:
+                if not raw.endswith(b"\n"):
+                    break  # cut short by a crash
+                line = json.loads(raw)
+                if line["layer"] > layer:
+                    break
+                shards += line["shards"]
+                checksums.update(line["checksums"])
+                modules += line["modules"]
+                last, end = line, end + len(raw)
+        if last is None or last["layer"] != layer:
+            raise FileNotFoundError(f"{self.journal} has no commit point for layer {layer}; "
+                                    "rerun with overwrite=true to start over")
+        os.truncate(self.journal, end)
+        self._saved = (len(shards), len(checksums), len(modules))
+        flat = load_file(str(self._hidden_file(layer)), device=str(device))
+        hidden = [flat[f"hidden.{i}"] for i in range(last["num_hidden"])]
+        writer = {"shards": shards, "checksums": checksums, "current": last["current"]}
+        return LayerCommit(layer=layer, writer=writer, modules=modules, hidden=hidden)
 
     def commit_written(self, record: dict[str, Any]) -> None:
         """Every tensor is written: what finalize needs, so a rerun only finalizes."""
