@@ -7,9 +7,9 @@ journal (``rankNNN-journal.jsonl``), one line per commit point holding only what
 (plus the open shard, whole), so a commit costs the same at layer 60 as at layer 1. Once every rank has saved,
 rank 0 writes ``commit.json``; a rerun of the same command reads it, folds the journal up to that layer (and
 cuts off any line after it), truncates the open shard back to the committed length and continues with the
-next layer. Everything is deterministic, so the finished checkpoint is
-byte-identical to that of an uninterrupted run. A commit belongs to one configuration (its fingerprint);
-a run with another configuration refuses to touch it unless ``overwrite=true``.
+next layer. Everything is deterministic, so the finished checkpoint is byte-identical to that of an
+uninterrupted run. A commit belongs to one configuration (its fingerprint); a run with another configuration
+refuses to touch it unless ``overwrite=true``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import json
 import logging
 import os
 import shutil
-from itertools import islice
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
