@@ -66,6 +66,8 @@ class HardwareConfig:
     low_memory: bool = True
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     timeout_s: int = 1800  # a collective that waits longer fails the job (a rank died or hangs)
+    # fused C kernels for the weight path on a CPU (slim.kernels): null = when a C compiler builds them
+    cpu_kernels: bool | None = None
 
 
 @dataclass

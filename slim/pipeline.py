@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from slim import __version__
+from slim import __version__, kernels
+from slim.cache import cache_dir
 from slim.config import SlimConfig, validate
 from slim.distributed import Dist, init_distributed, shutdown
 from slim.errors import SlimError
@@ -259,6 +260,7 @@ def run(cfg: SlimConfig, resolved: dict[str, Any]) -> dict[str, Any]:
     validate(cfg)
     if cfg.mode == "plan":
         return plan_stage(cfg)
+    kernels.configure(cfg.hardware.cpu_kernels)
     if cfg.mode == "sensitivity":
         from slim.sensitivity import sensitivity_stage
 
@@ -332,10 +334,6 @@ def _baseline_key(cfg: SlimConfig, source: Path) -> str:
         "tasks": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in task_files},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SLIM_CACHE_DIR") or Path.home() / ".cache" / "slim")
 
 
 def baseline_metrics(cfg: SlimConfig, source: Path, tokenizer, run_dir: Path) -> tuple[dict, bool]:

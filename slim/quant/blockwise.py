@@ -7,6 +7,9 @@ scheme's own ``quantize``. On a CPU, blocks of about 2**18 weights keep the floa
 codes, the error) in cache and, with ``slim.hostmem``'s allocator policy, on the same heap pages, where a whole
 DeepSeek-R1 expert (2048 x 7168) makes every float32 temporary 58 MB of fresh pages. The quality figures (SQNR,
 and the output error on the first calibration rows) are float32 norms of each block, summed in float64.
+
+On a CPU, int4 weights with the minmax observer go through the fused kernel of ``slim.kernels`` (one pass per
+weight, the same codes and scales; its SQNR sums are fp32 per group, float64 across groups) when it is loaded.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from slim import kernels
+from slim.quant import int4
 from slim.quant.schemes import Scheme, dequantize_weight
 from slim.quant.stats import absmax
 from slim.quant.types import QuantizedLinear
@@ -38,12 +43,16 @@ class Quality:
     def add(self, w: torch.Tensor, wq: torch.Tensor, x: torch.Tensor | None, xq: torch.Tensor | None) -> None:
         """w, wq: fp32 [rows, in] (wq is consumed: the error is computed in place); x, xq: fp32 [n, in]."""
         if x is not None:
-            ref, out = F.linear(x, w), F.linear(xq, wq)
-            self.out_ref += float(torch.linalg.vector_norm(ref)) ** 2
-            self.out_err += float(torch.linalg.vector_norm(out.sub_(ref))) ** 2
-            self.has_sample = True
+            self.add_output(w, wq, x, xq)
         self.signal += float(torch.linalg.vector_norm(w)) ** 2
         self.noise += float(torch.linalg.vector_norm(wq.sub_(w))) ** 2
+
+    def add_output(self, w: torch.Tensor, wq: torch.Tensor, x: torch.Tensor, xq: torch.Tensor) -> None:
+        """The output of rows ``w`` on the sample ``x`` and its error with ``wq`` on ``xq``."""
+        ref, out = F.linear(x, w), F.linear(xq, wq)
+        self.out_ref += float(torch.linalg.vector_norm(ref)) ** 2
+        self.out_err += float(torch.linalg.vector_norm(out.sub_(ref))) ** 2
+        self.has_sample = True
 
     @property
     def sqnr_db(self) -> float:
@@ -70,6 +79,10 @@ def quantize_blockwise(
     from slim.models.simulated import fake_quantize_input  # simulated imports the numerics, not the reverse
 
     out_features, in_features = weight.shape
+    if block is not None and scheme.weight_bits == 4 and weight_observer == "minmax" and out_features:
+        fused = _int4_fused(scheme, weight, input_amax, group_size, group_scale_dtype, sample, block)
+        if fused is not None:
+            return fused
     if out_features == 0:
         return scheme.quantize(weight.float(), input_amax, group_size, weight_observer, group_scale_dtype), Quality()
     rows = out_features if block is None else max(1, block // max(in_features, 1))
@@ -96,3 +109,26 @@ def quantize_blockwise(
         if q.weight_bits != 8:
             scale[r : r + rows] = q.weight_scale
     return QuantizedLinear(codes, scale, q.input_scale, q.weight_bits, q.group_size), quality
+
+
+def _int4_fused(scheme: Scheme, weight: torch.Tensor, input_amax: torch.Tensor | None, group_size: int,
+                group_scale_dtype: torch.dtype | None, sample: torch.Tensor | None, block: int
+                ) -> tuple[QuantizedLinear, Quality] | None:
+    """The int4 minmax path through ``slim.kernels.int4_quantize``; None where the kernel does not apply. The
+    output error on ``sample`` is computed as in :func:`quantize_blockwise`, from the kernel's codes."""
+    from slim.models.simulated import fake_quantize_input
+
+    out = kernels.int4_quantize(weight, group_size, group_scale_dtype)
+    if out is None:
+        return None
+    codes, scale, signal, noise = out
+    q = QuantizedLinear(codes, scale, scheme.input_scale(input_amax), 4, group_size)
+    quality = Quality(signal=signal, noise=noise)
+    if sample is not None and sample.numel():
+        x = sample.float()
+        xq = fake_quantize_input(x, q.input_scale)
+        rows = max(1, block // max(weight.shape[1], 1))
+        for r in range(0, weight.shape[0], rows):
+            wq = int4.dequantize_int4(codes[r : r + rows], scale[r : r + rows], group_size)
+            quality.add_output(weight[r : r + rows].float(), wq, x, xq)
+    return q, quality

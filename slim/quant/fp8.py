@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from slim import kernels
 from slim.quant.stats import div_exact
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -99,8 +100,10 @@ def dequantize_fp8_block(
     scale_inv: torch.Tensor,
     block: tuple[int, int] = (128, 128),
     dtype: torch.dtype = torch.bfloat16,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Inverse of :func:`quantize_fp8_block`: ``q * scale_inv`` per block, in fp32, cast to ``dtype``."""
+    """Inverse of :func:`quantize_fp8_block`: ``q * scale_inv`` per block, in fp32, cast to ``dtype``; into
+    ``out`` (``dtype``, q's shape, contiguous) when given."""
     rows, cols = q.shape
     bm, bn = block
     rb, cb = scale_inv.shape
@@ -109,6 +112,12 @@ def dequantize_fp8_block(
             f"weight_scale_inv shape {tuple(scale_inv.shape)} does not match weight {tuple(q.shape)} "
             f"with {bm}x{bn} blocks (expected {(-(-rows // bm), -(-cols // bn))})"
         )
+    if q.device.type == "cpu":
+        decoded = kernels.fp8_block_decode(q, scale_inv, block, dtype, out)  # one fused pass, the same bytes
+        if decoded is not None:
+            return decoded[0]
+    if out is not None:
+        return out.copy_(dequantize_fp8_block(q, scale_inv, block, dtype))
     if rows % bm == 0 and cols % bn == 0:  # whole blocks: broadcast the block scale, in place
         if q.device.type != "cpu":
             x = fp8_to_float32(q).view(rb, bm, cb, bn)

@@ -42,11 +42,7 @@ class Scheme:
         if weight_amax is not None and (self.weight_bits != 8 or weight_observer != "minmax"):
             raise ValueError("weight_amax stands for the minmax observer of a per-tensor (FP8) weight only")
         observe = WEIGHT_OBSERVERS[weight_observer]
-        input_scale = None
-        if self.static_activations:
-            if input_amax is None:
-                raise ValueError(f"{self.name} needs an input amax from calibration")
-            input_scale = fp8.fp8_scale(input_amax.reshape(1))
+        input_scale = self.input_scale(input_amax)
         if self.weight_bits == 8:
             w = weight.float()
             amax = observe(w.reshape(1, -1), _fp8_round_trip) if weight_amax is None else weight_amax.float()
@@ -59,6 +55,14 @@ class Scheme:
             scale = scale.to(group_scale_dtype)
         codes = int4.quantize_groups(groups, scale)
         return QuantizedLinear(codes, scale, input_scale, 4, group_size)
+
+    def input_scale(self, input_amax: torch.Tensor | None) -> torch.Tensor | None:
+        """The static per-tensor FP8 activation scale ``amax / 448`` (fp32 [1]); None for dynamic activations."""
+        if not self.static_activations:
+            return None
+        if input_amax is None:
+            raise ValueError(f"{self.name} needs an input amax from calibration")
+        return fp8.fp8_scale(input_amax.reshape(1))
 
 
 def _fp8_round_trip(groups: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:

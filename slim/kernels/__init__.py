@@ -1,0 +1,269 @@
+"""Fused CPU kernels for the weight path (``cpu_kernels.c``), built on first use with the host's C compiler.
+
+On a CPU the torch path makes about ten passes over every weight (FP8 decode, absmax, divide, round, clamp,
+cast, dequantize, error, norms, packing) with a temporary each; these kernels make one, with the same bytes out
+(tests compare them bit for bit with the torch path). They are an accelerator, not a requirement:
+
+``hardware.cpu_kernels``  null (default): used when a C compiler builds them, else the torch path, with one log
+                          line that says why; true: a build failure is an error; false: the torch path.
+
+The library is compiled once per (source, compiler, CPU) into ``$SLIM_CACHE_DIR/kernels`` (default
+``~/.cache/slim/kernels``) with ``-O3 -march=native -ffp-contract=off``
+(no fused multiply-add, where torch rounds the product first) and loaded with ctypes. A tensor is split into row
+ranges across ``torch.get_num_threads()`` Python threads; ctypes releases the GIL for each call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from slim.cache import cache_dir
+from slim.errors import SlimError
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+ABI = 2  # SLIM_KERNELS_ABI in cpu_kernels.c
+FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=c11"]
+NATIVE = ["-march=native"]  # tried first; without it where the compiler refuses it
+MAX_GROUP = 4096  # SLIM_MAX_GROUP in cpu_kernels.c
+MIN_ROWS_PER_TASK = 64  # a thread gets at least this many rows (a call costs ~20 us)
+
+_enabled: bool | None = None  # hardware.cpu_kernels
+_build_error = ""  # why the kernels are unavailable, for configure(True)'s message
+_lock = threading.Lock()
+
+
+def configure(enabled: bool | None) -> None:
+    """Set ``hardware.cpu_kernels`` for this process (the pipeline calls it once per run)."""
+    global _enabled
+    _enabled = enabled
+    if enabled and library() is None:
+        raise SlimError(f"hardware.cpu_kernels=true but the CPU kernels could not be built: {_build_error}; "
+                        "install a C compiler (or set CC), or set hardware.cpu_kernels=null to fall back to torch")
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (switched off, or no compiler could build them)."""
+    if _enabled is False:
+        return None
+    return _load()
+
+
+@functools.cache
+def _load() -> ctypes.CDLL | None:
+    global _build_error
+    with _lock:
+        try:
+            path = _build()
+            lib = ctypes.CDLL(str(path))
+        except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+            _build_error = str(exc).strip() or type(exc).__name__
+            log.info("CPU kernels unavailable (%s); the weight path uses torch (slower on a CPU, same bytes)",
+                     _build_error.splitlines()[0])
+            return None
+        lib.slim_kernels_abi.restype, lib.slim_int4_max_group.restype = ctypes.c_int, ctypes.c_int64
+        found = (lib.slim_kernels_abi(), lib.slim_int4_max_group())
+        if found != (ABI, MAX_GROUP):
+            _build_error = f"{path} has ABI and group limit {found}, expected {(ABI, MAX_GROUP)}"
+            log.warning("CPU kernels unavailable (%s)", _build_error)
+            return None
+        _declare(lib)
+        log.info("fused CPU kernels: %s", path)
+        return lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.slim_fp8_block_decode.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, i64, i32, ptr]
+    lib.slim_fp8_block_decode.restype = i64
+    lib.slim_int4_quantize.argtypes = [ptr, i32, i64, i64, i64, i64, ptr, ptr, i32, ptr]
+    lib.slim_fp8_block_int4.argtypes = [ptr, ptr, i64, i64, i64, i64, i32, i64, i64, i64, ptr, ptr, i32, ptr]
+    lib.slim_pack_int4.argtypes = [ptr, i64, i64, i64, ptr]
+    for name in ("slim_int4_quantize", "slim_fp8_block_int4", "slim_pack_int4"):
+        getattr(lib, name).restype = None
+
+
+def _cpu_identity() -> str:
+    """What ``-march=native`` depends on: the CPU's feature flags (Linux), else the platform's processor string.
+    Part of the cache key, so nodes with other CPUs sharing a home directory build their own library."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features", "isa")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise RuntimeError("no C compiler found (cc, gcc, clang; or set CC)")
+    return cc
+
+
+def _build() -> Path:
+    cc = _compiler()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join(x.encode() if isinstance(x, str) else x for x in (
+        source, " ".join(FLAGS + NATIVE), version, platform.machine(), _cpu_identity()))).hexdigest()[:16]
+    out_dir = cache_dir() / "kernels"
+    target = out_dir / f"cpu_kernels-{key}.so"
+    if target.exists():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for extra in (NATIVE, []):
+        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=out_dir)
+        os.close(fd)
+        proc = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
+                              text=True, timeout=300)
+        if proc.returncode == 0:
+            os.replace(tmp, target)  # atomic: ranks building at once each install a whole library
+            return target
+        os.unlink(tmp)
+        errors.append(proc.stderr.strip() or f"{cc} exited {proc.returncode}")
+    raise RuntimeError(f"{cc} could not build {SOURCE.name}: {errors[-1]}")
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="slim-kernel")
+
+
+def parallel_rows(rows: int, fn: Callable[[int, int], object]) -> list:
+    """``fn(r0, r1)`` over row ranges covering ``rows``, on up to ``torch.get_num_threads()`` threads."""
+    tasks = max(1, min(torch.get_num_threads(), rows // MIN_ROWS_PER_TASK))
+    if tasks == 1:
+        return [fn(0, rows)]
+    step = -(-rows // tasks)
+    bounds = [(r, min(r + step, rows)) for r in range(0, rows, step)]
+    pool = _pool(torch.get_num_threads())
+    futures = [pool.submit(fn, r0, r1) for r0, r1 in bounds[1:]]
+    first = fn(*bounds[0])  # this thread takes a share too
+    return [first, *(f.result() for f in futures)]
+
+
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _check_block_scale(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> None:
+    """The kernels index the scales by block: a mismatched shape would read out of bounds."""
+    (rows, cols), (bm, bn) = q.shape, block
+    expected = (-(-rows // bm), -(-cols // bn))
+    if tuple(scale_inv.shape) != expected:
+        raise ValueError(f"weight_scale_inv shape {tuple(scale_inv.shape)} does not match weight {tuple(q.shape)} "
+                         f"with {bm}x{bn} blocks (expected {expected})")
+
+
+def fp8_block_decode(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype,
+                     out: torch.Tensor | None = None) -> tuple[torch.Tensor, int] | None:
+    """DeepSeek block FP8 [rows, cols] (fp32 scales [ceil(rows/bm), ceil(cols/bn)]) -> ``dtype`` (bf16 or fp32),
+    ragged edges included, into ``out`` when given, and the number of decoded values that are NaN or infinite;
+    None where the kernels cannot (another device or dtype, or not loaded)."""
+    lib = library()
+    if (lib is None or q.device.type != "cpu" or q.dim() != 2 or q.dtype != torch.float8_e4m3fn
+            or dtype not in (torch.bfloat16, torch.float32)):
+        return None
+    _check_block_scale(q, scale_inv, block)
+    q = q.contiguous().view(torch.uint8)
+    scale = scale_inv.to(torch.float32).contiguous()
+    rows, cols = q.shape
+    if out is None:
+        out = torch.empty(rows, cols, dtype=dtype)
+    elif out.shape != q.shape or out.dtype != dtype or not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError(f"out must be a contiguous {dtype} CPU tensor of shape {tuple(q.shape)}")
+    (bm, bn), out_bf16 = block, int(dtype == torch.bfloat16)
+    qp, sp, op = _ptr(q), _ptr(scale), _ptr(out)
+    return out, sum(parallel_rows(rows, lambda r0, r1: lib.slim_fp8_block_decode(qp, sp, cols, bm, bn, scale.shape[1],
+                                                                                 r0, r1, out_bf16, op)))
+
+
+def int4_supported(weight_dtype: torch.dtype, group_size: int, scale_dtype: torch.dtype | None) -> bool:
+    """Whether :func:`int4_quantize` and :func:`fp8_block_int4` run for these dtypes and group size."""
+    return (library() is not None and weight_dtype in (torch.bfloat16, torch.float32)
+            and (scale_dtype or torch.float32) in (torch.bfloat16, torch.float32) and 0 < group_size <= MAX_GROUP)
+
+
+def _int4_call(rows: int, cols: int, group_size: int, scale_dtype: torch.dtype | None, call: Callable
+               ) -> tuple[torch.Tensor, torch.Tensor, float, float, int]:
+    """Allocate codes and scales, run ``call(r0, r1, codes_ptr, scale_ptr, scale_bf16, sums)`` over row ranges on
+    the threads, add up the sums: (codes, scales, sum w^2, sum error^2, non-finite count)."""
+    scale_dtype = scale_dtype or torch.float32
+    codes = torch.empty(rows, cols, dtype=torch.int8)
+    scale = torch.empty(rows, cols // group_size, dtype=scale_dtype)
+    cp, sp, s_bf16 = _ptr(codes), _ptr(scale), int(scale_dtype == torch.bfloat16)
+
+    def run(r0: int, r1: int) -> tuple[float, float, float]:
+        sums = (ctypes.c_double * 3)()
+        call(r0, r1, cp, sp, s_bf16, sums)
+        return sums[0], sums[1], sums[2]
+
+    parts = parallel_rows(rows, run)
+    return codes, scale, sum(p[0] for p in parts), sum(p[1] for p in parts), int(sum(p[2] for p in parts))
+
+
+def int4_quantize(weight: torch.Tensor, group_size: int, scale_dtype: torch.dtype | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, float, float] | None:
+    """Symmetric int4 per group with the minmax observer: (int8 codes [out, in], scales [out, in // group] in
+    ``scale_dtype`` (fp32 when None), sum of w^2, sum of (w_q - w)^2); None where the kernels cannot."""
+    if (weight.device.type != "cpu" or weight.dim() != 2 or not int4_supported(weight.dtype, group_size, scale_dtype)
+            or weight.shape[1] % group_size):
+        return None
+    lib, w = library(), weight.contiguous()
+    wp, w_bf16, cols = _ptr(w), int(w.dtype == torch.bfloat16), w.shape[1]
+    codes, scale, signal, noise, _ = _int4_call(
+        w.shape[0], cols, group_size, scale_dtype,
+        lambda r0, r1, cp, sp, s_bf16, sums: lib.slim_int4_quantize(wp, w_bf16, cols, group_size, r0, r1, cp, sp,
+                                                                      s_bf16, sums))
+    return codes, scale, signal, noise
+
+
+def fp8_block_int4(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], weight_dtype: torch.dtype,
+                   group_size: int, scale_dtype: torch.dtype | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, float, float, int] | None:
+    """``int4_quantize(fp8_block_decode(q, scale_inv, block, weight_dtype), ...)`` in one pass, the decoded weight
+    never stored, plus the number of decoded values that are NaN or infinite; None where the kernels cannot."""
+    if (q.device.type != "cpu" or q.dim() != 2 or q.dtype != torch.float8_e4m3fn
+            or not int4_supported(weight_dtype, group_size, scale_dtype)
+            or q.shape[1] % group_size):
+        return None
+    _check_block_scale(q, scale_inv, block)
+    lib, q, scale = library(), q.contiguous().view(torch.uint8), scale_inv.to(torch.float32).contiguous()
+    qp, fp, w_bf16, (rows, cols), (bm, bn) = _ptr(q), _ptr(scale), int(weight_dtype == torch.bfloat16), q.shape, block
+    return _int4_call(
+        rows, cols, group_size, scale_dtype,
+        lambda r0, r1, cp, sp, s_bf16, sums: lib.slim_fp8_block_int4(qp, fp, cols, bm, bn, scale.shape[1], w_bf16,
+                                                                       group_size, r0, r1, cp, sp, s_bf16, sums))
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor | None:
+    """int8 codes [out, in] (in % 8 == 0) -> compressed-tensors' int32 words [out, in // 8]; None where the
+    kernels cannot."""
+    lib = library()
+    if lib is None or codes.device.type != "cpu" or codes.dim() != 2 or codes.shape[1] % 8 or codes.dtype != torch.int8:
+        return None
+    c = codes.contiguous()
+    rows, cols = c.shape
+    out = torch.empty(rows, cols // 8, dtype=torch.int32)
+    cp, op = _ptr(c), _ptr(out)
+    parallel_rows(rows, lambda r0, r1: lib.slim_pack_int4(cp, cols, r0, r1, op))
+    return out

@@ -1,0 +1,169 @@
+"""slim.kernels: the fused CPU kernels give the torch path's bytes, bit for bit, on random and adversarial input."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from compressed_tensors.compressors import pack_to_int32
+
+from slim import kernels
+from slim.errors import SlimError
+from slim.quant.fp8 import FP8_DTYPE, dequantize_fp8_block, quantize_fp8_block
+from slim.quant.schemes import SCHEMES
+
+HAS_CC = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
+
+
+@pytest.fixture
+def torch_path():
+    """Run the body with the kernels switched off (the reference), then switch them back on."""
+    kernels.configure(False)
+    yield
+    kernels.configure(None)
+
+
+def off(fn, *args, **kwargs):
+    kernels.configure(False)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        kernels.configure(None)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({2: torch.int16, 4: torch.int32, 1: torch.int8}[t.element_size()])
+
+
+def test_the_kernels_build_where_a_compiler_is():
+    assert (kernels.library() is not None) == HAS_CC, kernels._build_error
+
+
+pytestmark = pytest.mark.skipif(not HAS_CC, reason="no C compiler: the torch path is the only one")
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.7e-3, 2.0**-20, 2.0**-140, 1e30, float(torch.finfo(torch.float32).max / 100)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_every_code_bit_for_bit(scale, dtype):
+    """All 256 codes (zeros, subnormals, normals, NaN, both signs) times normal, tiny, subnormal and overflowing
+    scales: the bits of ``(q.float() * s).to(dtype)``, NaN and inf included, and the non-finite count."""
+    codes = torch.arange(256, dtype=torch.uint8).repeat(3, 1).view(FP8_DTYPE)  # [3, 256]: two block columns
+    s = torch.tensor([[scale, scale * 0.75]], dtype=torch.float32)
+    got, nonfinite = kernels.fp8_block_decode(codes, s, (128, 128), dtype)
+    want = (codes.float() * s.repeat_interleave(128, 1)).to(dtype)
+    assert torch.equal(bits(got), bits(want))
+    assert nonfinite == int((~torch.isfinite(want.float())).sum()) >= 6  # the NaN codes at least
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (200, 300), (1, 7), (129, 128)])
+def test_decode_ragged_blocks_matches_the_torch_path(shape):
+    torch.manual_seed(0)
+    q, s = quantize_fp8_block(torch.randn(shape) * 0.05)
+    want = off(dequantize_fp8_block, q, s)
+    got = dequantize_fp8_block(q, s)
+    assert torch.equal(bits(got), bits(want))
+    out = torch.empty(shape, dtype=torch.bfloat16)
+    assert kernels.fp8_block_decode(q, s, (128, 128), torch.bfloat16, out=out)[0] is out and torch.equal(out, want)
+    with pytest.raises(ValueError, match="does not match weight"):
+        kernels.fp8_block_decode(q, s[:0], (128, 128), torch.bfloat16)
+
+
+def adversarial_weight(rows: int, cols: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """Random groups plus: all-zero groups, ties (w / s exactly k + 1/2), tiny and huge magnitudes."""
+    torch.manual_seed(1)
+    w = torch.randn(rows, cols) * 0.02
+    w[0, :group] = 0.0
+    tie = torch.tensor([7.5, 2.5, -3.5, 0.5, -0.5, 1.5, -6.5, 4.5] * (group // 8 + 1))[:group]
+    w[1, :group] = tie  # absmax 7.5 -> scale 1.0 exactly: rint(w / s) meets every tie
+    w[2, :group] = torch.randn(group) * 1e-30
+    w[3 % rows, :group] = torch.randn(group) * 1e15  # squares still within fp32
+    w[4 % rows, group : 2 * group] = -torch.rand(group)  # negative absmax
+    return w.to(dtype)
+
+
+@pytest.mark.parametrize("group", [128, 64, 32, 24])
+@pytest.mark.parametrize("dtype,scale_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, None),
+                                               (torch.float32, torch.float32), (torch.float32, torch.bfloat16)])
+def test_int4_matches_the_scheme_bit_for_bit(group, dtype, scale_dtype):
+    w = adversarial_weight(70, group * 6, group, dtype)
+    ref = off(SCHEMES["w4a8_dynamic"].quantize, w.float(), None, group, "minmax", scale_dtype)
+    codes, scale, signal, noise = kernels.int4_quantize(w, group, scale_dtype)
+    assert torch.equal(codes, ref.weight)
+    assert scale.dtype == ref.weight_scale.dtype and torch.equal(bits(scale), bits(ref.weight_scale))
+    w64 = w.double()
+    err = codes.double().view(70, -1, group).mul(scale.double()[..., None]).view_as(w64) - w64
+    assert signal == pytest.approx(float(w64.square().sum()), rel=1e-5)
+    # each error is c * s - w in fp32 (as the torch path computes it), summed: near the exact sum of squares
+    assert noise == pytest.approx(float(err.square().sum()), rel=1e-4)
+
+
+def test_int4_refuses_what_it_does_not_do():
+    w = torch.randn(8, 256, dtype=torch.bfloat16)
+    assert kernels.int4_quantize(w, 96, None) is None  # 256 % 96: the torch path names the error
+    assert kernels.int4_quantize(w.half(), 128, None) is None
+    assert kernels.int4_quantize(w, 128, torch.float16) is None
+    assert kernels.int4_quantize(w, kernels.MAX_GROUP * 2, None) is None
+
+
+@pytest.mark.parametrize("shape,group", [((300, 512), 128), ((129, 384), 64), ((64, 512), 256), ((5, 96), 32)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_straight_to_int4_is_decode_then_quantize(shape, group, dtype):
+    """Groups inside a block column, across two (group 256), ragged row blocks: the bytes of materializing the
+    weight in ``dtype`` and quantizing that."""
+    torch.manual_seed(2)
+    q, s = quantize_fp8_block(torch.randn(shape) * 0.05)
+    q.view(torch.uint8)[0, :8] = 0  # an all-zero start of a group
+    weight = off(dequantize_fp8_block, q, s, dtype=dtype)
+    ref = off(SCHEMES["w4a8_dynamic"].quantize, weight.float(), None, group, "minmax", torch.bfloat16)
+    codes, scale, signal, noise, nonfinite = kernels.fp8_block_int4(q, s, (128, 128), dtype, group, torch.bfloat16)
+    assert torch.equal(codes, ref.weight) and torch.equal(bits(scale), bits(ref.weight_scale))
+    assert nonfinite == 0
+    assert (signal, noise) == pytest.approx(kernels.int4_quantize(weight, group, torch.bfloat16)[2:], rel=1e-6)
+    q.view(torch.uint8)[shape[0] - 1, 3] = 0xFF
+    assert kernels.fp8_block_int4(q, s, (128, 128), dtype, group, torch.bfloat16)[4] == 1
+
+
+def test_pack_matches_compressed_tensors():
+    torch.manual_seed(3)
+    codes = torch.randint(-8, 8, (77, 256), dtype=torch.int8)
+    assert torch.equal(kernels.pack_int4(codes), pack_to_int32(codes, 4))
+    assert kernels.pack_int4(codes[:, :250]) is None  # not whole words: compressed-tensors' packer
+
+
+def test_thread_count_does_not_change_the_bytes():
+    torch.manual_seed(4)
+    q, s = quantize_fp8_block(torch.randn(1000, 256))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.fp8_block_int4(q, s, (128, 128), torch.bfloat16, 128, torch.bfloat16)
+        torch.set_num_threads(3)
+        three = kernels.fp8_block_int4(q, s, (128, 128), torch.bfloat16, 128, torch.bfloat16)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])
+    assert one[2:] == pytest.approx(three[2:], rel=1e-9)
+
+
+def test_switched_off_and_unbuildable(monkeypatch, tmp_path, torch_path):
+    assert kernels.library() is None
+    assert kernels.int4_quantize(torch.zeros(2, 128), 128, None) is None
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("SLIM_CACHE_DIR", str(tmp_path / "cache"))
+    kernels._load.cache_clear()
+    try:
+        kernels.configure(None)
+        assert kernels.library() is None  # null: the torch path
+        with pytest.raises(SlimError, match=r"hardware.cpu_kernels=true .*set hardware.cpu_kernels=null"):
+            kernels.configure(True)
+    finally:
+        kernels._load.cache_clear()
+
+
+def test_built_once_per_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLIM_CACHE_DIR", str(tmp_path))
+    first = kernels._build()
+    stamp = first.stat().st_mtime_ns
+    assert kernels._build() == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [first.name]  # no temporaries left behind
