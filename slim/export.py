@@ -21,10 +21,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import struct
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -72,12 +74,12 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 _hasher: ThreadPoolExecutor | None = None
 
 
-def _hash_beside(buf: memoryview) -> Future:
-    """sha256 of ``buf`` on a helper thread while the caller writes it (both release the GIL)."""
+def _hash_beside(sha: "hashlib._Hash", buf: memoryview) -> Future:
+    """``sha.update(buf)`` on a helper thread while the caller writes ``buf`` (both release the GIL)."""
     global _hasher
     if _hasher is None:
         _hasher = ThreadPoolExecutor(1, thread_name_prefix="slim-sha256")
-    return _hasher.submit(lambda: hashlib.sha256(buf).hexdigest())
+    return _hasher.submit(sha.update, buf)
 
 
 def _entry_json(name: str, entry: dict) -> str:
@@ -108,24 +110,39 @@ class ShardFile:
         if self._direct is None and not data_bytes:
             self._f.write(b"\0" * reserve)
 
-    def fits(self, name: str, tensor: torch.Tensor) -> bool:
-        entry = {"dtype": "F8_E4M3", "shape": list(tensor.shape), "data_offsets": [self.data_bytes, 1 << 62]}
+    def fits(self, name: str, shape: tuple[int, ...]) -> bool:
+        entry = {"dtype": "F8_E4M3", "shape": list(shape), "data_offsets": [self.data_bytes, 1 << 62]}
         return 8 + self._header_len + len(_entry_json(name, entry)) + 1 <= self.reserve
 
     def add(self, name: str, tensor: torch.Tensor) -> str:
         """Append ``tensor``; returns the sha256 of its bytes."""
-        if tensor.dtype not in SAFETENSORS_DTYPES:
-            raise TypeError(f"{name}: dtype {tensor.dtype} has no safetensors equivalent")
-        buf = tensor_bytes(tensor)
-        digest = _hash_beside(buf) if buf.nbytes >= HASH_BESIDE_BYTES else None
-        (self._direct or self._f).write(buf)
-        end = self.data_bytes + buf.nbytes
-        entry = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                 "data_offsets": [self.data_bytes, end]}
+        return self.add_pieces(name, tensor.dtype, tuple(tensor.shape), (tensor,))
+
+    def add_pieces(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], pieces: Iterable[torch.Tensor]) -> str:
+        """Append a tensor given as consecutive pieces (each written and hashed before the next is asked for, so
+        a producer may reuse one buffer); returns the sha256 of its bytes. Pieces of 1 MiB or more are hashed
+        on the helper thread while they are written."""
+        if dtype not in SAFETENSORS_DTYPES:
+            raise TypeError(f"{name}: dtype {dtype} has no safetensors equivalent")
+        sha, nbytes = hashlib.sha256(), 0
+        for piece in pieces:
+            buf = tensor_bytes(piece)
+            digest = _hash_beside(sha, buf) if buf.nbytes >= HASH_BESIDE_BYTES else None
+            (self._direct or self._f).write(buf)
+            if digest is None:
+                sha.update(buf)
+            else:
+                digest.result()
+            nbytes += buf.nbytes
+        expected = math.prod(shape) * dtype.itemsize
+        if nbytes != expected:
+            raise ValueError(f"{name}: pieces hold {nbytes} bytes, {dtype} {list(shape)} needs {expected}")
+        end = self.data_bytes + nbytes
+        entry = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [self.data_bytes, end]}
         self.entries[name] = entry
         self._header_len += len(_entry_json(name, entry)) + 1
         self.data_bytes = end
-        return digest.result() if digest is not None else hashlib.sha256(buf).hexdigest()
+        return sha.hexdigest()
 
     def state(self) -> dict[str, Any]:
         if self._direct is not None:
@@ -191,14 +208,18 @@ class CheckpointWriter:
         return sum(nbytes for _, _, nbytes in self.shards) + (self._current.data_bytes if self._current else 0)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.add_pieces(name, tensor.dtype, tuple(tensor.shape), (tensor,))
+
+    def add_pieces(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], pieces: Iterable[torch.Tensor]) -> None:
+        """Write a tensor given as consecutive pieces of its bytes (see :meth:`ShardFile.add_pieces`)."""
         if name in self.checksums:
             raise ValueError(f"tensor {name} written twice")
-        if self._current is not None and self._current.entries and not self._current.fits(name, tensor):
+        if self._current is not None and self._current.entries and not self._current.fits(name, shape):
             self.flush()  # header region full: close this shard early
         if self._current is None:
             self._current = ShardFile(self.out_dir / self._shard_name(len(self.shards) + 1),
                                       reserve=self.header_reserve, direct_io=self.direct_io)
-        self.checksums[name] = self._current.add(name, tensor)
+        self.checksums[name] = self._current.add_pieces(name, dtype, shape, pieces)
 
     def maybe_flush(self) -> None:
         """Call at layer boundaries: closes the open shard once it holds ``max_shard_bytes``."""

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from slim import kernels
 from slim.calibration.runner import LayerRunner, observe, route_all
 from slim.distributed import Dist
 from slim.errors import SlimError
@@ -21,13 +22,14 @@ from slim.export import CheckpointWriter
 from slim.formats.base import check_group_size
 from slim.hostmem import release_free_heap
 from slim.models.adapters import ModelAdapter
-from slim.models.checkpoint import CheckpointReader
-from slim.models.materialize import materialize, release
+from slim.models.checkpoint import BLOCK_SCALE_SUFFIX, CheckpointReader, nonfinite_error
+from slim.models.materialize import check_shape, materialize, release
 from slim.models.simulated import SimQuantLinear, swap_in
-from slim.quant.blockwise import CPU_BLOCK, quantize_blockwise
+from slim.quant.blockwise import CPU_BLOCK, Quality, quantize_blockwise
 from slim.quant.fp8 import FP8_DTYPE
 from slim.quant.observers import ACTIVATION_OBSERVERS, MinMaxObserver
 from slim.quant.schemes import Scheme
+from slim.quant.stats import all_finite
 from slim.quant.types import QuantizedLinear
 from slim.resume import LayerCommit, ResumeStore
 from slim.targets import ROUTED_EXPERT_RE, Selection, module_kind
@@ -118,6 +120,15 @@ def group_by_prefix(modules: dict[str, nn.Linear], prefixes: set[str]) -> dict[s
     return out
 
 
+def streamed_params(module: nn.Module, prefix: str, reader: CheckpointReader) -> frozenset[str]:
+    """The parameters of ``module`` stored as block FP8, which a run with calibration off leaves in the checkpoint
+    (materialize's ``skip``): quantized targets go from the FP8 codes to int4 in one pass (``_quantize_streamed``),
+    the rest are decoded into the writer a block of rows at a time (``write_rest``). A layer's weights are then
+    never held whole in the model dtype."""
+    return frozenset(n for n in (prefix + local for local, _ in module.named_parameters())
+                     if reader.is_block_fp8_tensor(n))
+
+
 def log_expert_coverage(layer: str, observers: dict[str, MinMaxObserver]) -> None:
     """One line per MoE layer: calibration tokens per routed expert (min/median/max), experts without any."""
     tokens = sorted(o.tokens for n, o in observers.items() if ".experts." in n and n.endswith("gate_proj"))
@@ -149,10 +160,13 @@ class LayerQuantizer:
         for name, mod in modules.items():
             if name not in self.owned and not everything:
                 continue
-            block = CPU_BLOCK if mod.weight.device.type == "cpu" else None  # devices: whole tensors
-            q, quality = quantize_blockwise(self.scheme, mod.weight, amax.get(name), self.group_size,
-                                            self.weight_observer, getattr(self.fmt, "group_scale_dtype", None),
-                                            observers[name].sample, block)
+            if mod.weight.is_meta:  # left in the checkpoint by materialize (see streamed())
+                q, quality = self._quantize_streamed(name, mod)
+            else:
+                block = CPU_BLOCK if mod.weight.device.type == "cpu" else None  # devices: whole tensors
+                q, quality = quantize_blockwise(self.scheme, mod.weight, amax.get(name), self.group_size,
+                                                self.weight_observer, self._scale_dtype, observers[name].sample,
+                                                block)
             if everything:
                 out[name] = q
             if name not in self.owned:
@@ -171,6 +185,33 @@ class LayerQuantizer:
             ))
         return out
 
+    @property
+    def _scale_dtype(self) -> torch.dtype | None:
+        return getattr(self.fmt, "group_scale_dtype", None)
+
+    def _quantize_streamed(self, name: str, mod: nn.Linear) -> tuple[QuantizedLinear, Quality]:
+        """Quantize a weight left in the checkpoint as block FP8 (see :func:`streamed_params`): int4 with the
+        minmax observer goes from the FP8 codes to int4 in one pass of the fused kernel, the weight never held
+        in the model dtype; anything else is materialized first. The same bytes either way, the same refusal
+        of NaN/Inf."""
+        wname = f"{name}.weight"
+        codes = self.reader.raw(wname)
+        check_shape(wname, tuple(codes.shape), (mod.out_features, mod.in_features))
+        fused = self.scheme.weight_bits == 4 and self.weight_observer == "minmax"
+        out = kernels.fp8_block_int4(codes, self.reader.raw(wname + BLOCK_SCALE_SUFFIX), self.reader.block,
+                                     mod.weight.dtype, self.group_size, self._scale_dtype) if fused else None
+        if out is None:
+            weight = self.reader.get(wname, mod.weight.dtype)
+            if not all_finite(weight):
+                raise nonfinite_error(wname, int((~torch.isfinite(weight)).sum()), self.reader)
+            return quantize_blockwise(self.scheme, weight, None, self.group_size, self.weight_observer,
+                                      self._scale_dtype, block=CPU_BLOCK)
+        q_codes, scale, signal, noise, nonfinite = out
+        if nonfinite:
+            raise nonfinite_error(wname, nonfinite, self.reader)
+        q = QuantizedLinear(q_codes, scale, self.scheme.input_scale(None), 4, self.group_size)
+        return q, Quality(signal=signal, noise=noise)
+
     def write_rest(self, module: nn.Module, prefix: str, quantized: set[str]) -> None:
         """Every other tensor of ``module``: bit-exact from the source unless it was block-FP8 (then dequantized)."""
         if not self.writes_rest:
@@ -178,6 +219,11 @@ class LayerQuantizer:
         for local, tensor in module.state_dict().items():
             name = prefix + local
             if name.endswith(".weight") and name[: -len(".weight")] in quantized:
+                continue
+            if tensor.is_meta:  # left in the checkpoint as block FP8: decoded a block of rows at a time
+                check_shape(name, tuple(self.reader.raw(name).shape), tuple(tensor.shape))
+                self.writer.add_pieces(name, tensor.dtype, tuple(tensor.shape),
+                                       self.reader.decoded_chunks(name, tensor.dtype))
                 continue
             if name in self.reader:
                 raw = self.reader.raw(name)
@@ -250,8 +296,10 @@ def quantize_model(
     for i in progress:
         layer = layers[i]
         prefix = adapter.layer_prefix(i)
-        materialize(layer, prefix, reader, device)
         layer_targets = by_layer.get(prefix, {})
+        # calibration off on a CPU: nothing runs the layer, so its block-FP8 weights are never materialized
+        streamed = streamed_params(layer, prefix, reader) if not calibrate and device.type == "cpu" else frozenset()
+        materialize(layer, prefix, reader, device, skip=streamed)
         if calibrate:
             with observe(layer_targets, cfg.scheme.activation_observer) as obs, \
                     route_all(layer, cfg.calibration.route_all_experts):

@@ -9,18 +9,28 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from slim import kernels
 from slim.errors import SlimError
 from slim.quant.fp8 import FP8_DTYPE, dequantize_fp8_block
+from slim.quant.stats import all_finite
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 BLOCK_SCALE_SUFFIX = "_scale_inv"  # weight -> weight_scale_inv
+DECODE_CHUNK_BYTES = 4 << 20  # decoded_chunks: rows per piece
+
+
+def nonfinite_error(name: str, count: int, reader: CheckpointReader) -> SlimError:
+    stored = reader.weight_map.get(name, "?")
+    return SlimError(f"{name} (in {stored}) has {count} NaN/Inf value(s); the checkpoint is corrupt: re-download "
+                     "or re-convert it")
 
 
 class CheckpointReader:
@@ -122,6 +132,39 @@ class CheckpointReader:
                 raise SlimError(f"FP8 tensor {name} has no {scale_name}; the checkpoint is incomplete")
             return dequantize_fp8_block(t.to(device), self.raw(scale_name).to(device), self.block, dtype)
         return (t.to(dtype) if t.is_floating_point() else t).to(device)
+
+    def is_block_fp8_tensor(self, name: str) -> bool:
+        """True when ``name`` is stored as block FP8 (it has a ``_scale_inv``)."""
+        return name + BLOCK_SCALE_SUFFIX in self.weight_map
+
+    def decoded_chunks(self, name: str, dtype: torch.dtype, max_bytes: int = DECODE_CHUNK_BYTES
+                       ) -> Iterator[torch.Tensor]:
+        """A block-FP8 tensor decoded to ``dtype`` as consecutive blocks of rows (whole 128-row scale blocks, about
+        ``max_bytes`` each), all in one reused buffer: each block must be consumed before the next is asked for.
+        The bytes of ``get(name, dtype)`` without ever holding the whole tensor; NaN/Inf values fail (after the
+        last block, counting them all) as they fail materialize."""
+        q, scale = self.raw(name), self.raw(name + BLOCK_SCALE_SUFFIX)
+        if q.dim() != 2 or q.dtype != FP8_DTYPE:
+            raise SlimError(f"{name}: expected a 2-D float8_e4m3fn tensor beside {name + BLOCK_SCALE_SUFFIX}, "
+                            f"found {q.dtype} {tuple(q.shape)}")
+        rows, cols = q.shape
+        bm = self.block[0]
+        step = max(1, max_bytes // max(1, cols * dtype.itemsize) // bm) * bm
+        buf = torch.empty(min(step, rows), cols, dtype=dtype)
+        bad = 0
+        for r in range(0, rows, step):
+            n = min(step, rows - r)
+            q_rows, s_rows = q[r : r + n], scale[r // bm : -(-(r + n) // bm)]
+            decoded = kernels.fp8_block_decode(q_rows, s_rows, self.block, dtype, out=buf[:n])
+            if decoded is None:
+                piece = dequantize_fp8_block(q_rows, s_rows, self.block, dtype, out=buf[:n])
+                bad += 0 if all_finite(piece) else int((~torch.isfinite(piece)).sum())
+            else:
+                piece, nonfinite = decoded
+                bad += nonfinite
+            yield piece
+        if bad:
+            raise nonfinite_error(name, bad, self)
 
     def passthrough(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """A tensor to copy into another checkpoint: as stored, or dequantized to ``dtype`` if block-FP8."""

@@ -6,38 +6,42 @@ import torch
 from torch import nn
 
 from slim.errors import SlimError
-from slim.models.checkpoint import CheckpointReader
+from slim.models.checkpoint import CheckpointReader, nonfinite_error
 from slim.quant.stats import all_finite
 
 
-def materialize_own(module: nn.Module, prefix: str, reader: CheckpointReader, device: str | torch.device = "cpu") -> None:
+def materialize_own(module: nn.Module, prefix: str, reader: CheckpointReader, device: str | torch.device = "cpu",
+                    skip: frozenset[str] = frozenset()) -> None:
     """Fill the module's own parameters and persistent buffers (not its children's) from ``reader``.
 
     Each tensor keeps the dtype the skeleton gave it (fp32 routers stay fp32); FP8 block weights are
-    dequantized on read.
+    dequantized on read. Parameters named in ``skip`` (full names) stay on the meta device.
     """
     for pname, param in list(module.named_parameters(recurse=False)):
+        if prefix + pname in skip:
+            continue
         tensor = reader.get(prefix + pname, param.dtype, device)
-        if tensor.shape != param.shape:
-            raise SlimError(
-                f"{prefix + pname} has shape {tuple(tensor.shape)} in the checkpoint but the config "
-                f"expects {tuple(param.shape)}; config.json and weights disagree"
-            )
+        check_shape(prefix + pname, tuple(tensor.shape), tuple(param.shape))
         if tensor.is_floating_point() and not all_finite(tensor):
-            bad = int((~torch.isfinite(tensor)).sum())
-            stored = reader.weight_map.get(prefix + pname, "?")
-            raise SlimError(f"{prefix + pname} (in {stored}) has {bad} NaN/Inf value(s); the checkpoint is "
-                            "corrupt: re-download or re-convert it")
+            raise nonfinite_error(prefix + pname, int((~torch.isfinite(tensor)).sum()), reader)
         module._parameters[pname] = nn.Parameter(tensor, requires_grad=False)
     for bname, buf in list(module.named_buffers(recurse=False)):
         if bname not in module._non_persistent_buffers_set:
             module._buffers[bname] = reader.get(prefix + bname, buf.dtype, device)
 
 
-def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, device: str | torch.device = "cpu") -> None:
-    """Fill every parameter and persistent buffer of ``module`` and its children (names ``prefix + local``)."""
+def check_shape(name: str, stored: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    if stored != expected:
+        raise SlimError(f"{name} has shape {stored} in the checkpoint but the config expects {expected}; "
+                        "config.json and weights disagree")
+
+
+def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, device: str | torch.device = "cpu",
+                skip: frozenset[str] = frozenset()) -> None:
+    """Fill every parameter and persistent buffer of ``module`` and its children (names ``prefix + local``),
+    except the parameters named in ``skip``."""
     for sub_name, sub in module.named_modules():
-        materialize_own(sub, f"{prefix}{sub_name}." if sub_name else prefix, reader, device)
+        materialize_own(sub, f"{prefix}{sub_name}." if sub_name else prefix, reader, device, skip)
 
 
 def release(module: nn.Module) -> None:

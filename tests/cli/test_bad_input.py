@@ -63,18 +63,25 @@ def test_load_type_that_does_not_match_the_checkpoint(tmp_path, load_type, messa
     assert_refused(proc, message)
 
 
-def test_nan_in_a_weight_names_the_tensor(tmp_path):
+OFF = ["eval=none", "logger=none", "scheme=w4a8_dynamic", "calibration=none"]
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("model.layers.1.mlp.experts.3.up_proj.weight", QUICK),  # materialized
+    ("model.layers.1.mlp.experts.3.up_proj.weight", OFF),  # FP8 straight to int4 (calibration off)
+    ("model.layers.1.self_attn.o_proj.weight", OFF),  # ignored: decoded into the writer a block at a time
+], ids=["materialized", "fp8-to-int4", "decoded-pieces"])
+def test_nan_in_a_weight_names_the_tensor(tmp_path, name, overrides):
     from slim.verify import read_header
 
     model = embedded_copy(tmp_path)
     shard = model / "model.safetensors"
-    name = "model.layers.1.mlp.experts.3.up_proj.weight"
     header, start = read_header(shard)
     assert header[name]["dtype"] == "F8_E4M3"
     data = bytearray(shard.read_bytes())
     data[start + header[name]["data_offsets"][0] + 5] = 0x7F  # NaN in float8_e4m3fn
     shard.write_bytes(bytes(data))
-    proc = slim_main(f"model.path={model}", *QUICK, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    proc = slim_main(f"model.path={model}", *overrides, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
     assert_refused(proc, name, "1 NaN/Inf value(s)", "corrupt")
 
 

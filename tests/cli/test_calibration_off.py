@@ -39,6 +39,24 @@ def test_calibration_off_writes_the_calibrated_runs_weights(tmp_path):
     assert modules and all(m["tokens"] == 0 and m["output_rel_err"] is None and m["sqnr_db"] > 10 for m in modules)
 
 
+def test_cpu_kernels_write_the_torch_paths_bytes(tmp_path):
+    """Calibration off on a CPU streams block-FP8 weights (FP8 straight to int4 in the fused kernel, ignored
+    weights decoded a block of rows at a time); hardware.cpu_kernels=false materializes them and quantizes with
+    torch. The shards are the same bytes."""
+    common = ["scheme=w4a8_dynamic", "eval=none", "logger=none", "calibration=none"]
+    runs = {}
+    for kernels in ("true", "false"):
+        run = tmp_path / kernels
+        proc = slim_main(*common, f"hardware.cpu_kernels={kernels}", f"hydra.run.dir={run}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[kernels] = sorted((run / "checkpoint").glob("*.safetensors"))
+    assert "fused CPU kernels" in (tmp_path / "true" / "main.log").read_text()
+    assert "fused CPU kernels" not in (tmp_path / "false" / "main.log").read_text()
+    assert [p.name for p in runs["true"]] == [p.name for p in runs["false"]] and runs["true"]
+    for a, b in zip(runs["true"], runs["false"]):
+        assert a.read_bytes() == b.read_bytes(), a.name
+
+
 def test_calibration_off_refuses_static_activation_scales(tmp_path):
     proc = slim_main("scheme=fp8_static", "calibration=none", "eval=none", "logger=none",
                      f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)

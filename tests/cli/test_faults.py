@@ -58,8 +58,8 @@ def reference(tmp_path_factory):
 
 
 KILL_POINTS = [
-    "slim.export:ShardFile.add:40",  # inside the first layers, before any commit
-    "slim.export:ShardFile.add:400",  # mid-export, after commits, with a half-filled open shard
+    "slim.export:ShardFile.add_pieces:40",  # inside the first layers, before any commit
+    "slim.export:ShardFile.add_pieces:400",  # mid-export, after commits, with a half-filled open shard
     "slim.export:ShardFile.close:3",  # a shard full but its header not yet written
     "slim.resume:ResumeStore.commit:2",  # every rank saved layer 1, the commit not yet written
     "slim.export:atomic_write_text:3",  # finalize: manifest and index written, config.json not yet
@@ -86,7 +86,7 @@ def test_kill_9_then_rerun_gives_byte_identical_checkpoint(tmp_path, reference, 
 def test_disk_full_leaves_nothing_that_looks_complete_and_resumes(tmp_path, reference):
     run = tmp_path / "run"
     proc = slim_main(*QUICK, f"hydra.run.dir={run}", cwd=tmp_path,
-                     env=fault_env(tmp_path, "slim.export:ShardFile.add:300:enospc"))
+                     env=fault_env(tmp_path, "slim.export:ShardFile.add_pieces:300:enospc"))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "No space left on device" in proc.stderr and "rerun the same command" in proc.stderr
     assert "Traceback" not in proc.stderr
