@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import struct
+from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -41,6 +42,7 @@ MANIFEST = "slim_manifest.json"
 DEFAULT_MAX_SHARD_BYTES = 4 << 30
 HEADER_RESERVE = 1 << 20  # most bytes reserved before a shard's data: room for ~7000 tensor entries
 HASH_BESIDE_BYTES = 1 << 20  # tensors this large are hashed on a helper thread while they are written
+MAX_QUEUED_BYTES = 64 << 20  # background writes: most bytes kept waiting behind the write in progress
 # Files copied from the source checkpoint: tokenizer and generation settings (never code).
 COPY_PATTERNS = (
     "tokenizer*.json",
@@ -179,10 +181,15 @@ class CheckpointWriter:
     ``tag`` keeps the shard names of concurrent writers (one per rank) apart until ``finalize_checkpoint``
     gives every shard its final ``model-XXXXX-of-XXXXX`` name. ``state()``/``restore()`` let an interrupted
     export continue from a commit point and produce the same bytes as an uninterrupted one.
+
+    ``background``: tensors are written (hashed, copied to disk) by one writer thread in the order they were
+    added, while the caller quantizes the next ones; ``state()``, ``maybe_flush()``, ``flush()``, ``close()``
+    and ``total_bytes`` wait for the queue first, so commit points describe what is on disk. An error of the
+    writer thread is raised by the next of those calls (or the next ``add`` that has to wait).
     """
 
     def __init__(self, out_dir: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tag: str = "",
-                 direct_io: bool | None = None):
+                 direct_io: bool | None = None, background: bool = False):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if direct_io is None:  # default: around the page cache on local disk filesystems only (slim.directio)
@@ -199,34 +206,81 @@ class CheckpointWriter:
         self._current: ShardFile | None = None
         self.checksums: dict[str, str] = {}
         self.shards: list[tuple[str, list[str], int]] = []  # closed: (file name, tensor names, bytes)
+        # background writes: one thread, so tensors land in the order they were added
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="slim-writer") if background else None
+        self._jobs: deque[tuple[Future, int]] = deque()
+        self._queued: set[str] = set()
+        self._queued_bytes = 0
+        self._failed = False
 
     def _shard_name(self, i: int) -> str:
         return f"model-{self.tag}{i:05d}.safetensors"
 
     @property
     def total_bytes(self) -> int:
+        self.wait()
         return sum(nbytes for _, _, nbytes in self.shards) + (self._current.data_bytes if self._current else 0)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         self.add_pieces(name, tensor.dtype, tuple(tensor.shape), (tensor,))
 
     def add_pieces(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], pieces: Iterable[torch.Tensor]) -> None:
-        """Write a tensor given as consecutive pieces of its bytes (see :meth:`ShardFile.add_pieces`)."""
-        if name in self.checksums:
+        """Write a tensor given as consecutive pieces of its bytes (see :meth:`ShardFile.add_pieces`). With
+        ``background``, the write is queued for the writer thread and this returns at once: the tensor (or the
+        piece iterator, which then runs on that thread) is kept until written, and the caller waits while more
+        than ``MAX_QUEUED_BYTES`` are queued behind the write in progress."""
+        if name in self.checksums or name in self._queued:
             raise ValueError(f"tensor {name} written twice")
-        if self._current is not None and self._current.entries and not self._current.fits(name, shape):
-            self.flush()  # header region full: close this shard early
-        if self._current is None:
-            self._current = ShardFile(self.out_dir / self._shard_name(len(self.shards) + 1),
-                                      reserve=self.header_reserve, direct_io=self.direct_io)
-        self.checksums[name] = self._current.add_pieces(name, dtype, shape, pieces)
+        if self._thread is None:
+            self._write(name, dtype, shape, pieces)
+            return
+        nbytes = math.prod(shape) * dtype.itemsize
+        self._queued.add(name)
+        self._jobs.append((self._thread.submit(self._write, name, dtype, shape, pieces), nbytes))
+        self._queued_bytes += nbytes
+        while len(self._jobs) > 1 and self._queued_bytes > MAX_QUEUED_BYTES:
+            self._finish_oldest()
+
+    def _write(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], pieces: Iterable[torch.Tensor]) -> None:
+        if self._failed:
+            return  # an earlier write failed: nothing may land after it (the caller raises its error)
+        try:
+            if self._current is not None and self._current.entries and not self._current.fits(name, shape):
+                self._close_current()  # header region full: close this shard early
+            if self._current is None:
+                self._current = ShardFile(self.out_dir / self._shard_name(len(self.shards) + 1),
+                                          reserve=self.header_reserve, direct_io=self.direct_io)
+            self.checksums[name] = self._current.add_pieces(name, dtype, shape, pieces)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def _finish_oldest(self) -> None:
+        future, nbytes = self._jobs.popleft()
+        self._queued_bytes -= nbytes
+        future.result()  # the writer thread's error, raised here
+
+    def wait(self) -> None:
+        """Return once every queued write is done; raises the first error of the writer thread."""
+        try:
+            while self._jobs:
+                self._finish_oldest()
+        finally:
+            self._jobs.clear()
+            self._queued_bytes = 0
+            self._queued.clear()
 
     def maybe_flush(self) -> None:
         """Call at layer boundaries: closes the open shard once it holds ``max_shard_bytes``."""
+        self.wait()
         if self._current is not None and self._current.data_bytes >= self.max_shard_bytes:
-            self.flush()
+            self._close_current()
 
     def flush(self) -> None:
+        self.wait()
+        self._close_current()
+
+    def _close_current(self) -> None:
         if self._current is None:
             return
         cur, self._current = self._current, None
@@ -239,6 +293,7 @@ class CheckpointWriter:
         return list(self.shards)
 
     def state(self) -> dict[str, Any]:
+        self.wait()
         return {"shards": [list(s) for s in self.shards], "checksums": dict(self.checksums),
                 "current": None if self._current is None else self._current.state()}
 
@@ -257,6 +312,13 @@ class CheckpointWriter:
                                       self.direct_io)
 
     def abandon(self) -> None:
+        """After a failure: let a write in progress end (its error, or any other, is dropped: the caller is
+        already handling one), then close the open shard file as it is."""
+        self._failed = True  # queued writes are skipped
+        try:
+            self.wait()
+        except Exception:
+            pass
         if self._current is not None:
             self._current.abandon()
             self._current = None

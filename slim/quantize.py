@@ -297,8 +297,10 @@ def quantize_model(
         layer = layers[i]
         prefix = adapter.layer_prefix(i)
         layer_targets = by_layer.get(prefix, {})
-        # calibration off on a CPU: nothing runs the layer, so its block-FP8 weights are never materialized
-        streamed = streamed_params(layer, prefix, reader) if not calibrate and device.type == "cpu" else frozenset()
+        # calibration off on a CPU with the kernels: nothing runs the layer, so its block-FP8 weights are never
+        # materialized (the torch path decodes whole tensors: in pieces on the writer thread it only contends)
+        stream = not calibrate and device.type == "cpu" and kernels.library() is not None
+        streamed = streamed_params(layer, prefix, reader) if stream else frozenset()
         materialize(layer, prefix, reader, device, skip=streamed)
         if calibrate:
             with observe(layer_targets, cfg.scheme.activation_observer) as obs, \
@@ -308,8 +310,9 @@ def quantize_model(
             log_expert_coverage(prefix.rstrip("."), obs)
         else:  # weights only: observers that saw nothing (no input scale, no output error)
             obs, outputs = {n: MinMaxObserver() for n in layer_targets}, []
-        qs = lq.quantize(layer_targets, obs, scheme.static_activations, everything=propagate)
+        # the rest first: with background writes its bytes go to disk while the targets are quantized
         lq.write_rest(layer, prefix, set(layer_targets))
+        qs = lq.quantize(layer_targets, obs, scheme.static_activations, everything=propagate)
         if propagate:  # layer i+1 sees the quantized layer i
             originals = {n: swap_in(model, n, SimQuantLinear(q, layer_targets[n].bias)) for n, q in qs.items()}
             outputs = runner.forward(layer, hidden, prefix.rstrip("."))
@@ -319,9 +322,9 @@ def quantize_model(
         del qs, outputs
         release(layer)
         reader.close()
+        writer.maybe_flush()  # waits for the layer's queued writes, whose tensors are then freed too
         if device.type == "cpu":
             release_free_heap()  # the layer's freed heap pages go back: memory stays one layer at any depth
-        writer.maybe_flush()
         if store is not None and ((i + 1) % cfg.export.commit_every == 0 or i == len(layers) - 1):
             # vars(): the reports are flat; asdict's deep copies took 0.6 s of 32 small layers' commits
             store.save_layer(i, writer.state(), [vars(m) for m in result.modules], hidden)

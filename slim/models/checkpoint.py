@@ -143,10 +143,15 @@ class CheckpointReader:
         ``max_bytes`` each), all in one reused buffer: each block must be consumed before the next is asked for.
         The bytes of ``get(name, dtype)`` without ever holding the whole tensor; NaN/Inf values fail (after the
         last block, counting them all) as they fail materialize."""
-        q, scale = self.raw(name), self.raw(name + BLOCK_SCALE_SUFFIX)
+        q, scale = self.raw(name), self.raw(name + BLOCK_SCALE_SUFFIX)  # now: the reader is not thread-safe
         if q.dim() != 2 or q.dtype != FP8_DTYPE:
             raise SlimError(f"{name}: expected a 2-D float8_e4m3fn tensor beside {name + BLOCK_SCALE_SUFFIX}, "
                             f"found {q.dtype} {tuple(q.shape)}")
+        return self._decode_rows(name, q, scale, dtype, max_bytes)
+
+    def _decode_rows(self, name: str, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, max_bytes: int
+                     ) -> Iterator[torch.Tensor]:
+        """The generator behind :meth:`decoded_chunks` (which may run on another thread: it reads no shard)."""
         rows, cols = q.shape
         bm = self.block[0]
         step = max(1, max_bytes // max(1, cols * dtype.itemsize) // bm) * bm

@@ -4,9 +4,11 @@
 import hashlib
 import json
 
+import pytest
 import torch
 from safetensors import safe_open
 
+from slim import export
 from slim.export import MANIFEST, CheckpointWriter
 
 
@@ -22,10 +24,11 @@ def tensors() -> dict[str, torch.Tensor]:
     return out
 
 
-def test_shards_read_back_bit_exact_and_manifest_hashes_the_bytes(tmp_path):
+@pytest.mark.parametrize("background", [False, True])
+def test_shards_read_back_bit_exact_and_manifest_hashes_the_bytes(tmp_path, background):
     src = tmp_path / "src"
     src.mkdir()
-    writer = CheckpointWriter(tmp_path / "out", max_shard_bytes=64 << 10)
+    writer = CheckpointWriter(tmp_path / "out", max_shard_bytes=64 << 10, background=background)
     ts = tensors()
     for name, t in ts.items():
         writer.add(name, t)
@@ -40,3 +43,54 @@ def test_shards_read_back_bit_exact_and_manifest_hashes_the_bytes(tmp_path):
         assert back.dtype == t.dtype and torch.equal(back.view(torch.uint8), t.view(torch.uint8)), name
         assert manifest[name]["sha256"] == hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest()
 
+
+
+def pieces_of(t: torch.Tensor, rows: int):
+    """``t`` a few rows at a time through one reused buffer, as ``CheckpointReader.decoded_chunks`` hands them."""
+    buf = torch.empty_like(t[:rows])
+    for r in range(0, t.shape[0], rows):
+        n = min(rows, t.shape[0] - r)
+        yield buf[:n].copy_(t[r : r + n])
+
+
+def test_background_writes_and_pieces_give_the_same_files(tmp_path, monkeypatch):
+    """Queued writes (with a queue bound small enough to make the caller wait) and tensors handed over as pieces
+    of a reused buffer: the same files, byte for byte, as plain synchronous writes, commit states included."""
+    monkeypatch.setattr(export, "MAX_QUEUED_BYTES", 100 << 10)
+    ts = tensors()
+    states = {}
+    for background in (False, True):
+        writer = CheckpointWriter(tmp_path / str(background), max_shard_bytes=64 << 10, background=background)
+        states[background] = []
+        for i, (name, t) in enumerate(ts.items()):
+            if i % 3 and t.dim() == 2:
+                writer.add_pieces(name, t.dtype, tuple(t.shape), pieces_of(t, 7))
+            else:
+                writer.add(name, t)
+            if i % 10 == 9:
+                writer.maybe_flush()
+                states[background].append(writer.state())
+        writer.close()
+    assert states[False] == states[True]
+    files = {b: sorted((tmp_path / str(b)).iterdir()) for b in (False, True)}
+    assert [p.name for p in files[False]] == [p.name for p in files[True]] and len(files[False]) > 3
+    for a, b in zip(files[False], files[True]):
+        assert a.read_bytes() == b.read_bytes(), a.name
+
+
+def test_a_failed_background_write_is_raised_and_nothing_lands_after_it(tmp_path):
+    def broken(t):
+        yield t[:1]
+        raise OSError(28, "No space left on device")
+
+    writer = CheckpointWriter(tmp_path / "out", background=True)
+    t = torch.randn(4, 8)
+    writer.add("a", t)
+    writer.add_pieces("b", t.dtype, tuple(t.shape), broken(t))
+    writer.add("c", t)  # queued behind the failure: skipped
+    with pytest.raises(OSError, match="No space left"):
+        writer.state()
+    assert set(writer.checksums) == {"a"}
+    with pytest.raises(ValueError, match="written twice"):
+        writer.add("a", t)
+    writer.abandon()  # after the failure: closes the file, raises nothing
