@@ -42,7 +42,7 @@ MANIFEST = "slim_manifest.json"
 DEFAULT_MAX_SHARD_BYTES = 4 << 30
 HEADER_RESERVE = 1 << 20  # most bytes reserved before a shard's data: room for ~7000 tensor entries
 HASH_BESIDE_BYTES = 1 << 20  # tensors this large are hashed on a helper thread while they are written
-MAX_QUEUED_BYTES = 64 << 20  # background writes: most bytes kept waiting behind the write in progress
+MAX_QUEUED_BYTES = 16 << 20  # background writes: most bytes held by writes queued behind the one in progress
 # Files copied from the source checkpoint: tokenizer and generation settings (never code).
 COPY_PATTERNS = (
     "tokenizer*.json",
@@ -224,17 +224,19 @@ class CheckpointWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         self.add_pieces(name, tensor.dtype, tuple(tensor.shape), (tensor,))
 
-    def add_pieces(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], pieces: Iterable[torch.Tensor]) -> None:
+    def add_pieces(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], pieces: Iterable[torch.Tensor],
+                   held_bytes: int | None = None) -> None:
         """Write a tensor given as consecutive pieces of its bytes (see :meth:`ShardFile.add_pieces`). With
         ``background``, the write is queued for the writer thread and this returns at once: the tensor (or the
         piece iterator, which then runs on that thread) is kept until written, and the caller waits while more
-        than ``MAX_QUEUED_BYTES`` are queued behind the write in progress."""
+        than ``MAX_QUEUED_BYTES`` are held by writes queued behind the one in progress. ``held_bytes``: what the
+        queued write holds in memory (default the tensor's size; a piece iterator's buffer is less)."""
         if name in self.checksums or name in self._queued:
             raise ValueError(f"tensor {name} written twice")
         if self._thread is None:
             self._write(name, dtype, shape, pieces)
             return
-        nbytes = math.prod(shape) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize if held_bytes is None else held_bytes
         self._queued.add(name)
         self._jobs.append((self._thread.submit(self._write, name, dtype, shape, pieces), nbytes))
         self._queued_bytes += nbytes

@@ -22,7 +22,7 @@ from slim.export import CheckpointWriter
 from slim.formats.base import check_group_size
 from slim.hostmem import release_free_heap
 from slim.models.adapters import ModelAdapter
-from slim.models.checkpoint import BLOCK_SCALE_SUFFIX, CheckpointReader, nonfinite_error
+from slim.models.checkpoint import BLOCK_SCALE_SUFFIX, DECODE_CHUNK_BYTES, CheckpointReader, nonfinite_error
 from slim.models.materialize import check_shape, materialize, release
 from slim.models.simulated import SimQuantLinear, swap_in
 from slim.quant.blockwise import CPU_BLOCK, Quality, quantize_blockwise
@@ -222,8 +222,8 @@ class LayerQuantizer:
                 continue
             if tensor.is_meta:  # left in the checkpoint as block FP8: decoded a block of rows at a time
                 check_shape(name, tuple(self.reader.raw(name).shape), tuple(tensor.shape))
-                self.writer.add_pieces(name, tensor.dtype, tuple(tensor.shape),
-                                       self.reader.decoded_chunks(name, tensor.dtype))
+                pieces = self.reader.decoded_chunks(name, tensor.dtype)  # one DECODE_CHUNK_BYTES buffer
+                self.writer.add_pieces(name, tensor.dtype, tuple(tensor.shape), pieces, held_bytes=DECODE_CHUNK_BYTES)
                 continue
             if name in self.reader:
                 raw = self.reader.raw(name)
