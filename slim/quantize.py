@@ -160,7 +160,7 @@ class LayerQuantizer:
         for name, mod in modules.items():
             if name not in self.owned and not everything:
                 continue
-            if mod.weight.is_meta:  # left in the checkpoint by materialize (see streamed())
+            if mod.weight.is_meta:  # left in the checkpoint by materialize (see streamed_params)
                 q, quality = self._quantize_streamed(name, mod)
             else:
                 block = CPU_BLOCK if mod.weight.device.type == "cpu" else None  # devices: whole tensors

@@ -35,6 +35,7 @@ from compressed_tensors.quantization import (
     QuantizationType,
 )
 
+from slim import kernels
 from slim.formats.base import (
     ROUTER_IGNORE,
     SCHEMES,
@@ -45,7 +46,6 @@ from slim.formats.base import (
     resolve_scheme,
     take,
 )
-from slim import kernels
 from slim.formats.fp8_tensors import dequantize_fp8_linear, fp8_tensors, read_fp8
 from slim.quant.int4 import INT4_MAX, INT4_MIN
 from slim.quant.types import QuantizedLinear

@@ -24,7 +24,7 @@ from slim.quant.stats import all_finite
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 BLOCK_SCALE_SUFFIX = "_scale_inv"  # weight -> weight_scale_inv
-DECODE_CHUNK_BYTES = 4 << 20  # decoded_chunks: rows per piece
+DECODE_CHUNK_BYTES = 4 << 20  # decoded_chunks: about this many bytes per piece (whole 128-row blocks)
 
 
 def nonfinite_error(name: str, count: int, reader: CheckpointReader) -> SlimError:
@@ -143,7 +143,8 @@ class CheckpointReader:
         ``max_bytes`` each), all in one reused buffer: each block must be consumed before the next is asked for.
         The bytes of ``get(name, dtype)`` without ever holding the whole tensor; NaN/Inf values fail (after the
         last block, counting them all) as they fail materialize."""
-        q, scale = self.raw(name), self.raw(name + BLOCK_SCALE_SUFFIX)  # now: the reader is not thread-safe
+        q, scale = self.raw(name), self.raw(name + BLOCK_SCALE_SUFFIX)  # here, in the caller's thread: the
+        # reader's open-shard cache is not thread-safe, and the generator may run on the writer thread
         if q.dim() != 2 or q.dtype != FP8_DTYPE:
             raise SlimError(f"{name}: expected a 2-D float8_e4m3fn tensor beside {name + BLOCK_SCALE_SUFFIX}, "
                             f"found {q.dtype} {tuple(q.shape)}")
