@@ -167,11 +167,9 @@ def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
 
 def _check_block_scale(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> None:
     """The kernels index the scales by block: a mismatched shape would read out of bounds."""
-    (rows, cols), (bm, bn) = q.shape, block
-    expected = (-(-rows // bm), -(-cols // bn))
-    if tuple(scale_inv.shape) != expected:
-        raise ValueError(f"weight_scale_inv shape {tuple(scale_inv.shape)} does not match weight {tuple(q.shape)} "
-                         f"with {bm}x{bn} blocks (expected {expected})")
+    from slim.quant.fp8 import check_block_scale  # slim.quant.fp8 imports this module
+
+    check_block_scale(q, scale_inv, block)
 
 
 def fp8_block_decode(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype,

@@ -95,6 +95,15 @@ def quantize_fp8_block(
     return q, scale_inv
 
 
+def check_block_scale(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> None:
+    """``scale_inv`` has one scale per ``block`` of ``q`` (ragged edges included); the error names both shapes."""
+    (rows, cols), (bm, bn) = q.shape, block
+    expected = (-(-rows // bm), -(-cols // bn))
+    if tuple(scale_inv.shape) != expected:
+        raise ValueError(f"weight_scale_inv shape {tuple(scale_inv.shape)} does not match weight {tuple(q.shape)} "
+                         f"with {bm}x{bn} blocks (expected {expected})")
+
+
 def dequantize_fp8_block(
     q: torch.Tensor,
     scale_inv: torch.Tensor,
@@ -104,14 +113,10 @@ def dequantize_fp8_block(
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_fp8_block`: ``q * scale_inv`` per block, in fp32, cast to ``dtype``; into
     ``out`` (``dtype``, q's shape, contiguous) when given."""
+    check_block_scale(q, scale_inv, block)
     rows, cols = q.shape
     bm, bn = block
     rb, cb = scale_inv.shape
-    if rb != -(-rows // bm) or cb != -(-cols // bn):
-        raise ValueError(
-            f"weight_scale_inv shape {tuple(scale_inv.shape)} does not match weight {tuple(q.shape)} "
-            f"with {bm}x{bn} blocks (expected {(-(-rows // bm), -(-cols // bn))})"
-        )
     if q.device.type == "cpu":
         decoded = kernels.fp8_block_decode(q, scale_inv, block, dtype, out)  # one fused pass, the same bytes
         if decoded is not None:
