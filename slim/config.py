@@ -122,6 +122,7 @@ class ExportConfig:
     commit_every: int = 1  # decoder layers between commit points (each saves the calibration hidden states)
     # shards around the page cache (O_DIRECT): null = on local disk filesystems (ext4, xfs, ...), else buffered
     direct_io: bool | None = None
+    checksum: str = "xxh3_128"  # digest of every tensor in slim_manifest.json: xxh3_128 (fast) | sha256
 
 
 @dataclass
@@ -195,6 +196,9 @@ def validate(cfg: SlimConfig) -> SlimConfig:
     _choice(cfg.calibration.propagate, ("unquantized", "quantized"), "calibration.propagate")
     _choice(cfg.logger.mode, ("offline", "online", "disabled"), "logger.mode")
     _choice(cfg.eval.backend, ("hf", "vllm"), "eval.backend")
+    from slim.checksum import ALGORITHMS
+
+    _choice(cfg.export.checksum, ALGORITHMS, "export.checksum")
     from slim.quant.observers import ACTIVATION_OBSERVERS, WEIGHT_OBSERVERS
 
     _choice(cfg.scheme.weight_observer, tuple(WEIGHT_OBSERVERS), "scheme.weight_observer")

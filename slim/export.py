@@ -8,17 +8,17 @@ always whole, and memory stays one tensor, however large a shard is.
 Shard data is written with ``O_DIRECT`` on local disk filesystems (``slim.directio``; ``export.direct_io``):
 the page cache is skipped, which on R1-shaped layers on a 2-core VM took most of the export's kernel time.
 
-A tensor of 1 MiB or more is hashed on a helper thread while its bytes are written (hashlib and file writes
-release the GIL): on R1-shaped layers on a 2-core CPU that took the writer from 4.1-4.6 s to 2.9-3.2 s.
+Every tensor's bytes are hashed as they are written (``slim.checksum``, ``export.checksum``: XXH3-128 by
+default). With ``sha256`` a piece of 1 MiB or more is hashed on a helper thread while it is written (hashlib
+and file writes release the GIL).
 
-``slim_manifest.json`` (sha256 of every tensor's bytes), ``model.safetensors.index.json`` and ``config.json``
+``slim_manifest.json`` (a digest of every tensor's bytes), ``model.safetensors.index.json`` and ``config.json``
 are written at the very end, config last: a directory without ``config.json`` is an unfinished export, never a
 checkpoint that looks complete. ``python -m slim.verify`` checks a checkpoint against its manifest.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from slim import checksum
 from slim.directio import LOCAL_FILESYSTEMS, filesystem_type, open_direct
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ INDEX = "model.safetensors.index.json"
 MANIFEST = "slim_manifest.json"
 DEFAULT_MAX_SHARD_BYTES = 4 << 30
 HEADER_RESERVE = 1 << 20  # most bytes reserved before a shard's data: room for ~7000 tensor entries
-HASH_BESIDE_BYTES = 1 << 20  # tensors this large are hashed on a helper thread while they are written
+HASH_BESIDE_BYTES = 1 << 20  # sha256: pieces this large are hashed on a helper thread while they are written
 MAX_QUEUED_BYTES = 16 << 20  # background writes: most bytes held by writes queued behind the one in progress
 # Files copied from the source checkpoint: tokenizer and generation settings (never code).
 COPY_PATTERNS = (
@@ -76,12 +77,12 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 _hasher: ThreadPoolExecutor | None = None
 
 
-def _hash_beside(sha: "hashlib._Hash", buf: memoryview) -> Future:
-    """``sha.update(buf)`` on a helper thread while the caller writes ``buf`` (both release the GIL)."""
+def _hash_beside(hasher: checksum.Hasher, buf: memoryview) -> Future:
+    """``hasher.update(buf)`` on a helper thread while the caller writes ``buf`` (both release the GIL)."""
     global _hasher
     if _hasher is None:
-        _hasher = ThreadPoolExecutor(1, thread_name_prefix="slim-sha256")
-    return _hasher.submit(sha.update, buf)
+        _hasher = ThreadPoolExecutor(1, thread_name_prefix="slim-hash")
+    return _hasher.submit(hasher.update, buf)
 
 
 def _entry_json(name: str, entry: dict) -> str:
@@ -92,8 +93,9 @@ class ShardFile:
     """One safetensors file written tensor by tensor; ``close()`` fills in the header and renames it."""
 
     def __init__(self, path: Path, entries: dict[str, dict] | None = None, data_bytes: int = 0,
-                 reserve: int = HEADER_RESERVE, direct_io: bool = True):
+                 reserve: int = HEADER_RESERVE, direct_io: bool = True, algorithm: str = checksum.DEFAULT):
         self.path, self.tmp, self.reserve = path, path.with_name(path.name + ".tmp"), reserve
+        self.algorithm, self._beside = algorithm, checksum.hash_beside(algorithm)
         self.entries: dict[str, dict] = dict(entries or {})
         self.data_bytes = data_bytes
         self._header_len = len(json.dumps(_METADATA, separators=(",", ":"))) + sum(
@@ -117,24 +119,23 @@ class ShardFile:
         return 8 + self._header_len + len(_entry_json(name, entry)) + 1 <= self.reserve
 
     def add(self, name: str, tensor: torch.Tensor) -> str:
-        """Append ``tensor``; returns the sha256 of its bytes."""
+        """Append ``tensor``; returns the digest of its bytes."""
         return self.add_pieces(name, tensor.dtype, tuple(tensor.shape), (tensor,))
 
     def add_pieces(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], pieces: Iterable[torch.Tensor]) -> str:
         """Append a tensor given as consecutive pieces (each written and hashed before the next is asked for, so
-        a producer may reuse one buffer); returns the sha256 of its bytes. Pieces of 1 MiB or more are hashed
-        on the helper thread while they are written."""
+        a producer may reuse one buffer); returns the digest of its bytes (``self.algorithm``)."""
         if dtype not in SAFETENSORS_DTYPES:
             raise TypeError(f"{name}: dtype {dtype} has no safetensors equivalent")
-        sha, nbytes = hashlib.sha256(), 0
+        hasher, nbytes = checksum.new(self.algorithm), 0
         for piece in pieces:
             buf = tensor_bytes(piece)
-            digest = _hash_beside(sha, buf) if buf.nbytes >= HASH_BESIDE_BYTES else None
+            beside = _hash_beside(hasher, buf) if self._beside and buf.nbytes >= HASH_BESIDE_BYTES else None
             (self._direct or self._f).write(buf)
-            if digest is None:
-                sha.update(buf)
+            if beside is None:
+                hasher.update(buf)
             else:
-                digest.result()
+                beside.result()
             nbytes += buf.nbytes
         expected = math.prod(shape) * dtype.itemsize
         if nbytes != expected:
@@ -144,7 +145,7 @@ class ShardFile:
         self.entries[name] = entry
         self._header_len += len(_entry_json(name, entry)) + 1
         self.data_bytes = end
-        return sha.hexdigest()
+        return hasher.hexdigest()
 
     def state(self) -> dict[str, Any]:
         if self._direct is not None:
@@ -189,8 +190,10 @@ class CheckpointWriter:
     """
 
     def __init__(self, out_dir: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tag: str = "",
-                 direct_io: bool | None = None, background: bool = False):
+                 direct_io: bool | None = None, background: bool = False, algorithm: str = checksum.DEFAULT):
         self.out_dir = Path(out_dir)
+        checksum.new(algorithm)  # an unknown algorithm fails here, not on the writer thread
+        self.algorithm = algorithm
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if direct_io is None:  # default: around the page cache on local disk filesystems only (slim.directio)
             fstype = filesystem_type(self.out_dir)
@@ -251,7 +254,8 @@ class CheckpointWriter:
                 self._close_current()  # header region full: close this shard early
             if self._current is None:
                 self._current = ShardFile(self.out_dir / self._shard_name(len(self.shards) + 1),
-                                          reserve=self.header_reserve, direct_io=self.direct_io)
+                                          reserve=self.header_reserve, direct_io=self.direct_io,
+                                          algorithm=self.algorithm)
             self.checksums[name] = self._current.add_pieces(name, dtype, shape, pieces)
         except BaseException:
             self._failed = True
@@ -311,7 +315,7 @@ class CheckpointWriter:
                 path.unlink()
         if cur:
             self._current = ShardFile(self.out_dir / cur["file"], cur["entries"], cur["data_bytes"], cur["reserve"],
-                                      self.direct_io)
+                                      self.direct_io, self.algorithm)
 
     def abandon(self) -> None:
         """After a failure: let a write in progress end (its error, or any other, is dropped: the caller is
@@ -327,7 +331,7 @@ class CheckpointWriter:
 
     def finalize(self, config: dict, source_dir: str | Path) -> Path:
         """Single-writer shortcut for :func:`finalize_checkpoint`."""
-        return finalize_checkpoint(self.out_dir, self.close(), config, source_dir, self.checksums)
+        return finalize_checkpoint(self.out_dir, self.close(), config, source_dir, self.checksums, self.algorithm)
 
 
 def final_shard_names(shards: list[tuple[str, list[str], int]]) -> list[str]:
@@ -335,8 +339,9 @@ def final_shard_names(shards: list[tuple[str, list[str], int]]) -> list[str]:
 
 
 def finalize_checkpoint(out_dir: str | Path, shards: list[tuple[str, list[str], int]], config: dict,
-                        source_dir: str | Path, checksums: dict[str, str]) -> Path:
+                        source_dir: str | Path, checksums: dict[str, str], algorithm: str = checksum.DEFAULT) -> Path:
     """Name shards ``-of-N`` (in the given order), copy tokenizer files, then write manifest, index and config.
+    ``checksums``: each tensor's digest by ``algorithm`` (what the writers used).
 
     Idempotent: an interrupted finalize run again with the same arguments completes the same checkpoint.
     """
@@ -352,9 +357,9 @@ def finalize_checkpoint(out_dir: str | Path, shards: list[tuple[str, list[str], 
         for src in Path(source_dir).glob(pattern):
             shutil.copy2(src, out_dir / src.name)
     total = sum(nbytes for _, _, nbytes in shards)
-    manifest = {"format": "slim-manifest-1", "algorithm": "sha256",
+    manifest = {"format": "slim-manifest-1", "algorithm": algorithm,
                 "files": {final: {"bytes": (out_dir / final).stat().st_size} for final in final_shard_names(shards)},
-                "tensors": {name: {"file": weight_map[name], "sha256": checksums[name]} for name in sorted(weight_map)}}
+                "tensors": {name: {"file": weight_map[name], algorithm: checksums[name]} for name in sorted(weight_map)}}
     atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     atomic_write_text(out_dir / INDEX, json.dumps(index, indent=2) + "\n")

@@ -79,6 +79,7 @@ def run_fingerprint(cfg: SlimConfig, world: int) -> str:
         "scheme": dataclasses.asdict(cfg.scheme),
         "calibration": dataclasses.asdict(cfg.calibration),
         "max_shard_mb": cfg.export.max_shard_mb,
+        "checksum": cfg.export.checksum,
         "world": world,
         "device": cfg.hardware.device,
         "seed": cfg.seed,
@@ -144,7 +145,7 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     fmt = FORMATS[cfg.scheme.format]
     writer = CheckpointWriter(out_dir, max_shard_bytes=cfg.export.max_shard_mb << 20,
                               tag=f"rank{dist.rank:03d}-" if dist.world > 1 else "", direct_io=cfg.export.direct_io,
-                              background=True)
+                              background=True, algorithm=cfg.export.checksum)
     hidden_device = dist.device if plan.hidden_states_on == "device" else torch.device("cpu")
     start = store.load_layer(commit["layer"], hidden_device) if commit else None
     if dist.device.type == "cpu":  # the block-wise weight path's temporaries (a GPU's live on the GPU)
@@ -186,7 +187,8 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
         "fallback_input_scales": result.fallbacks,
     }
     summary = result.to_dict() | {"checkpoint_bytes": sum(nbytes for _, _, nbytes in shards)}
-    written = {"shards": shards, "checksums": checksums, "config": config, "result": summary}
+    written = {"shards": shards, "checksums": checksums, "algorithm": writer.algorithm, "config": config,
+               "result": summary}
     if store is not None and dist.is_main:
         store.commit_written(written)
     return _finish_export(written, out_dir, source, store, dist)
@@ -198,7 +200,8 @@ def _finish_export(written: dict[str, Any], out_dir: Path, source: Path, store, 
 
     dist.barrier()
     if dist.is_main:
-        finalize_checkpoint(out_dir, written["shards"], written["config"], source, written["checksums"])
+        finalize_checkpoint(out_dir, written["shards"], written["config"], source, written["checksums"],
+                            written["algorithm"])
         atomic_json(out_dir.parent / QUANTIZE_RECORD, written["result"])
         if store is not None:
             store.clear()

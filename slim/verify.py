@@ -3,7 +3,8 @@
     python -m slim.verify <checkpoint dir> [--no-checksums]
 
 Checks that config.json, the index and every shard it names exist and parse; that the shards hold exactly the
-tensors the index names; that each tensor's bytes match the sha256 in ``slim_manifest.json``; and that every
+tensors the index names; that each tensor's bytes match their digest in ``slim_manifest.json`` (XXH3-128 or
+sha256, as the manifest's ``algorithm`` says; ``slim.checksum``); and that every
 quantized weight has its scales, finite, positive and not the 1.0 placeholder. Exit 0 when all holds, 1 with one
 line per problem otherwise, 2 when the directory is not a checkpoint at all.
 """
@@ -11,7 +12,6 @@ line per problem otherwise, 2 when the directory is not a checkpoint at all.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import struct
 import sys
@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from slim import checksum
 from slim.errors import SlimError
 from slim.export import INDEX, MANIFEST
 
@@ -43,8 +44,8 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def tensor_sha256(f, start: int, end: int) -> str:
-    h = hashlib.sha256()
+def tensor_digest(f, start: int, end: int, algorithm: str) -> str:
+    h = checksum.new(algorithm)
     f.seek(start)
     left = end - start
     while left > 0:
@@ -87,8 +88,13 @@ def verify(path: str | Path, checksums: bool = True) -> tuple[list[str], dict]:
     weight_map: dict[str, str] = json.loads((path / INDEX).read_text())["weight_map"]
     manifest = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).is_file() else None
     problems: list[str] = []
+    algorithm = manifest.get("algorithm", "sha256") if manifest else None
     if manifest is None:
         problems.append(f"{MANIFEST} is missing: tensor checksums cannot be checked")
+    elif algorithm not in checksum.ALGORITHMS:
+        problems.append(f"{MANIFEST}: checksum algorithm {algorithm!r} is unknown to this slim "
+                        f"(it knows {', '.join(checksum.ALGORITHMS)}); tensor checksums cannot be checked")
+    checkable = bool(manifest) and checksums and algorithm in checksum.ALGORITHMS
     found: dict[str, str] = {}
     dtypes: dict[str, str] = {}
     for fname in tqdm(sorted(set(weight_map.values())), desc="verify shards", unit="shard", leave=False):
@@ -114,8 +120,12 @@ def verify(path: str | Path, checksums: bool = True) -> tuple[list[str], dict]:
             for name, info in header.items():
                 found[name], dtypes[name] = fname, info["dtype"]
                 start, end = (data_start + o for o in info["data_offsets"])
-                expected = manifest["tensors"].get(name, {}).get("sha256") if manifest and checksums else None
-                if expected and tensor_sha256(f, start, end) != expected:
+                if not checkable:
+                    continue
+                expected = manifest["tensors"].get(name, {}).get(algorithm)
+                if expected is None:
+                    problems.append(f"{name} ({fname}): no {algorithm} digest in {MANIFEST}")
+                elif tensor_digest(f, start, end, algorithm) != expected:
                     problems.append(f"{name} ({fname}): checksum mismatch, the bytes changed after export")
     for name in sorted(set(weight_map) - set(found)):
         if weight_map[name] in found.values():
@@ -157,7 +167,7 @@ def verify(path: str | Path, checksums: bool = True) -> tuple[list[str], dict]:
         if static and module + ".input_scale" not in weight_map:
             problems.append(f"{module}: static activations promised by quantization_config, but no input_scale")
     summary = {"tensors": len(found), "shards": len(set(weight_map.values())), "quantized_modules": quantized,
-               "checksums": bool(manifest and checksums)}
+               "checksums": checkable}
     return problems, summary
 
 

@@ -1,5 +1,6 @@
 """``python -m slim.verify``: a checkpoint's manifest, index, shards and scales, checked from the command line."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -61,6 +62,37 @@ def test_a_flipped_byte_is_found_and_named(ckpt):
     assert proc.returncode == 1
     failures = [line for line in proc.stdout.splitlines() if line.startswith("FAIL")]
     assert failures == [f"FAIL {name} ({shard.name}): checksum mismatch, the bytes changed after export"]
+
+
+def test_a_sha256_manifest_verifies_and_an_unknown_algorithm_is_named(ckpt):
+    """export.checksum=sha256 (and checkpoints of slim before XXH3-128) write sha256 digests; verify reads the
+    manifest's algorithm. A digest that does not match under it, or an algorithm it does not know, is a finding."""
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    manifest = json.loads((ckpt / "slim_manifest.json").read_text())
+    assert manifest["algorithm"] == "xxh3_128"
+    digests = {}
+    for fname in set(index.values()):
+        header, start = read_header(ckpt / fname)
+        data = (ckpt / fname).read_bytes()
+        for name, info in header.items():
+            a, b = (start + o for o in info["data_offsets"])
+            digests[name] = hashlib.sha256(data[a:b]).hexdigest()
+    name = "model.layers.1.mlp.experts.0.gate_proj.weight_scale"
+    digests[name] = hashlib.sha256(b"something else").hexdigest()
+    manifest = {**manifest, "algorithm": "sha256",
+                "tensors": {n: {"file": index[n], "sha256": digests[n]} for n in manifest["tensors"]}}
+    (ckpt / "slim_manifest.json").write_text(json.dumps(manifest))
+    proc = verify_cli(ckpt)
+    assert proc.returncode == 1
+    failures = [line for line in proc.stdout.splitlines() if line.startswith("FAIL")]
+    assert failures == [f"FAIL {name} ({index[name]}): checksum mismatch, the bytes changed after export"]
+
+    (ckpt / "slim_manifest.json").write_text(json.dumps({**manifest, "algorithm": "md5"}))
+    proc = verify_cli(ckpt)
+    assert proc.returncode == 1 and "checksums not checked" in proc.stdout
+    failures = [line for line in proc.stdout.splitlines() if line.startswith("FAIL")]
+    assert failures == ["FAIL slim_manifest.json: checksum algorithm 'md5' is unknown to this slim "
+                        "(it knows xxh3_128, sha256); tensor checksums cannot be checked"]
 
 
 def test_a_missing_or_truncated_shard_is_named(ckpt):

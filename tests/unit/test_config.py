@@ -51,6 +51,7 @@ def test_wrong_type_fails_at_compose():
         (["calibration.seq_len=0"], "positive"),
         (["eval.backend=vlm"], "hf, vllm"),
         (["scheme.weight_observer=percentile"], "minmax, mse"),
+        (["export.checksum=md5"], "xxh3_128, sha256"),
     ],
 )
 def test_validation_names_the_fix(overrides, message):

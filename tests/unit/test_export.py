@@ -1,11 +1,12 @@
 """The streamed shard writer: what it writes is what safetensors reads back, and the manifest hashes those bytes
-(small tensors inline, large ones on a helper thread while they are written)."""
+(XXH3-128 by default; sha256 with large pieces hashed on a helper thread while they are written)."""
 
 import hashlib
 import json
 
 import pytest
 import torch
+import xxhash
 from safetensors import safe_open
 
 from slim import export
@@ -20,15 +21,20 @@ def tensors() -> dict[str, torch.Tensor]:
         dtype = (torch.float32, torch.bfloat16, torch.int32, torch.float8_e4m3fn)[i % 4]
         t = torch.randn(shape, generator=g)
         out[f"model.layers.{i}.w"] = t.clamp(-448, 448).to(dtype) if dtype.is_floating_point else (t * 100).to(dtype)
-    out["lm_head.weight"] = torch.randn(600, 1024, generator=g)  # 2.4 MB: hashed on the helper thread
+    out["lm_head.weight"] = torch.randn(600, 1024, generator=g)  # 2.4 MB: sha256 hashes it on the helper thread
     return out
 
 
-@pytest.mark.parametrize("background", [False, True])
-def test_shards_read_back_bit_exact_and_manifest_hashes_the_bytes(tmp_path, background):
+DIGESTS = {"xxh3_128": lambda b: xxhash.xxh3_128(b).hexdigest(), "sha256": lambda b: hashlib.sha256(b).hexdigest()}
+
+
+@pytest.mark.parametrize("background,algorithm", [(False, "xxh3_128"), (True, "xxh3_128"), (False, "sha256"),
+                                                  (True, "sha256")])
+def test_shards_read_back_bit_exact_and_manifest_hashes_the_bytes(tmp_path, background, algorithm):
     src = tmp_path / "src"
     src.mkdir()
-    writer = CheckpointWriter(tmp_path / "out", max_shard_bytes=64 << 10, background=background)
+    kwargs = {} if algorithm == "xxh3_128" else {"algorithm": algorithm}  # xxh3_128: the default
+    writer = CheckpointWriter(tmp_path / "out", max_shard_bytes=64 << 10, background=background, **kwargs)
     ts = tensors()
     for name, t in ts.items():
         writer.add(name, t)
@@ -36,12 +42,19 @@ def test_shards_read_back_bit_exact_and_manifest_hashes_the_bytes(tmp_path, back
     out = writer.finalize({"architectures": ["X"]}, src)
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     assert len(set(index.values())) > 3  # several shards
-    manifest = json.loads((out / MANIFEST).read_text())["tensors"]
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["algorithm"] == algorithm
     for name, t in ts.items():
         with safe_open(out / index[name], framework="pt") as f:
             back = f.get_tensor(name)
         assert back.dtype == t.dtype and torch.equal(back.view(torch.uint8), t.view(torch.uint8)), name
-        assert manifest[name]["sha256"] == hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest()
+        assert manifest["tensors"][name] == {"file": index[name],
+                                             algorithm: DIGESTS[algorithm](t.contiguous().view(torch.uint8).numpy())}
+
+
+def test_an_unknown_checksum_algorithm_is_refused_up_front(tmp_path):
+    with pytest.raises(ValueError, match="'md5' is unknown; slim knows: xxh3_128, sha256"):
+        CheckpointWriter(tmp_path / "out", algorithm="md5", background=True)
 
 
 
