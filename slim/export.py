@@ -43,7 +43,7 @@ MANIFEST = "slim_manifest.json"
 DEFAULT_MAX_SHARD_BYTES = 4 << 30
 HEADER_RESERVE = 1 << 20  # most bytes reserved before a shard's data: room for ~7000 tensor entries
 HASH_BESIDE_BYTES = 1 << 20  # sha256: pieces this large are hashed on a helper thread while they are written
-MAX_QUEUED_BYTES = 16 << 20  # background writes: most bytes held by writes queued behind the one in progress
+MAX_QUEUED_BYTES = 16 << 20  # background writes: default bound on the bytes held by writes not yet started
 # Files copied from the source checkpoint: tokenizer and generation settings (never code).
 COPY_PATTERNS = (
     "tokenizer*.json",
@@ -190,8 +190,10 @@ class CheckpointWriter:
     """
 
     def __init__(self, out_dir: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tag: str = "",
-                 direct_io: bool | None = None, background: bool = False, algorithm: str = checksum.DEFAULT):
+                 direct_io: bool | None = None, background: bool = False, algorithm: str = checksum.DEFAULT,
+                 max_queued_bytes: int | None = None):
         self.out_dir = Path(out_dir)
+        self.max_queued_bytes = MAX_QUEUED_BYTES if max_queued_bytes is None else max_queued_bytes
         checksum.new(algorithm)  # an unknown algorithm fails here, not on the writer thread
         self.algorithm = algorithm
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -232,8 +234,9 @@ class CheckpointWriter:
         """Write a tensor given as consecutive pieces of its bytes (see :meth:`ShardFile.add_pieces`). With
         ``background``, the write is queued for the writer thread and this returns at once: the tensor (or the
         piece iterator, which then runs on that thread) is kept until written, and the caller waits while more
-        than ``MAX_QUEUED_BYTES`` are held by writes queued behind the one in progress. ``held_bytes``: what the
-        queued write holds in memory (default the tensor's size; a piece iterator's buffer is less)."""
+        than ``max_queued_bytes`` (default ``MAX_QUEUED_BYTES``) are held by writes queued behind the one in
+        progress. ``held_bytes``: what the queued write holds in memory (default the tensor's size; a piece
+        iterator's buffer is less)."""
         if name in self.checksums or name in self._queued:
             raise ValueError(f"tensor {name} written twice")
         if self._thread is None:
@@ -243,7 +246,7 @@ class CheckpointWriter:
         self._queued.add(name)
         self._jobs.append((self._thread.submit(self._write, name, dtype, shape, pieces), nbytes))
         self._queued_bytes += nbytes
-        while len(self._jobs) > 1 and self._queued_bytes > MAX_QUEUED_BYTES:
+        while len(self._jobs) > 1 and self._queued_bytes > self.max_queued_bytes:
             self._finish_oldest()
 
     def _write(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], pieces: Iterable[torch.Tensor]) -> None:

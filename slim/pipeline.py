@@ -145,7 +145,8 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     fmt = FORMATS[cfg.scheme.format]
     writer = CheckpointWriter(out_dir, max_shard_bytes=cfg.export.max_shard_mb << 20,
                               tag=f"rank{dist.rank:03d}-" if dist.world > 1 else "", direct_io=cfg.export.direct_io,
-                              background=True, algorithm=cfg.export.checksum)
+                              background=True, algorithm=cfg.export.checksum,
+                              max_queued_bytes=plan.write_queue_bytes)
     hidden_device = dist.device if plan.hidden_states_on == "device" else torch.device("cpu")
     start = store.load_layer(commit["layer"], hidden_device) if commit else None
     if dist.device.type == "cpu":  # the block-wise weight path's temporaries (a GPU's live on the GPU)

@@ -8,6 +8,8 @@ layer, move on. Peak memory = one layer + the calibration hidden states, whateve
 from __future__ import annotations
 
 import logging
+import statistics
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -60,6 +62,9 @@ class QuantizeResult:
     ignore_matches: dict[str, list[str]] = field(default_factory=dict)
     skipped_prefixes: list[str] = field(default_factory=list)
     num_samples: int = 0
+    # wall seconds of each decoder layer this process ran (materialize, calibrate, quantize, its writes on disk,
+    # commit point), keyed by the layer's prefix: the steady rate of a deep model, without startup
+    layer_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def fallbacks(self) -> list[str]:
@@ -73,6 +78,7 @@ class QuantizeResult:
             "fallbacks": self.fallbacks,
             "skipped_prefixes": self.skipped_prefixes,
             "num_samples": self.num_samples,
+            "layer_seconds": self.layer_seconds,
         }
 
 
@@ -294,6 +300,7 @@ def quantize_model(
     progress = tqdm(range(first, len(layers)), desc="quantize layers", unit="layer", leave=False,
                     initial=first, total=len(layers))
     for i in progress:
+        t0 = time.perf_counter()
         layer = layers[i]
         prefix = adapter.layer_prefix(i)
         layer_targets = by_layer.get(prefix, {})
@@ -331,7 +338,11 @@ def quantize_model(
             dist.barrier()  # every rank's part is on disk before the commit names this layer
             if dist.is_main:
                 store.commit(i)
+        result.layer_seconds[prefix.rstrip(".")] = round(time.perf_counter() - t0, 4)
 
+    if result.layer_seconds:
+        secs = list(result.layer_seconds.values())
+        log.info("%d decoder layers in %.1f s (median %.2f s per layer)", len(secs), sum(secs), statistics.median(secs))
     tail = adapter.tail_modules(model)
     for prefix, mod in tail.items():
         materialize(mod, prefix, reader, device)

@@ -39,10 +39,13 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 from synthetic_checkpoint import layer_bytes  # noqa: E402
 
+from slim.verify import read_header  # noqa: E402
+
 MB = 1e6  # throughput in MB/s (10^6 bytes); memory in MiB
 MiB = 2**20
 IMPORTS = ("import torch, transformers, slim.main, slim.pipeline, slim.quantize, slim.export; "
            "from transformers.models.deepseek_v3 import modeling_deepseek_v3")
+_LAYER_RE = re.compile(r"^(model\.layers\.\d+)\.")
 _STAGE_RE = re.compile(r"stage (\S+)\s+([\d.]+) s\s+peak host RSS (\d+) MiB")
 
 
@@ -226,6 +229,34 @@ def calib_label(calibration: dict | None) -> str:
     return "off" if calibration is None else f"{calibration['num_samples']}x{calibration['seq_len']}"
 
 
+def bytes_per_layer(ckpt: Path) -> dict[str, int]:
+    """Bytes of each decoder layer's tensors in a checkpoint's shards (from their headers), keyed by prefix."""
+    out: dict[str, int] = {}
+    for f in shard_files(ckpt):
+        header, _ = read_header(f)
+        for name, info in header.items():
+            m = _LAYER_RE.match(name)
+            if m:
+                a, b = info["data_offsets"]
+                out[m.group(1)] = out.get(m.group(1), 0) + b - a
+    return out
+
+
+def layer_loop(layer_seconds: dict[str, float], bytes_in: dict[str, int], bytes_out: dict[str, int]) -> dict:
+    """The decoder layers' own rate: their bytes read + written over the seconds slim logged for them (startup,
+    embedding, head and finalize excluded), over all of them and without the first (which also loads the
+    kernels and is a dense layer in DeepSeek)."""
+    def rate(names):
+        moved = sum(bytes_in.get(n, 0) + bytes_out.get(n, 0) for n in names)
+        secs = sum(layer_seconds[n] for n in names)
+        return {"layers": len(names), "seconds": round(secs, 3), "bytes": moved,
+                "read_write_mb_s": round(moved / secs / MB, 1) if secs > 0 else None}
+
+    names = sorted(layer_seconds, key=lambda n: int(n.rsplit(".", 1)[1]))
+    return {"all": rate(names), "after_first": rate(names[1:]) if len(names) > 1 else None,
+            "seconds_per_layer": [layer_seconds[n] for n in names]}
+
+
 def run_slim(ckpt: Path, run_dir: Path, scheme: str, calib: tuple[int, int] | None, env: dict, threads: int,
              limit_mib: float | None = None, hardware: str = "cpu") -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -251,6 +282,10 @@ def run_slim(ckpt: Path, run_dir: Path, scheme: str, calib: tuple[int, int] | No
         quantize_read_mb_s=round(bytes_in / t_q / MB, 1),
         fallback_expert_projections=len(results["quantization"]["fallbacks"]),
     )
+    quantize = json.loads((run_dir / "quantize.json").read_text())
+    if quantize.get("layer_seconds"):
+        res["layer_loop"] = layer_loop(quantize["layer_seconds"], bytes_per_layer(ckpt),
+                                       bytes_per_layer(run_dir / "checkpoint"))
     res["peak_rss_mib"] = res["time_v_maxrss_mib"]
     shutil.rmtree(run_dir / "checkpoint")  # disk: only the figures are kept
     os.sync()
@@ -358,9 +393,15 @@ def main(argv: list[str] | None = None) -> int:
             r = run_slim(ckpt, args.workdir / f"run{n}_{scheme}_{label}", scheme, calib, env, args.threads,
                          args.max_rss_gib * 1024, args.hardware)
             if r["returncode"] == 0:
-                r["throughput_vs_copy"] = round(r["quantize_read_write_mb_s"] / depth["copy"]["read_write_mb_s"], 3)
+                copy = depth["copy"]["read_write_mb_s"]
+                r["throughput_vs_copy"] = round(r["quantize_read_write_mb_s"] / copy, 3)
+                loop = r.get("layer_loop", {}).get("all") or {}
+                if loop.get("read_write_mb_s"):
+                    r["layer_loop_vs_copy"] = round(loop["read_write_mb_s"] / copy, 3)
                 print(f"   wall {r['wall_s']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB, quantize "
-                      f"{r['quantize_read_write_mb_s']:.0f} MB/s r+w ({r['throughput_vs_copy']:.0%} of copy)", flush=True)
+                      f"{r['quantize_read_write_mb_s']:.0f} MB/s r+w ({r['throughput_vs_copy']:.0%} of copy); "
+                      f"decoder layers {loop.get('read_write_mb_s') or 0:.0f} MB/s r+w "
+                      f"({r.get('layer_loop_vs_copy', 0):.0%})", flush=True)
             else:
                 print(f"   FAILED rc={r['returncode']} {r.get('killed_over_rss_limit_mib', '')}: "
                       f"{r.get('log_tail', '')[-800:]}", flush=True)
@@ -401,7 +442,8 @@ def check_targets(report: dict, layers: list[int]) -> dict:
             "rss_vs_bound": round(rb["peak_rss_mib"] / bound, 3),
         }
         if rb["calibration"] is None:  # the throughput target is for calibration off
-            out[key].update(throughput_vs_copy=rb["throughput_vs_copy"], throughput_target=0.30)
+            out[key].update(throughput_vs_copy=rb["throughput_vs_copy"], throughput_target=0.30,
+                            layer_loop_vs_copy=rb.get("layer_loop_vs_copy"))
             # per added layer: the startup both depths pay (imports, CUDA context, head and tail) cancels out,
             # which is what a 61-layer checkpoint of 640 GB sees
             moved = sum(rb[k] - rs[k] for k in ("checkpoint_bytes_in", "checkpoint_bytes_out"))
@@ -413,6 +455,13 @@ def check_targets(report: dict, layers: list[int]) -> dict:
     return out
 
 
+def loop_figure(run: dict) -> str:
+    loop = (run.get("layer_loop") or {}).get("all") or {}
+    if not loop.get("read_write_mb_s"):
+        return "- | -"
+    return f"{loop['read_write_mb_s']:.0f} | {run['layer_loop_vs_copy']:.1%}"
+
+
 def markdown_table(report: dict) -> str:
     """One row per run: depth, scheme, calibration, wall, peak RSS (anon/file), throughput vs copy."""
     overhead = report["runtime_overhead"]["time_v_maxrss_mib"]
@@ -422,8 +471,8 @@ def markdown_table(report: dict) -> str:
              f"env {report['machine'].get('slim_env') or '-'}; runtime overhead {overhead:.0f} MiB",
              "",
              "| layers | checkpoint | largest layer (bf16) | scheme | calib | wall s | peak RSS MiB | anon / file MiB "
-             "| quantize r+w MB/s | copy r+w MB/s | vs copy |",
-             "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| quantize r+w MB/s | copy r+w MB/s | vs copy | decoder layers r+w MB/s | vs copy |",
+             "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n, d in report["depths"].items():
         for r in d["runs"]:
             calib = calib_label(r["calibration"])
@@ -433,11 +482,12 @@ def markdown_table(report: dict) -> str:
             if r["returncode"] != 0:
                 what = (f"killed at {r['killed_over_rss_limit_mib']:.0f} MiB after layer {r.get('layers_done_when_killed')}"
                         if r.get("killed_over_rss_limit_mib") else f"failed rc={r['returncode']}")
-                lines.append(head + f"| {r['wall_s']:.0f} | > {poll.get('peak_rss_mib', 0):.0f} | {what} | | | |")
+                lines.append(head + f"| {r['wall_s']:.0f} | > {poll.get('peak_rss_mib', 0):.0f} | {what} | | | | | |")
                 continue
             lines.append(head + f"| {r['wall_s']:.0f} | {r['peak_rss_mib']:.0f} | {poll.get('peak_anon_mib', 0):.0f} / "
                          f"{poll.get('peak_file_mib', 0):.0f} | {r['quantize_read_write_mb_s']:.0f} "
-                         f"| {d['copy']['read_write_mb_s']:.0f} | {r['throughput_vs_copy']:.1%} |")
+                         f"| {d['copy']['read_write_mb_s']:.0f} | {r['throughput_vs_copy']:.1%} "
+                         f"| {loop_figure(r)} |")
     return "\n".join(lines)
 
 

@@ -59,9 +59,9 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     passes (compressed-tensors' general packer widens every code to int32 and scatters it); anything else
     goes to compressed-tensors. Tests compare the two bit for bit.
     """
-    packed = kernels.pack_int4(codes)  # on a CPU, one pass (slim.kernels)
-    if packed is not None:
-        return packed
+    fused = kernels.pack_int4(codes)  # on a CPU, one pass (slim.kernels)
+    if fused is not None:
+        return fused[0]
     if sys.byteorder != "little" or codes.dim() != 2 or codes.shape[1] % 8:
         return pack_to_int32(codes.contiguous(), 4)
     u = codes.contiguous().view(torch.uint8) + 8  # two's complement + 8 wraps to code + 8 in 0..15
@@ -142,7 +142,9 @@ class CompressedTensorsFormat:
                 f"{module_name}.weight must hold int4 codes as int8 [out, in], got {codes.dtype} "
                 f"{tuple(codes.shape)}"
             )
-        lo, hi = (int(v) for v in torch.aminmax(codes)) if codes.numel() else (0, 0)
+        fused = kernels.pack_int4(codes)  # packed, and the codes out of range counted in the same pass
+        lo, hi = (INT4_MIN, INT4_MAX) if fused is not None and not fused[1] else \
+            (int(v) for v in torch.aminmax(codes)) if codes.numel() else (0, 0)
         if lo < INT4_MIN or hi > INT4_MAX:
             raise ValueError(
                 f"{module_name}: int4 codes must lie in [{INT4_MIN}, {INT4_MAX}], got [{lo}, {hi}]; "
@@ -159,7 +161,7 @@ class CompressedTensorsFormat:
                 f"{(out_features, groups)} = [out, in // group_size] for group_size {q.group_size}"
             )
         scale = q.weight_scale.to(self.group_scale_dtype)  # [out, in // group]
-        if not torch.equal(scale.float(), q.weight_scale.float()):
+        if q.weight_scale.dtype != self.group_scale_dtype and not torch.equal(scale.float(), q.weight_scale.float()):
             raise ValueError(
                 f"{module_name}: int4 group scales are not exactly representable in {self.group_scale_dtype}, "
                 f"the dtype {self.name} stores them in (vLLM loads them in the model dtype); round them "
@@ -167,7 +169,7 @@ class CompressedTensorsFormat:
                 f"CompressedTensorsFormat(group_scale_dtype=torch.float32)"
             )
         out = {
-            f"{module_name}.weight_packed": pack_int4(codes),  # int32 [out, ceil(in/8)]
+            f"{module_name}.weight_packed": fused[0] if fused is not None else pack_int4(codes),  # int32 [out, ceil(in/8)]
             f"{module_name}.weight_scale": scale.contiguous(),
             f"{module_name}.weight_shape": torch.tensor([out_features, in_features], dtype=torch.int64),  # [2]
         }

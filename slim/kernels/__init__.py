@@ -37,7 +37,7 @@ from slim.errors import SlimError
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-ABI = 2  # SLIM_KERNELS_ABI in cpu_kernels.c
+ABI = 3  # SLIM_KERNELS_ABI in cpu_kernels.c
 FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=c11"]
 NATIVE = ["-march=native"]  # tried first; without it where the compiler refuses it
 MAX_GROUP = 4096  # SLIM_MAX_GROUP in cpu_kernels.c
@@ -94,7 +94,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.slim_int4_quantize.argtypes = [ptr, i32, i64, i64, i64, i64, ptr, ptr, i32, ptr]
     lib.slim_fp8_block_int4.argtypes = [ptr, ptr, i64, i64, i64, i64, i32, i64, i64, i64, ptr, ptr, i32, ptr]
     lib.slim_pack_int4.argtypes = [ptr, i64, i64, i64, ptr]
-    for name in ("slim_int4_quantize", "slim_fp8_block_int4", "slim_pack_int4"):
+    lib.slim_pack_int4.restype = i64
+    for name in ("slim_int4_quantize", "slim_fp8_block_int4"):
         getattr(lib, name).restype = None
 
 
@@ -253,9 +254,9 @@ def fp8_block_int4(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
                                                                        group_size, r0, r1, cp, sp, s_bf16, sums))
 
 
-def pack_int4(codes: torch.Tensor) -> torch.Tensor | None:
-    """int8 codes [out, in] (in % 8 == 0) -> compressed-tensors' int32 words [out, in // 8]; None where the
-    kernels cannot."""
+def pack_int4(codes: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """int8 codes [out, in] (in % 8 == 0) -> compressed-tensors' int32 words [out, in // 8] and how many codes
+    lie outside [-8, 7] (the caller refuses those); None where the kernels cannot."""
     lib = library()
     if lib is None or codes.device.type != "cpu" or codes.dim() != 2 or codes.shape[1] % 8 or codes.dtype != torch.int8:
         return None
@@ -263,5 +264,5 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor | None:
     rows, cols = c.shape
     out = torch.empty(rows, cols // 8, dtype=torch.int32)
     cp, op = _ptr(c), _ptr(out)
-    parallel_rows(rows, lambda r0, r1: lib.slim_pack_int4(cp, cols, r0, r1, op))
-    return out
+    bad = sum(parallel_rows(rows, lambda r0, r1: lib.slim_pack_int4(cp, cols, r0, r1, op)))
+    return out, bad

@@ -12,7 +12,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define SLIM_KERNELS_ABI 2
+#define SLIM_KERNELS_ABI 3
 
 int slim_kernels_abi(void) { return SLIM_KERNELS_ABI; }
 
@@ -219,16 +219,23 @@ void slim_fp8_block_int4(const uint8_t *q, const float *scale, int64_t cols, int
 }
 
 /* int8 codes in [-8, 7] -> compressed-tensors' int32 words: word k of a row holds codes 8k..8k+7, code + 8 in
- * bits 4i..4i+3 (pack_to_int32(codes, 4)). cols % 8 == 0. Rows [r0, r1). */
-void slim_pack_int4(const int8_t *codes, int64_t cols, int64_t r0, int64_t r1, int32_t *out) {
+ * bits 4i..4i+3 (pack_to_int32(codes, 4)). cols % 8 == 0. Rows [r0, r1). Returns how many codes lie outside
+ * [-8, 7] (their words are not meaningful; the caller refuses the tensor), so no separate pass checks them. */
+int64_t slim_pack_int4(const int8_t *codes, int64_t cols, int64_t r0, int64_t r1, int32_t *out) {
     const int64_t words = cols / 8;
+    int64_t bad = 0;
     for (int64_t r = r0; r < r1; r++) {
         const int8_t *c = codes + r * cols;
         int32_t *o = out + r * words;
         for (int64_t k = 0; k < words; k++) {
             uint32_t v = 0;
-            for (int i = 0; i < 8; i++) v |= (uint32_t)((uint8_t)(c[8 * k + i] + 8) & 0xF) << (4 * i);
+            for (int i = 0; i < 8; i++) {
+                const int32_t x = c[8 * k + i];
+                bad += (x < -8) | (x > 7);
+                v |= (uint32_t)((uint8_t)(x + 8) & 0xF) << (4 * i);
+            }
             o[k] = (int32_t)v;
         }
     }
+    return bad;
 }

@@ -13,6 +13,7 @@ from compressed_tensors.compressors import (
 from compressed_tensors.quantization.lifecycle.forward import dequantize as ct_dequantize
 from safetensors.torch import load_file, save_file
 
+from slim import kernels
 from slim.formats import FORMATS, CompressedTensorsFormat, Format, check_group_size, check_quantized, get_format
 from slim.formats import quantized_modules
 from slim.formats.base import group_size_divisors
@@ -211,7 +212,19 @@ def test_group_size_error_names_the_divisors():
         check_group_size("model.layers.3.mlp.down_proj", 1000, 128)
 
 
-def test_int4_refuses_bad_codes_and_shapes():
+@pytest.mark.parametrize("cpu_kernels", [True, False])  # the fused packer counts bad codes; torch checks them
+def test_int4_refuses_bad_codes_and_shapes(cpu_kernels):
+    kernels.configure(cpu_kernels)
+    try:
+        assert (kernels.library() is not None) == cpu_kernels
+        q = make_int4(7, 2, 32)
+        bad = q.weight.clone()
+        bad[3, 40] = 8
+        with pytest.raises(ValueError, match=r"must lie in \[-8, 7\], got \[-8, 8\]"):
+            CT.tensors("lin", QuantizedLinear(bad, q.weight_scale, None, 4, 32))
+        assert torch.equal(CT.tensors("lin", q)["lin.weight_packed"], pack_to_int32(q.weight, 4))
+    finally:
+        kernels.configure(None)
     q = make_int4(7, 2, 32)
     with pytest.raises(ValueError, match=r"\[-8, 7\]"):
         CT.tensors("lin", QuantizedLinear(q.weight * 2, q.weight_scale, None, 4, 32))

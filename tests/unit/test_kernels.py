@@ -127,8 +127,11 @@ def test_fp8_straight_to_int4_is_decode_then_quantize(shape, group, dtype):
 def test_pack_matches_compressed_tensors():
     torch.manual_seed(3)
     codes = torch.randint(-8, 8, (77, 256), dtype=torch.int8)
-    assert torch.equal(kernels.pack_int4(codes), pack_to_int32(codes, 4))
+    packed, bad = kernels.pack_int4(codes)
+    assert torch.equal(packed, pack_to_int32(codes, 4)) and bad == 0
     assert kernels.pack_int4(codes[:, :250]) is None  # not whole words: compressed-tensors' packer
+    codes[5, 17], codes[70, 200], codes[0, 0] = 8, -9, 127
+    assert kernels.pack_int4(codes)[1] == 3  # out of [-8, 7]: counted in the same pass
 
 
 def test_thread_count_does_not_change_the_bytes():
