@@ -151,10 +151,14 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     start = store.load_layer(commit["layer"], hidden_device) if commit else None
     if dist.device.type == "cpu":  # the block-wise weight path's temporaries (a GPU's live on the GPU)
         keep_temporaries_in_heap()
+    # calibration off on a CPU with the kernels: they do the work, torch only small ops (see torch_single_threaded)
+    streamed = ids is None and dist.device.type == "cpu" and kernels.library() is not None
     try:
-        result = quantize_model(model=model, adapter=adapter, reader=reader, writer=writer, fmt=fmt, scheme=scheme,
-                                input_ids=None if ids is None else dist.shard(ids), cfg=cfg, device=dist.device,
-                                selection=selection, dist=dist, store=store, start=start, hidden_device=hidden_device)
+        with kernels.torch_single_threaded() if streamed else contextlib.nullcontext():
+            result = quantize_model(model=model, adapter=adapter, reader=reader, writer=writer, fmt=fmt,
+                                    scheme=scheme, input_ids=None if ids is None else dist.shard(ids), cfg=cfg,
+                                    device=dist.device, selection=selection, dist=dist, store=store, start=start,
+                                    hidden_device=hidden_device)
     except BaseException as exc:
         writer.abandon()  # close the open shard file; the last commit point still describes it
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):

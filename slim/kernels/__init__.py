@@ -10,11 +10,13 @@ cast, dequantize, error, norms, packing) with a temporary each; these kernels ma
 The library is compiled once per (source, compiler, CPU) into ``$SLIM_CACHE_DIR/kernels`` (default
 ``~/.cache/slim/kernels``) with ``-O3 -march=native -ffp-contract=off``
 (no fused multiply-add, where torch rounds the product first) and loaded with ctypes. A tensor is split into row
-ranges across ``torch.get_num_threads()`` Python threads; ctypes releases the GIL for each call.
+ranges across ``torch.get_num_threads()`` Python threads (or the count :func:`torch_single_threaded` kept);
+ctypes releases the GIL for each call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -46,6 +48,7 @@ MIN_ROWS_PER_TASK = 64  # a thread gets at least this many rows (a call costs ~2
 _enabled: bool | None = None  # hardware.cpu_kernels
 _build_error = ""  # why the kernels are unavailable, for configure(True)'s message
 _lock = threading.Lock()
+_threads: int | None = None  # set by torch_single_threaded(): the kernels' thread count while torch has one
 
 
 def configure(enabled: bool | None) -> None:
@@ -149,14 +152,36 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="slim-kernel")
 
 
+def threads() -> int:
+    """Threads a kernel call splits its rows across."""
+    return _threads or torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def torch_single_threaded():
+    """Within: torch runs on one thread, the kernels keep torch's thread count. For the streamed weight path
+    (calibration off), where the kernels do the work and torch only small ops: between those, torch's OpenMP
+    threads spin waiting for the next parallel region and take the CPU the kernels and the writer need (with
+    ``OMP_WAIT_POLICY=ACTIVE`` a 4-layer R1-shaped run took 12 CPU seconds instead of 7)."""
+    global _threads
+    n, before = torch.get_num_threads(), _threads
+    _threads = n
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+        _threads = before
+
+
 def parallel_rows(rows: int, fn: Callable[[int, int], object]) -> list:
-    """``fn(r0, r1)`` over row ranges covering ``rows``, on up to ``torch.get_num_threads()`` threads."""
-    tasks = max(1, min(torch.get_num_threads(), rows // MIN_ROWS_PER_TASK))
+    """``fn(r0, r1)`` over row ranges covering ``rows``, on up to :func:`threads` threads."""
+    tasks = max(1, min(threads(), rows // MIN_ROWS_PER_TASK))
     if tasks == 1:
         return [fn(0, rows)]
     step = -(-rows // tasks)
     bounds = [(r, min(r + step, rows)) for r in range(0, rows, step)]
-    pool = _pool(torch.get_num_threads())
+    pool = _pool(threads())
     futures = [pool.submit(fn, r0, r1) for r0, r1 in bounds[1:]]
     first = fn(*bounds[0])  # this thread takes a share too
     return [first, *(f.result() for f in futures)]

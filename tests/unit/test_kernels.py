@@ -149,6 +149,23 @@ def test_thread_count_does_not_change_the_bytes():
     assert one[2:] == pytest.approx(three[2:], rel=1e-9)
 
 
+def test_torch_single_threaded_keeps_the_kernels_threads(monkeypatch):
+    """The streamed weight path runs torch on one thread; the kernels still split rows across the threads torch
+    had (and the row split is what the thread count changes: the bytes are the same)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        calls = []
+        monkeypatch.setattr(kernels, "MIN_ROWS_PER_TASK", 1)
+        with kernels.torch_single_threaded():
+            assert torch.get_num_threads() == 1 and kernels.threads() == 3
+            kernels.parallel_rows(30, lambda r0, r1: calls.append((r0, r1)))
+        assert sorted(calls) == [(0, 10), (10, 20), (20, 30)]
+        assert torch.get_num_threads() == 3 and kernels.threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_switched_off_and_unbuildable(monkeypatch, tmp_path, torch_path):
     assert kernels.library() is None
     assert kernels.int4_quantize(torch.zeros(2, 128), 128, None) is None
