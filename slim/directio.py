@@ -31,7 +31,7 @@ from pathlib import Path
 # filesystems (NFS, Lustre, ...) keep buffered writes unless asked: synchronous 1 MiB writes there are unmeasured.
 LOCAL_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs"})
 ALIGN = 4096  # file offsets, lengths and buffer addresses of direct writes are multiples of this
-STAGE_BYTES = 4 << 20  # each of the two staging buffers: resident once, reused for every write
+STAGE_BYTES = 1 << 20  # each of the two staging buffers: resident once, reused for every write
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _io: ThreadPoolExecutor | None = None
 

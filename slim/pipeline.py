@@ -23,6 +23,7 @@ from slim.cache import cache_dir
 from slim.config import SlimConfig, validate
 from slim.distributed import Dist, init_distributed, shutdown
 from slim.errors import SlimError
+from slim.hostmem import no_gemm_kernel_cache
 from slim.tracking import Tracker, flat_metrics, metric_deltas, peak_memory, results_table, write_results
 
 log = logging.getLogger(__name__)
@@ -270,6 +271,7 @@ def run(cfg: SlimConfig, resolved: dict[str, Any]) -> dict[str, Any]:
     if cfg.mode == "plan":
         return plan_stage(cfg)
     kernels.configure(cfg.hardware.cpu_kernels)
+    no_gemm_kernel_cache()
     if cfg.mode == "sensitivity":
         from slim.sensitivity import sensitivity_stage
 

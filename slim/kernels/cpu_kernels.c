@@ -229,13 +229,15 @@ int64_t slim_pack_int4(const int8_t *codes, int64_t cols, int64_t r0, int64_t r1
         int32_t *o = out + r * words;
         for (int64_t k = 0; k < words; k++) {
             uint32_t v = 0;
-            for (int i = 0; i < 8; i++) {
-                const int32_t x = c[8 * k + i];
-                bad += (x < -8) | (x > 7);
-                v |= (uint32_t)((uint8_t)(x + 8) & 0xF) << (4 * i);
-            }
+            for (int i = 0; i < 8; i++) v |= (uint32_t)((uint8_t)(c[8 * k + i] + 8) & 0xF) << (4 * i);
             o[k] = (int32_t)v;
         }
+        /* code + 8 lies in [0, 15] exactly when the code is in range: OR the row's sums, count only if one is not
+         * (a separate loop over the row, still in L1: counting inside the packing loop stops it vectorizing) */
+        uint8_t high = 0;
+        for (int64_t j = 0; j < cols; j++) high |= (uint8_t)(c[j] + 8);
+        if (high & 0xF0u)
+            for (int64_t j = 0; j < cols; j++) bad += c[j] < -8 || c[j] > 7;
     }
     return bad;
 }

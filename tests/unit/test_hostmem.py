@@ -1,5 +1,6 @@
 """The host allocator policy: ~1 MB temporaries reuse heap pages instead of faulting in fresh ones."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -63,3 +64,14 @@ def test_freed_heap_pages_go_back_after_a_layer():
     out = subprocess.run([sys.executable, "-c", TRIM_SCRIPT], capture_output=True, text=True, check=True).stdout.split()
     before, after = int(out[0]), int(out[1])
     assert before - after > 200  # the 270 MiB freed between the live chunks are returned
+
+
+def test_gemm_kernel_cache_off_unless_the_user_set_it(monkeypatch):
+    from slim.hostmem import ONEDNN_CACHE, no_gemm_kernel_cache
+
+    monkeypatch.delenv(ONEDNN_CACHE, raising=False)
+    no_gemm_kernel_cache()
+    assert os.environ[ONEDNN_CACHE] == "0"
+    monkeypatch.setenv(ONEDNN_CACHE, "256")
+    no_gemm_kernel_cache()
+    assert os.environ[ONEDNN_CACHE] == "256"
