@@ -12,7 +12,10 @@ def state_after(layer: int, variant: str = "") -> tuple[dict, list[dict]]:
     """A writer state and module reports that grow layer by layer, as a run's do."""
     shards = [[f"model-{i:05d}.safetensors", [f"t{i}.{j}" for j in range(3)], 100 * i] for i in range(layer // 2)]
     checksums = {f"l{i}.t{j}": f"{variant}{i:02d}{j:02d}" for i in range(layer + 1) for j in range(4)}
-    current = {"file": f"model-{layer // 2:05d}.safetensors", "entries": {f"l{layer}": {"dtype": "F32"}},
+    first = layer - layer % 2  # the open shard holds layers first..layer; its entries grow until it closes
+    current = {"file": f"model-{layer // 2:05d}.safetensors",
+               "entries": {f"l{i}.t{j}": {"dtype": "F32", "data_offsets": [i, j]} for i in range(first, layer + 1)
+                           for j in range(40)},
                "data_bytes": 1000 + layer, "reserve": 65536}
     modules = [{"name": f"l{i}.m{j}", "sqnr_db": float(i + j)} for i in range(layer + 1) for j in range(3)]
     return {"shards": shards, "checksums": checksums, "current": current}, modules
@@ -34,7 +37,10 @@ def test_folding_gives_back_each_saved_state_and_lines_stay_small(tmp_path):
     for layer in range(6):
         save(store, layer)
     lines = store.journal.read_text().splitlines()
-    assert len(lines) == 6 and len(lines[5]) < 2 * len(lines[1])  # only what is new, plus the open shard
+    assert len(lines) == 6 and len(lines[5]) < 2 * len(lines[1])  # only what is new
+    current = [json.loads(line)["current"] for line in lines]
+    # the open shard's entries: all of them for a new file, then only those added since the line before
+    assert [(c["entries_before"], len(c["entries"])) for c in current] == [(0, 40), (40, 40)] * 3
     for layer in (5, 4):  # the hidden states of the last two commit points are kept
         assert loaded(ResumeStore(tmp_path, 0, "fp"), layer) == state_after(layer)
 
@@ -65,3 +71,14 @@ def test_a_new_store_starts_a_new_journal(tmp_path):
     assert [line["layer"] for line in lines] == [0]
     writer, _ = loaded(ResumeStore(tmp_path, 0, "fp"), 0)
     assert writer["checksums"] == {f"l0.t{j}": f"y00{j:02d}" for j in range(4)}
+
+
+def test_a_resume_in_the_middle_of_an_open_shard_continues_its_entries(tmp_path):
+    store = ResumeStore(tmp_path, 0, "fp")
+    for layer in range(6):
+        save(store, layer)
+    resumed = ResumeStore(tmp_path, 0, "fp")
+    assert loaded(resumed, 4) == state_after(4)  # model-00002 open with layer 4's entries; line 5 goes
+    save(resumed, 5)  # the rerun's next line holds only layer 5's entries of that shard
+    assert json.loads(resumed.journal.read_text().splitlines()[-1])["current"]["entries_before"] == 40
+    assert loaded(ResumeStore(tmp_path, 0, "fp"), 5) == state_after(5)
