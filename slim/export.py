@@ -362,7 +362,8 @@ def finalize_checkpoint(out_dir: str | Path, shards: list[tuple[str, list[str], 
     total = sum(nbytes for _, _, nbytes in shards)
     manifest = {"format": "slim-manifest-1", "algorithm": algorithm,
                 "files": {final: {"bytes": (out_dir / final).stat().st_size} for final in final_shard_names(shards)},
-                "tensors": {name: {"file": weight_map[name], algorithm: checksums[name]} for name in sorted(weight_map)}}
+                "tensors": {name: {"file": weight_map[name], algorithm: checksums[name]}
+                            for name in sorted(weight_map)}}
     atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     atomic_write_text(out_dir / INDEX, json.dumps(index, indent=2) + "\n")

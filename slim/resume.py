@@ -1,16 +1,16 @@
 """Commit points of an export, so a killed or crashed run continues where it stopped.
 
-After a decoder layer (every ``export.commit_every`` layers) each rank saves, in ``<checkpoint>/.slim_resume/``:
-its writer's state (closed shards, the open shard's committed length and header entries, tensor checksums),
-its per-module reports, and its slice of the calibration hidden states. The first three go into the rank's
-journal (``rankNNN-journal.jsonl``), one line per commit point holding only what is new since the line before
-(the open shard's header entries too, while it is the same file), so a commit costs the same at layer 60 as at
-layer 1 (with the open shard whole in every line, 32 small layers in one shard spent 0.6 s encoding JSON). Once every rank has saved,
-rank 0 writes ``commit.json``; a rerun of the same command reads it, folds the journal up to that layer (and
-cuts off any line after it), truncates the open shard back to the committed length and continues with the
-next layer. Everything is deterministic, so the finished checkpoint is byte-identical to that of an
-uninterrupted run. A commit belongs to one configuration (its fingerprint); a run with another configuration
-refuses to touch it unless ``overwrite=true``.
+After a decoder layer (every ``export.commit_every`` layers) each rank saves, in ``<checkpoint>/.slim_resume/``: its
+writer's state (closed shards, the open shard's committed length and header entries, tensor checksums), its per-
+module reports, and its slice of the calibration hidden states. The first three go into the rank's journal
+(``rankNNN-journal.jsonl``), one line per commit point holding only what is new since the line before (the open
+shard's header entries too, while it is the same file), so a commit costs the same at layer 60 as at layer 1 (with
+the open shard whole in every line, 32 small layers in one shard spent 0.6 s encoding JSON). Once every rank has
+saved, rank 0 writes ``commit.json``; a rerun of the same command reads it, folds the journal up to that layer (and
+cuts off any line after it), truncates the open shard back to the committed length and continues with the next
+layer. Everything is deterministic, so the finished checkpoint is byte-identical to that of an uninterrupted run. A
+commit belongs to one configuration (its fingerprint); a run with another configuration refuses to touch it unless
+``overwrite=true``.
 """
 
 from __future__ import annotations

@@ -169,7 +169,8 @@ class CompressedTensorsFormat:
                 f"CompressedTensorsFormat(group_scale_dtype=torch.float32)"
             )
         out = {
-            f"{module_name}.weight_packed": fused[0] if fused is not None else pack_int4(codes),  # int32 [out, ceil(in/8)]
+            # int32 [out, ceil(in / 8)]
+            f"{module_name}.weight_packed": fused[0] if fused is not None else pack_int4(codes),
             f"{module_name}.weight_scale": scale.contiguous(),
             f"{module_name}.weight_shape": torch.tensor([out_features, in_features], dtype=torch.int64),  # [2]
         }
