@@ -1,8 +1,8 @@
 """Commit points of an export, so a killed or crashed run continues where it stopped.
 
 After a decoder layer (every ``export.commit_every`` layers) each rank saves, in ``<checkpoint>/.slim_resume/``: its
-writer's state (closed shards, the open shard's committed length and header entries, tensor checksums), its per-
-module reports, and its slice of the calibration hidden states. The first three go into the rank's journal
+writer's state (closed shards, the open shard's committed length and header entries, tensor checksums), its
+per-module reports, and its slice of the calibration hidden states. The first three go into the rank's journal
 (``rankNNN-journal.jsonl``), one line per commit point holding only what is new since the line before (the open
 shard's header entries too, while it is the same file), so a commit costs the same at layer 60 as at layer 1 (with
 the open shard whole in every line, 32 small layers in one shard spent 0.6 s encoding JSON). Once every rank has
