@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from slim.config import SlimConfig
+from slim.export import MAX_QUEUED_BYTES
 from slim.quant.schemes import SCHEMES
 
 GiB = 2**30
@@ -31,10 +32,11 @@ MiB = 2**20
 
 def write_queue_bytes(layer_bytes: int) -> int:
     """How far the background writer may lag behind the quantizer, in bytes of queued tensors: an eighth of the
-    largest layer (in the model dtype), at least 16 MiB, at most 256 MiB. Enough to hold a layer's quantized
-    experts while its unquantized tensors go to disk, so quantizing and writing overlap: on R1-shaped layers
-    (1 GiB) 128 MiB took 0.73-0.77 s per layer to 0.63 s (2 CPU cores; 16 MiB: the quantizer waited)."""
-    return min(256 * MiB, max(16 * MiB, layer_bytes // 8))
+    largest layer (in the model dtype), at least the writer's default (16 MiB), at most 256 MiB. Enough to hold
+    a layer's quantized experts while its unquantized tensors go to disk, so quantizing and writing overlap: on
+    R1-shaped layers (1 GiB) 128 MiB took 0.73-0.77 s per layer to 0.63 s (2 CPU cores; 16 MiB: the quantizer
+    waited)."""
+    return min(256 * MiB, max(MAX_QUEUED_BYTES, layer_bytes // 8))
 
 
 @dataclass
@@ -51,7 +53,7 @@ class MemoryPlan:
     host_capacity_per_rank: int = 0
     checkpoint_bytes: int = 0
     hidden_states_on: str = "device"  # device | host: where calibration hidden states wait between layers
-    write_queue_bytes: int = 16 * MiB  # the CheckpointWriter's bound on queued writes (write_queue_bytes())
+    write_queue_bytes: int = MAX_QUEUED_BYTES  # the CheckpointWriter's bound on queued writes (write_queue_bytes())
     problems: list[str] = field(default_factory=list)
 
     @property

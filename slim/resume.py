@@ -104,11 +104,13 @@ class ResumeStore:
                 modules += line["modules"]
                 if line["current"] is not None:  # the open shard's entries: new ones after those of the line before
                     before = line["current"].get("entries_before", 0)
-                    if before != (len(entries) if before else 0):
+                    if not before:
+                        entries = {}  # a new shard file
+                    elif before != len(entries):
                         raise ValueError(f"{self.journal}: layer {line['layer']} continues an open shard of "
                                          f"{before} entries, the lines before hold {len(entries)}; rerun with "
                                          "overwrite=true to start over")
-                    entries = {**(entries if before else {}), **line["current"]["entries"]}
+                    entries.update(line["current"]["entries"])
                 last, end = line, end + len(raw)
         if last is None or last["layer"] != layer:
             raise FileNotFoundError(f"{self.journal} has no commit point for layer {layer}; "

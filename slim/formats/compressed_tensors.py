@@ -143,13 +143,13 @@ class CompressedTensorsFormat:
                 f"{tuple(codes.shape)}"
             )
         fused = kernels.pack_int4(codes)  # packed, and the codes out of range counted in the same pass
-        lo, hi = (INT4_MIN, INT4_MAX) if fused is not None and not fused[1] else \
-            (int(v) for v in torch.aminmax(codes)) if codes.numel() else (0, 0)
-        if lo < INT4_MIN or hi > INT4_MAX:
-            raise ValueError(
-                f"{module_name}: int4 codes must lie in [{INT4_MIN}, {INT4_MAX}], got [{lo}, {hi}]; "
-                "clamp them in the quantizer"
-            )
+        if fused is None or fused[1]:  # no kernel, or codes out of range: their range, for the check and message
+            lo, hi = (int(v) for v in torch.aminmax(codes)) if codes.numel() else (0, 0)
+            if lo < INT4_MIN or hi > INT4_MAX:
+                raise ValueError(
+                    f"{module_name}: int4 codes must lie in [{INT4_MIN}, {INT4_MAX}], got [{lo}, {hi}]; "
+                    "clamp them in the quantizer"
+                )
         out_features, in_features = codes.shape
         if q.group_size is None:
             raise ValueError(f"{module_name}: int4 weights need group_size (the reference uses 128)")
