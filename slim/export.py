@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from slim import checksum
-from slim.directio import LOCAL_FILESYSTEMS, filesystem_type, open_direct
+from slim.directio import LOCAL_FILESYSTEMS, STAGE_BYTES, filesystem_type, open_direct, stage_bytes_for
 
 log = logging.getLogger(__name__)
 INDEX = "model.safetensors.index.json"
@@ -93,7 +93,8 @@ class ShardFile:
     """One safetensors file written tensor by tensor; ``close()`` fills in the header and renames it."""
 
     def __init__(self, path: Path, entries: dict[str, dict] | None = None, data_bytes: int = 0,
-                 reserve: int = HEADER_RESERVE, direct_io: bool = True, algorithm: str = checksum.DEFAULT):
+                 reserve: int = HEADER_RESERVE, direct_io: bool = True, algorithm: str = checksum.DEFAULT,
+                 stage_bytes: int = STAGE_BYTES):
         self.path, self.tmp, self.reserve = path, path.with_name(path.name + ".tmp"), reserve
         self.algorithm, self._beside = algorithm, checksum.hash_beside(algorithm)
         self.entries: dict[str, dict] = dict(entries or {})
@@ -110,7 +111,7 @@ class ShardFile:
             self._f = open(self.tmp, "wb")
         # data goes around the page cache where the filesystem allows it (see slim.directio); the header
         # region is then a hole until close() writes the header into it
-        self._direct = open_direct(self.tmp, reserve + data_bytes) if direct_io else None
+        self._direct = open_direct(self.tmp, reserve + data_bytes, stage_bytes) if direct_io else None
         if self._direct is None and not data_bytes:
             self._f.write(b"\0" * reserve)
 
@@ -194,6 +195,7 @@ class CheckpointWriter:
                  max_queued_bytes: int | None = None):
         self.out_dir = Path(out_dir)
         self.max_queued_bytes = MAX_QUEUED_BYTES if max_queued_bytes is None else max_queued_bytes
+        self.stage_bytes = stage_bytes_for(self.max_queued_bytes)  # direct writes: a deeper queue, bigger writes
         checksum.new(algorithm)  # an unknown algorithm fails here, not on the writer thread
         self.algorithm = algorithm
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -258,7 +260,7 @@ class CheckpointWriter:
             if self._current is None:
                 self._current = ShardFile(self.out_dir / self._shard_name(len(self.shards) + 1),
                                           reserve=self.header_reserve, direct_io=self.direct_io,
-                                          algorithm=self.algorithm)
+                                          algorithm=self.algorithm, stage_bytes=self.stage_bytes)
             self.checksums[name] = self._current.add_pieces(name, dtype, shape, pieces)
         except BaseException:
             self._failed = True
@@ -318,7 +320,7 @@ class CheckpointWriter:
                 path.unlink()
         if cur:
             self._current = ShardFile(self.out_dir / cur["file"], cur["entries"], cur["data_bytes"], cur["reserve"],
-                                      self.direct_io, self.algorithm)
+                                      self.direct_io, self.algorithm, self.stage_bytes)
 
     def abandon(self) -> None:
         """After a failure: let a write in progress end (its error, or any other, is dropped: the caller is

@@ -4,8 +4,8 @@ The model skeleton is built on the meta device (free), so every figure comes fro
 the largest decoder layer streamed onto the device, the calibration hidden states kept between layers (on the
 device, or in host memory when they do not fit there), one batch's forward activations, quantization
 temporaries; on the host, the checkpoint pages of the layer being read (memory-mapped, as stored), the one
-quantized tensor being written (the writer streams every tensor straight into its shard file) and the tensors
-queued for the writer thread (:func:`write_queue_bytes`). A run whose plan does not fit its hardware preset is
+quantized tensor being written (the writer streams every tensor straight into its shard file), the tensors
+queued for the writer thread (:func:`write_queue_bytes`) and its direct-I/O staging buffers. A run whose plan does not fit its hardware preset is
 refused before anything is loaded.
 """
 
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from slim.config import SlimConfig
+from slim.directio import STAGE_BUFFERS, stage_bytes_for
 from slim.export import MAX_QUEUED_BYTES
 from slim.quant.schemes import SCHEMES
 
@@ -128,6 +129,7 @@ def plan_memory(cfg: SlimConfig, model, adapter, ignored: set[str]) -> MemoryPla
         "writer (one quantized tensor in flight)": max(
             (_quantized_bytes(m, scheme, cfg.scheme.group_size) for m in targets.values()), default=0),
         "writer queue (tensors waiting for the disk)": queue,
+        "writer staging buffers (direct I/O)": STAGE_BUFFERS * stage_bytes_for(queue),
         "runtime": HOST_RUNTIME_BYTES,
     }
     hidden_on = "device"

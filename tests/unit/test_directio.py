@@ -5,6 +5,7 @@ import ctypes
 import errno
 import os
 import random
+import threading
 
 import pytest
 import torch
@@ -96,6 +97,68 @@ def test_a_refused_direct_write_names_the_setting(tmp_path, monkeypatch):
     app.write(b"x" * 10)
     with pytest.raises(OSError, match="export.direct_io=false"):
         app.close()
+
+
+def test_full_buffers_are_queued_while_an_earlier_write_is_still_on_the_disk(tmp_path, monkeypatch):
+    """The I/O thread must find the next buffer already queued when a write returns (no hand-over gap): with the
+    first write held, write() still queues every full buffer but the one it fills, and waits only for a buffer
+    of the ring that is still queued."""
+    release, started, real = threading.Event(), [], os.pwrite
+
+    def slow_first(fd, view, offset):
+        started.append(offset)
+        if offset == 0:
+            assert release.wait(10)
+        return real(fd, view, offset)
+
+    monkeypatch.setattr(os, "pwrite", slow_first)
+    path = tmp_path / "f"
+    path.touch()
+    app = appender(path, 0)
+    ring = len(app._views)
+    data = os.urandom((ring + 1) * STAGE + 5)
+    app.write(data[:(ring - 1) * STAGE])  # ring - 1 full buffers: all queued, none written yet, no waiting
+    assert sum(f is not None and not f.done() for f in app._queued) == ring - 1
+    blocked = threading.Thread(target=app.write, args=(data[(ring - 1) * STAGE:ring * STAGE],))
+    blocked.start()  # fills the last free buffer; then needs the first one back: waits for the held write
+    blocked.join(0.2)
+    assert blocked.is_alive() and started == [0]
+    release.set()
+    blocked.join(10)
+    app.write(data[ring * STAGE:])
+    app.close()
+    assert path.read_bytes() == data
+    assert started[:ring + 1] == [k * STAGE for k in range(ring + 1)]  # in file order, one I/O thread
+
+
+def test_an_error_of_a_queued_write_is_raised_after_every_write_in_flight_ended(tmp_path, monkeypatch):
+    real, calls = os.pwrite, []
+
+    def fail_second(fd, view, offset):
+        calls.append(offset)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, view, offset)
+
+    monkeypatch.setattr(os, "pwrite", fail_second)
+    (tmp_path / "f").touch()
+    app = appender(tmp_path / "f", 0)
+    with pytest.raises(OSError, match="Input/output error"):
+        app.write(os.urandom(20 * STAGE))  # raised when the failed write's buffer comes round again
+        app.close()
+    app.abandon()  # releases the buffers: every write queued from them has ended
+    assert all(f is None or f.done() for f in app._queued) and app._fd == -1
+
+
+@pytest.mark.parametrize("queue, stage", [(0, 1 << 20), (16 << 20, 1 << 20), (64 << 20, 2 << 20),
+                                          (136 << 20, 4 << 20), (1 << 30, 4 << 20), ((96 << 20) + 123, 3 << 20)])
+def test_staging_buffers_grow_with_the_writer_queue(queue, stage):
+    assert directio.stage_bytes_for(queue) == stage and stage % ALIGN == 0
+
+
+def test_writer_stages_in_buffers_sized_by_its_queue(tmp_path):
+    assert CheckpointWriter(tmp_path / "a").stage_bytes == directio.STAGE_BYTES
+    assert CheckpointWriter(tmp_path / "b", max_queued_bytes=256 << 20).stage_bytes == directio.MAX_STAGE_BYTES
 
 
 def shard_bytes(out, direct_io, interrupt_at=None):
