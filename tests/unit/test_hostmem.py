@@ -66,12 +66,48 @@ def test_freed_heap_pages_go_back_after_a_layer():
     assert before - after > 200  # the 270 MiB freed between the live chunks are returned
 
 
-def test_gemm_kernel_cache_off_unless_the_user_set_it(monkeypatch):
-    from slim.hostmem import ONEDNN_CACHE, no_gemm_kernel_cache
+def test_gemm_kernel_caches_off_unless_the_user_set_them(monkeypatch):
+    from slim.hostmem import IDEEP_CACHE, ONEDNN_CACHE, no_gemm_kernel_cache
 
     monkeypatch.delenv(ONEDNN_CACHE, raising=False)
+    monkeypatch.delenv(IDEEP_CACHE, raising=False)
     no_gemm_kernel_cache()
-    assert os.environ[ONEDNN_CACHE] == "0"
+    assert os.environ[ONEDNN_CACHE] == "0" and os.environ[IDEEP_CACHE] == "1"
     monkeypatch.setenv(ONEDNN_CACHE, "256")
+    monkeypatch.setenv(IDEEP_CACHE, "64")
     no_gemm_kernel_cache()
-    assert os.environ[ONEDNN_CACHE] == "256"
+    assert os.environ[ONEDNN_CACHE] == "256" and os.environ[IDEEP_CACHE] == "64"
+
+
+SHAPES_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from slim.hostmem import no_gemm_kernel_cache
+    if sys.argv[1] == "slim":
+        no_gemm_kernel_cache()
+    torch.set_num_threads(1)
+
+    def anon_mib():
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("RssAnon")) / 1024
+
+    w, x = torch.randn(512, 1024, dtype=torch.bfloat16), torch.randn(200, 1024, dtype=torch.bfloat16)
+    torch.nn.functional.linear(x[:1], w)
+    before = anon_mib()
+    for m in range(1, 201):  # as calibrated routed experts: every matmul a new token count
+        torch.nn.functional.linear(x[:m], w)
+    print(anon_mib() - before)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_matmuls_of_ever_new_shapes_do_not_pile_up_cached_kernels():
+    def growth(mode):
+        env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+        out = subprocess.run([sys.executable, "-c", SHAPES_SCRIPT, mode], capture_output=True, text=True, check=True,
+                             env=env | {"OMP_NUM_THREADS": "1"}).stdout
+        return float(out)
+
+    default = growth("torch")
+    if default < 20:
+        pytest.skip(f"this CPU's bf16 matmuls cache little per shape ({default:.1f} MiB for 200 shapes)")
+    assert growth("slim") < min(10.0, default / 4), default
