@@ -115,10 +115,10 @@ class DirectAppender:
             if self._fill == self._cap:  # full: queued for the I/O thread, the next buffer is filled meanwhile
                 self._queued[self._slot] = _io_thread().submit(self._pwrite, self._view, self._cap, self._base)
                 self._slot = (self._slot + 1) % len(self._views)
-                self._wait(self._slot)  # that buffer's earlier write is done: it is free for the next bytes
                 self._view = self._views[self._slot]
                 self._base += self._cap
                 self._fill = 0
+                self._wait(self._slot)  # that buffer's earlier write is done: it is free for the next bytes
         return done
 
     def _wait(self, slot: int) -> None:
@@ -133,7 +133,7 @@ class DirectAppender:
         for k in range(1, ring + 1):
             try:
                 self._wait((self._slot + k) % ring)
-            except OSError as exc:
+            except Exception as exc:  # noqa: BLE001 - every write must end before the buffers may go
                 first = first or exc
         if first is not None:
             raise first
