@@ -186,7 +186,7 @@ class DirectAppender:
             return
         try:
             self._wait_all()  # the I/O thread must be done with the buffers and the descriptor
-        except OSError:
+        except Exception:  # noqa: BLE001
             pass  # after a failure: the caller is handling that one, or sync()/close() raised this one already
         for view, stage in zip(self._views, self._stages):
             view.release()

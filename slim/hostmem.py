@@ -68,7 +68,7 @@ def no_gemm_kernel_cache() -> None:
     its own token count, so both grow with depth: 400 bf16 matmuls of distinct shapes held 156 MiB in ideep's
     cache, 1.5 MiB with it at 1; 32 small DeepSeek layers (fp8_static, 4 x 64 tokens) peaked at 786-797 MiB
     with both, 736-737 MiB without oneDNN's, 653-657 MiB without either, no slower. oneDNN's is turned off and
-    ideep's kept to one entry (0 is not a size ideep takes) unless the environment sets them; both are read at
-    the first matmul, so call this before any."""
+    ideep's kept to one entry unless the environment sets them (ideep's at 0 crashed torch 2.13 here: a
+    segmentation fault at the first bf16 matmul). Both are read at the first matmul, so call this before any."""
     os.environ.setdefault(ONEDNN_CACHE, "0")
     os.environ.setdefault(IDEEP_CACHE, "1")
