@@ -152,8 +152,7 @@ class ShardFile:
         if self._direct is not None:
             self._direct.sync()
         self._f.flush()
-        return {"file": self.path.name, "entries": dict(self.entries), "data_bytes": self.data_bytes,
-                "reserve": self.reserve}  # a copy: the writer thread may add entries while a commit holds this
+        return {"file": self.path.name, "entries": self.entries, "data_bytes": self.data_bytes, "reserve": self.reserve}
 
     def close(self) -> None:
         header = json.dumps({**_METADATA, **dict(sorted(self.entries.items()))}, separators=(",", ":")).encode()

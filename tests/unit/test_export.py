@@ -3,7 +3,6 @@
 
 import hashlib
 import json
-import threading
 
 import pytest
 import torch
@@ -108,57 +107,3 @@ def test_a_failed_background_write_is_raised_and_nothing_lands_after_it(tmp_path
     with pytest.raises(ValueError, match="written twice"):
         writer.add("a", t)
     writer.abandon()  # after the failure: closes the file, raises nothing
-
-
-def test_end_layer_commits_what_is_on_disk_without_making_the_caller_wait(tmp_path):
-    """A layer boundary queued behind the layer's writes: the caller goes on at once, the commit sees the state
-    after exactly those writes (as state() after maybe_flush() would give it), later writes are not in it."""
-    ts = list(tensors().items())
-    release, commits = threading.Event(), []
-
-    def held(t):
-        assert release.wait(10)
-        yield t
-
-    ref = CheckpointWriter(tmp_path / "ref", max_shard_bytes=1 << 30)  # one open shard throughout
-    writer = CheckpointWriter(tmp_path / "out", max_shard_bytes=1 << 30, background=True)
-    for w in (ref, writer):
-        for name, t in ts[:10]:
-            w.add(name, t)
-    name, t = ts[10]
-    ref.add(name, t)
-    writer.add_pieces(name, t.dtype, tuple(t.shape), held(t))  # the layer's last write, held on the disk
-    ref.maybe_flush()
-    expected = ref.state()
-    writer.end_layer(commits.append)  # returns while that write is still held
-    assert commits == []
-    for name, t in ts[11:14]:  # the next layer, queued behind the boundary
-        writer.add(name, t)
-    release.set()
-    writer.flush()
-    assert commits == [expected]
-    assert not set(commits[0]["checksums"]) & {n for n, _ in ts[11:14]}
-
-
-def test_end_layer_after_a_failed_write_commits_nothing(tmp_path):
-    def broken(t):
-        yield t[:1]
-        raise OSError(28, "No space left on device")
-
-    commits = []
-    writer = CheckpointWriter(tmp_path / "out", background=True)
-    t = torch.randn(4, 8)
-    writer.add_pieces("b", t.dtype, tuple(t.shape), broken(t))
-    writer.end_layer(commits.append)
-    with pytest.raises(OSError, match="No space left"):
-        writer.wait()
-    assert commits == []
-    writer.abandon()
-
-
-def test_end_layer_without_a_writer_thread_commits_at_once(tmp_path):
-    commits = []
-    writer = CheckpointWriter(tmp_path / "out")
-    writer.add("a", torch.randn(4, 8))
-    writer.end_layer(commits.append)
-    assert commits == [writer.state()] and "a" in commits[0]["checksums"]
