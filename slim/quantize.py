@@ -63,10 +63,8 @@ class QuantizeResult:
     ignore_matches: dict[str, list[str]] = field(default_factory=dict)
     skipped_prefixes: list[str] = field(default_factory=list)
     num_samples: int = 0
-    # wall seconds of each decoder layer this process ran (materialize, calibrate, quantize, hand its tensors to
-    # the writer; with ranks also its writes on disk and commit point, which one process leaves to the writer
-    # thread, so they fall in the next layer's seconds; the last layer's are in its own), keyed by the layer's
-    # prefix: their sum is the decoder layers' wall time, the steady rate of a deep model without startup
+    # wall seconds of each decoder layer this process ran (materialize, calibrate, quantize, its writes on disk,
+    # commit point), keyed by the layer's prefix: the steady rate of a deep model, without startup
     layer_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
