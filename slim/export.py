@@ -27,7 +27,7 @@ import re
 import shutil
 import struct
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -284,33 +284,6 @@ class CheckpointWriter:
     def maybe_flush(self) -> None:
         """Call at layer boundaries: closes the open shard once it holds ``max_shard_bytes``."""
         self.wait()
-        self._close_if_full()
-
-    def end_layer(self, commit: Callable[[dict[str, Any]], None] | None = None) -> None:
-        """A layer boundary the caller need not wait at: once the writes queued so far are done, the open shard is
-        closed if it holds ``max_shard_bytes`` (as :meth:`maybe_flush`) and ``commit(state)`` is called with the
-        state those writes leave (:meth:`state`), so a commit point describes what is on disk while the caller
-        already quantizes the next layer. With background writes both run on the writer thread, in order, and
-        are skipped after an earlier write failed (that error is raised as any other); without, here."""
-        if self._thread is None:
-            self.maybe_flush()
-            if commit is not None:
-                commit(self.state())
-            return
-        self._jobs.append((self._thread.submit(self._end_layer, commit), 0))
-
-    def _end_layer(self, commit: Callable[[dict[str, Any]], None] | None) -> None:
-        if self._failed:
-            return  # a write before this boundary failed: no commit may name it
-        try:
-            self._close_if_full()
-            if commit is not None:
-                commit(self._state())
-        except BaseException:
-            self._failed = True
-            raise
-
-    def _close_if_full(self) -> None:
         if self._current is not None and self._current.data_bytes >= self.max_shard_bytes:
             self._close_current()
 
@@ -332,9 +305,6 @@ class CheckpointWriter:
 
     def state(self) -> dict[str, Any]:
         self.wait()
-        return self._state()
-
-    def _state(self) -> dict[str, Any]:
         return {"shards": [list(s) for s in self.shards], "checksums": dict(self.checksums),
                 "current": None if self._current is None else self._current.state()}
 

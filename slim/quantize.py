@@ -7,7 +7,6 @@ layer, move on. Peak memory = one layer + the calibration hidden states, whateve
 
 from __future__ import annotations
 
-import functools
 import logging
 import statistics
 import time
@@ -239,13 +238,6 @@ class LayerQuantizer:
             self.writer.add(name, tensor)
 
 
-def _commit(store: ResumeStore, layer: int, modules: list[dict], hidden: list[torch.Tensor],
-            writer_state: dict) -> None:
-    """One process's commit point after ``layer`` (run by the writer thread once the layer is on disk)."""
-    store.save_layer(layer, writer_state, modules, hidden)
-    store.commit(layer)
-
-
 def quantize_model(
     *, model, adapter: ModelAdapter, reader: CheckpointReader, writer: CheckpointWriter, fmt, scheme: Scheme,
     input_ids: torch.Tensor, cfg, device: torch.device, selection: Selection, dist: Dist | None = None,
@@ -337,23 +329,15 @@ def quantize_model(
         del qs, outputs
         release(layer)
         reader.close()
-        last = i == len(layers) - 1
-        commit = store is not None and ((i + 1) % cfg.export.commit_every == 0 or last)
-        # vars(): the reports are flat; asdict's deep copies took 0.6 s of 32 small layers' commits
-        modules = [vars(m) for m in result.modules] if commit else []
-        if dist.world == 1 and not last:
-            # one process: the writer thread closes the layer (and saves its commit point once its writes are on
-            # disk) while this thread goes on with the next layer, so neither waits for the other at the boundary
-            writer.end_layer(functools.partial(_commit, store, i, modules, hidden) if commit else None)
-        else:  # ranks commit together (every rank's part on disk first); the last layer ends the loop on disk
-            writer.maybe_flush()  # waits for the layer's queued writes, whose tensors are then freed too
-            if commit:
-                store.save_layer(i, writer.state(), modules, hidden)
-                dist.barrier()  # every rank's part is on disk before the commit names this layer
-                if dist.is_main:
-                    store.commit(i)
+        writer.maybe_flush()  # waits for the layer's queued writes, whose tensors are then freed too
         if device.type == "cpu":
             release_free_heap()  # the layer's freed heap pages go back: memory stays one layer at any depth
+        if store is not None and ((i + 1) % cfg.export.commit_every == 0 or i == len(layers) - 1):
+            # vars(): the reports are flat; asdict's deep copies took 0.6 s of 32 small layers' commits
+            store.save_layer(i, writer.state(), [vars(m) for m in result.modules], hidden)
+            dist.barrier()  # every rank's part is on disk before the commit names this layer
+            if dist.is_main:
+                store.commit(i)
         result.layer_seconds[prefix.rstrip(".")] = round(time.perf_counter() - t0, 4)
 
     if result.layer_seconds:
