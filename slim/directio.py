@@ -1,4 +1,4 @@
-"""Append to a file around the page cache (``O_DIRECT``), through two small aligned staging buffers.
+"""Append to a file around the page cache (``O_DIRECT``), through a ring of small aligned staging buffers.
 
 A checkpoint is written once and not read back by the writer, so the page cache only costs: every buffered
 ``write`` copies the bytes into freshly allocated cache pages, and where fresh pages are expensive (a virtual
@@ -76,18 +76,16 @@ class DirectAppender:
     or by :meth:`sync` or :meth:`close`.
     """
 
-    def __init__(self, fd: int, path: Path, pos: int, stage_bytes: int = STAGE_BYTES, buffers: int = STAGE_BUFFERS):
+    def __init__(self, fd: int, path: Path, pos: int, stage_bytes: int = STAGE_BYTES):
         """Use :func:`open_direct`; takes ownership of ``fd`` (opened with ``O_DIRECT``)."""
         if stage_bytes <= 0 or stage_bytes % ALIGN:
             raise ValueError(f"stage_bytes must be a positive multiple of {ALIGN}, got {stage_bytes}")
-        if buffers < 2:
-            raise ValueError(f"buffers must be at least 2 (one filling, one being written), got {buffers}")
         self.path, self._fd, self._cap = path, fd, stage_bytes
         # page-aligned and private (counted as the process's own memory), touched once and reused
         self._stages = [mmap.mmap(-1, stage_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-                        for _ in range(buffers)]
+                        for _ in range(STAGE_BUFFERS)]
         self._views = [memoryview(m) for m in self._stages]
-        self._queued: list[Future | None] = [None] * buffers  # each buffer's write, while queued or in flight
+        self._queued: list[Future | None] = [None] * STAGE_BUFFERS  # each buffer's write, while queued or in flight
         self._slot = 0  # the buffer being filled
         self._view = self._views[0]
         self._base = _align_down(pos)  # file offset of the staged bytes' first one
@@ -220,8 +218,7 @@ def filesystem_type(path: str | Path, mountinfo: str | None = None) -> str | Non
     return fstype
 
 
-def open_direct(path: Path, pos: int, stage_bytes: int = STAGE_BYTES,
-                buffers: int = STAGE_BUFFERS) -> DirectAppender | None:
+def open_direct(path: Path, pos: int, stage_bytes: int = STAGE_BYTES) -> DirectAppender | None:
     """Open ``path`` (which exists) for direct appends from ``pos``; ``None`` where direct I/O is unavailable."""
     if not _O_DIRECT:
         return None
@@ -232,7 +229,7 @@ def open_direct(path: Path, pos: int, stage_bytes: int = STAGE_BYTES,
             return None
         raise
     try:
-        return DirectAppender(fd, path, pos, stage_bytes, buffers)
+        return DirectAppender(fd, path, pos, stage_bytes)
     except BaseException:
         os.close(fd)
         raise

@@ -5,8 +5,8 @@ the largest decoder layer streamed onto the device, the calibration hidden state
 device, or in host memory when they do not fit there), one batch's forward activations, quantization
 temporaries; on the host, the checkpoint pages of the layer being read (memory-mapped, as stored), the one
 quantized tensor being written (the writer streams every tensor straight into its shard file), the tensors
-queued for the writer thread (:func:`write_queue_bytes`) and its direct-I/O staging buffers. A run whose plan does not fit its hardware preset is
-refused before anything is loaded.
+queued for the writer thread (:func:`write_queue_bytes`) and its direct-I/O staging buffers. A run whose plan
+does not fit its hardware preset is refused before anything is loaded.
 """
 
 from __future__ import annotations

@@ -101,8 +101,10 @@ SHAPES_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_matmuls_of_ever_new_shapes_do_not_pile_up_cached_kernels():
+    from slim.hostmem import IDEEP_CACHE, ONEDNN_CACHE
+
     def growth(mode):
-        env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+        env = {k: v for k, v in os.environ.items() if k not in (ONEDNN_CACHE, IDEEP_CACHE)}
         out = subprocess.run([sys.executable, "-c", SHAPES_SCRIPT, mode], capture_output=True, text=True, check=True,
                              env=env | {"OMP_NUM_THREADS": "1"}).stdout
         return float(out)
