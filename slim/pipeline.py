@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from slim import __version__, kernels
+from slim import __version__, collector, kernels
 from slim.cache import cache_dir
 from slim.config import SlimConfig, validate
 from slim.distributed import Dist, init_distributed, shutdown
@@ -155,7 +155,8 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     # calibration off on a CPU with the kernels: they do the work, torch only small ops (see torch_single_threaded)
     streamed = ids is None and dist.device.type == "cpu" and kernels.library() is not None
     try:
-        with kernels.torch_single_threaded() if streamed else contextlib.nullcontext():
+        with kernels.torch_single_threaded() if streamed else contextlib.nullcontext(), \
+                collector.long_lived_frozen():  # the skeleton and imports: out of the collector's walks
             result = quantize_model(model=model, adapter=adapter, reader=reader, writer=writer, fmt=fmt,
                                     scheme=scheme, input_ids=None if ids is None else dist.shard(ids), cfg=cfg,
                                     device=dist.device, selection=selection, dist=dist, store=store, start=start,

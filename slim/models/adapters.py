@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from slim import collector
 from slim.errors import SlimError
 from slim.models.moe import unfuse_experts
 
@@ -130,7 +131,7 @@ def build_skeleton(config: PretrainedConfig, dtype: torch.dtype) -> tuple[PreTra
     that must stay fp32 (rotary ``inv_freq``, DeepSeek's router correction bias).
     """
     adapter = adapter_for(config)
-    with torch.device("meta"):
+    with torch.device("meta"), collector.paused():  # its allocations free nothing (slim.collector)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval().requires_grad_(False)
     adapter.prepare(model)
