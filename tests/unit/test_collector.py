@@ -4,6 +4,7 @@ import gc
 import weakref
 
 import pytest
+import torch
 
 from slim import collector
 
@@ -57,3 +58,13 @@ def test_long_lived_frozen_unfreezes_after_an_error():
     with pytest.raises(ValueError), collector.long_lived_frozen():
         raise ValueError("boom")
     assert gc.get_freeze_count() == 0
+
+
+def test_building_a_skeleton_leaves_the_collector_on(embedded_model_path):
+    from slim.models.adapters import build_skeleton, load_config
+
+    gc.enable()
+    model, _ = build_skeleton(load_config(str(embedded_model_path), False), torch.bfloat16)
+    assert gc.isenabled()
+    experts = [m for n, m in model.named_modules() if n.endswith("experts.0.gate_proj")]
+    assert experts and experts[0].weight.is_meta  # built without values (no_init_weights: nothing to initialize)
