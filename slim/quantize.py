@@ -177,15 +177,15 @@ class LayerQuantizer:
                 out[name] = q
             if name not in self.owned:
                 continue
-            for tname, t in self.fmt.tensors(name, q).items():
-                self.writer.add(tname, t)
+            self.writer.add_all(self.fmt.tensors(name, q))
             obs_amax = amax.get(name)
+            scale_min, scale_max = (float(v) for v in torch.aminmax(q.weight_scale))  # one pass, not two
             self.result.modules.append(ModuleReport(
                 name=name, in_features=mod.in_features, out_features=mod.out_features,
                 tokens=observers[name].tokens,
                 input_amax=None if obs_amax is None else float(obs_amax),
                 input_scale=None if q.input_scale is None else float(q.input_scale),
-                weight_scale_max=float(q.weight_scale.max()), weight_scale_min=float(q.weight_scale.min()),
+                weight_scale_max=scale_max, weight_scale_min=scale_min,
                 sqnr_db=quality.sqnr_db, fallback=name in fallback, kind=module_kind(name),
                 output_rel_err=quality.output_rel_err,
             ))

@@ -107,3 +107,43 @@ def test_a_failed_background_write_is_raised_and_nothing_lands_after_it(tmp_path
     with pytest.raises(ValueError, match="written twice"):
         writer.add("a", t)
     writer.abandon()  # after the failure: closes the file, raises nothing
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_add_all_writes_what_one_add_per_tensor_writes(tmp_path, background):
+    """Tensors handed over three at a time (as a quantized Linear's weight, scales and shape are): the same
+    files and commit states as one ``add`` each."""
+    ts = list(tensors().items())
+    states = {}
+    for grouped in (False, True):
+        writer = CheckpointWriter(tmp_path / str(grouped), max_shard_bytes=64 << 10, background=background)
+        states[grouped] = []
+        for i in range(0, len(ts), 3):
+            group = dict(ts[i : i + 3])
+            if grouped:
+                writer.add_all(group)
+            else:
+                for name, t in group.items():
+                    writer.add(name, t)
+            writer.maybe_flush()
+            states[grouped].append(writer.state())
+        writer.close()
+    assert states[False] == states[True]
+    files = {g: sorted((tmp_path / str(g)).iterdir()) for g in (False, True)}
+    assert [p.name for p in files[False]] == [p.name for p in files[True]] and len(files[False]) > 3
+    for a, b in zip(files[False], files[True]):
+        assert a.read_bytes() == b.read_bytes(), a.name
+
+
+def test_add_all_refuses_a_name_twice_and_stops_at_a_failed_tensor(tmp_path):
+    writer = CheckpointWriter(tmp_path / "out", background=True)
+    t = torch.randn(4, 8)
+    writer.add("a", t)
+    with pytest.raises(ValueError, match="tensor a written twice"):
+        writer.add_all({"x": t, "a": t})
+    assert "x" not in writer._queued  # refused as a whole: nothing of it was queued
+    writer.add_all({"b": t, "bad": torch.zeros(2, dtype=torch.complex64), "c": t})  # c comes after the failure
+    with pytest.raises(TypeError, match="bad: dtype torch.complex64 has no safetensors equivalent"):
+        writer.state()
+    assert set(writer.checksums) == {"a", "b"}
+    writer.abandon()
