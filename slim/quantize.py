@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -128,7 +130,7 @@ def group_by_prefix(modules: dict[str, nn.Linear], prefixes: set[str]) -> dict[s
 
 def streamed_params(module: nn.Module, prefix: str, reader: CheckpointReader) -> frozenset[str]:
     """The parameters of ``module`` stored as block FP8, which a run with calibration off leaves in the checkpoint
-    (materialize's ``skip``): quantized targets go from the FP8 codes to int4 in one pass (``_quantize_streamed``),
+    (materialize's ``skip``): quantized targets go from the FP8 codes to int4 in one pass (``LayerQuantizer._start_streamed``),
     the rest are decoded into the writer a block of rows at a time (``write_rest``). A layer's weights are then
     never held whole in the model dtype."""
     return frozenset(n for n in (prefix + local for local, _ in module.named_parameters())
@@ -163,20 +165,12 @@ class LayerQuantizer:
             log.warning("%d expert projection(s) saw no calibration token, e.g. %s; used the max over their "
                         "layer's experts", len(fallback), min(fallback))
         out = {}
-        for name, mod in modules.items():
-            if name not in self.owned and not everything:
-                continue
-            if mod.weight.is_meta:  # left in the checkpoint by materialize (see streamed_params)
-                q, quality = self._quantize_streamed(name, mod)
-            else:
-                block = CPU_BLOCK if mod.weight.device.type == "cpu" else None  # devices: whole tensors
-                q, quality = quantize_blockwise(self.scheme, mod.weight, amax.get(name), self.group_size,
-                                                self.weight_observer, self._scale_dtype, observers[name].sample,
-                                                block)
+
+        def finish(name: str, mod: nn.Linear, q: QuantizedLinear, quality: Quality) -> None:
             if everything:
                 out[name] = q
             if name not in self.owned:
-                continue
+                return
             self.writer.add_all(self.fmt.tensors(name, q))
             obs_amax = amax.get(name)
             scale_min, scale_max = (float(v) for v in torch.aminmax(q.weight_scale))  # one pass, not two
@@ -189,34 +183,63 @@ class LayerQuantizer:
                 sqnr_db=quality.sqnr_db, fallback=name in fallback, kind=module_kind(name),
                 output_rel_err=quality.output_rel_err,
             ))
+
+        # streamed weights: the kernel of one runs on the kernel thread while the previous one is packed, reported
+        # and handed to the writer here (on two cores they overlap); modules still finish in order
+        started: deque[tuple[str, nn.Linear, Callable[[], tuple[QuantizedLinear, Quality]]]] = deque()
+        for name, mod in modules.items():
+            if name not in self.owned and not everything:
+                continue
+            if mod.weight.is_meta:  # left in the checkpoint by materialize (see streamed_params)
+                started.append((name, mod, self._start_streamed(name, mod)))
+                if len(started) > 1:
+                    done, done_mod, result = started.popleft()
+                    finish(done, done_mod, *result())
+                continue
+            while started:
+                done, done_mod, result = started.popleft()
+                finish(done, done_mod, *result())
+            block = CPU_BLOCK if mod.weight.device.type == "cpu" else None  # devices: whole tensors
+            finish(name, mod, *quantize_blockwise(self.scheme, mod.weight, amax.get(name), self.group_size,
+                                                  self.weight_observer, self._scale_dtype, observers[name].sample,
+                                                  block))
+        while started:
+            done, done_mod, result = started.popleft()
+            finish(done, done_mod, *result())
         return out
 
     @property
     def _scale_dtype(self) -> torch.dtype | None:
         return getattr(self.fmt, "group_scale_dtype", None)
 
-    def _quantize_streamed(self, name: str, mod: nn.Linear) -> tuple[QuantizedLinear, Quality]:
-        """Quantize a weight left in the checkpoint as block FP8 (see :func:`streamed_params`): int4 with the
-        minmax observer goes from the FP8 codes to int4 in one pass of the fused kernel, the weight never held
-        in the model dtype; anything else is materialized first. The same bytes either way, the same refusal
-        of NaN/Inf."""
+    def _start_streamed(self, name: str, mod: nn.Linear) -> Callable[[], tuple[QuantizedLinear, Quality]]:
+        """Start quantizing a weight left in the checkpoint as block FP8 (see :func:`streamed_params`); the
+        returned call gives the result. int4 with the minmax observer goes from the FP8 codes to int4 in one pass
+        of the fused kernel, on the kernel thread (``kernels.submit``), the weight never held in the model dtype;
+        anything else is materialized and quantized when the result is asked for. The same bytes either way,
+        the same refusal of NaN/Inf."""
         wname = f"{name}.weight"
         codes = self.reader.raw(wname)
         check_shape(wname, tuple(codes.shape), (mod.out_features, mod.in_features))
         fused = self.scheme.weight_bits == 4 and self.weight_observer == "minmax"
-        out = kernels.fp8_block_int4(codes, self.reader.raw(wname + BLOCK_SCALE_SUFFIX), self.reader.block,
-                                     mod.weight.dtype, self.group_size, self._scale_dtype) if fused else None
-        if out is None:
-            weight = self.reader.get(wname, mod.weight.dtype)
-            if not all_finite(weight):
-                raise nonfinite_error(wname, int((~torch.isfinite(weight)).sum()), self.reader)
-            return quantize_blockwise(self.scheme, weight, None, self.group_size, self.weight_observer,
-                                      self._scale_dtype, block=CPU_BLOCK)
-        q_codes, scale, signal, noise, nonfinite = out
-        if nonfinite:
-            raise nonfinite_error(wname, nonfinite, self.reader)
-        q = QuantizedLinear(q_codes, scale, self.scheme.input_scale(None), 4, self.group_size)
-        return q, Quality(signal=signal, noise=noise)
+        kernel = kernels.fp8_block_int4_submit(codes, self.reader.raw(wname + BLOCK_SCALE_SUFFIX), self.reader.block,
+                                               mod.weight.dtype, self.group_size, self._scale_dtype) if fused else None
+
+        def result() -> tuple[QuantizedLinear, Quality]:
+            out = None if kernel is None else kernel()
+            if out is None:
+                weight = self.reader.get(wname, mod.weight.dtype)
+                if not all_finite(weight):
+                    raise nonfinite_error(wname, int((~torch.isfinite(weight)).sum()), self.reader)
+                return quantize_blockwise(self.scheme, weight, None, self.group_size, self.weight_observer,
+                                          self._scale_dtype, block=CPU_BLOCK)
+            q_codes, scale, signal, noise, nonfinite = out
+            if nonfinite:
+                raise nonfinite_error(wname, nonfinite, self.reader)
+            q = QuantizedLinear(q_codes, scale, self.scheme.input_scale(None), 4, self.group_size)
+            return q, Quality(signal=signal, noise=noise)
+
+        return result
 
     def write_rest(self, module: nn.Module, prefix: str, quantized: set[str]) -> None:
         """Every other tensor of ``module``: bit-exact from the source unless it was block-FP8 (then dequantized)."""

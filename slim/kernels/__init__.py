@@ -28,7 +28,7 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -152,6 +152,20 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="slim-kernel")
 
 
+@functools.cache
+def _launcher() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="slim-kernel-call")
+
+
+def submit(fn: Callable, *args) -> Future:
+    """``fn(*args)`` (a kernel call such as :func:`fp8_block_int4`) on the kernel thread, one call after another
+    in submission order, while the caller goes on. The streamed weight path hands it one weight while it packs,
+    reports and hands to the writer the previous one: that Python work and the kernel (which releases the GIL)
+    overlap on two cores instead of taking turns on one. The call's own row split (:func:`parallel_rows`) is
+    unchanged: the kernel thread takes the first share."""
+    return _launcher().submit(fn, *args)
+
+
 def threads() -> int:
     """Threads a kernel call splits its rows across."""
     return _threads or torch.get_num_threads()
@@ -227,22 +241,30 @@ def int4_supported(weight_dtype: torch.dtype, group_size: int, scale_dtype: torc
             and (scale_dtype or torch.float32) in (torch.bfloat16, torch.float32) and 0 < group_size <= MAX_GROUP)
 
 
-def _int4_call(rows: int, cols: int, group_size: int, scale_dtype: torch.dtype | None, call: Callable
-               ) -> tuple[torch.Tensor, torch.Tensor, float, float, int]:
-    """Allocate codes and scales, run ``call(r0, r1, codes_ptr, scale_ptr, scale_bf16, sums)`` over row ranges on
-    the threads, add up the sums: (codes, scales, sum w^2, sum error^2, non-finite count)."""
-    scale_dtype = scale_dtype or torch.float32
-    codes = torch.empty(rows, cols, dtype=torch.int8)
-    scale = torch.empty(rows, cols // group_size, dtype=scale_dtype)
-    cp, sp, s_bf16 = _ptr(codes), _ptr(scale), int(scale_dtype == torch.bfloat16)
+class _Int4Call:
+    """One int4 kernel call over a tensor's rows: codes and scales allocated by the caller's thread, ``run()``
+    splits the rows across the threads (:func:`parallel_rows`) and returns the parts, ``result(parts)`` adds
+    them up: (codes, scales, sum w^2, sum error^2, non-finite count). ``run`` is all a kernel thread has to do
+    (:func:`fp8_block_int4_submit`); everything that needs the GIL for long stays with the caller."""
 
-    def run(r0: int, r1: int) -> tuple[float, float, float]:
+    def __init__(self, rows: int, cols: int, group_size: int, scale_dtype: torch.dtype | None, call: Callable):
+        scale_dtype = scale_dtype or torch.float32
+        self.rows, self.call = rows, call  # call(r0, r1, codes_ptr, scale_ptr, scale_bf16, sums)
+        self.codes = torch.empty(rows, cols, dtype=torch.int8)
+        self.scale = torch.empty(rows, cols // group_size, dtype=scale_dtype)
+        self.args = _ptr(self.codes), _ptr(self.scale), int(scale_dtype == torch.bfloat16)
+
+    def _rows(self, r0: int, r1: int) -> ctypes.Array:
         sums = (ctypes.c_double * 3)()
-        call(r0, r1, cp, sp, s_bf16, sums)
-        return sums[0], sums[1], sums[2]
+        self.call(r0, r1, *self.args, sums)
+        return sums
 
-    parts = parallel_rows(rows, run)
-    return codes, scale, sum(p[0] for p in parts), sum(p[1] for p in parts), int(sum(p[2] for p in parts))
+    def run(self) -> list:
+        return parallel_rows(self.rows, self._rows)
+
+    def result(self, parts: list) -> tuple[torch.Tensor, torch.Tensor, float, float, int]:
+        return (self.codes, self.scale, sum(p[0] for p in parts), sum(p[1] for p in parts),
+                int(sum(p[2] for p in parts)))
 
 
 def int4_quantize(weight: torch.Tensor, group_size: int, scale_dtype: torch.dtype | None
@@ -254,18 +276,15 @@ def int4_quantize(weight: torch.Tensor, group_size: int, scale_dtype: torch.dtyp
         return None
     lib, w = library(), weight.contiguous()
     wp, w_bf16, cols = _ptr(w), int(w.dtype == torch.bfloat16), w.shape[1]
-    codes, scale, signal, noise, _ = _int4_call(
-        w.shape[0], cols, group_size, scale_dtype,
-        lambda r0, r1, cp, sp, s_bf16, sums: lib.slim_int4_quantize(wp, w_bf16, cols, group_size, r0, r1, cp, sp,
-                                                                      s_bf16, sums))
+    call = _Int4Call(w.shape[0], cols, group_size, scale_dtype,
+                     lambda r0, r1, cp, sp, s_bf16, sums: lib.slim_int4_quantize(wp, w_bf16, cols, group_size, r0, r1,
+                                                                                   cp, sp, s_bf16, sums))
+    codes, scale, signal, noise, _ = call.result(call.run())
     return codes, scale, signal, noise
 
 
-def fp8_block_int4(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], weight_dtype: torch.dtype,
-                   group_size: int, scale_dtype: torch.dtype | None
-                   ) -> tuple[torch.Tensor, torch.Tensor, float, float, int] | None:
-    """``int4_quantize(fp8_block_decode(q, scale_inv, block, weight_dtype), ...)`` in one pass, the decoded weight
-    never stored, plus the number of decoded values that are NaN or infinite; None where the kernels cannot."""
+def _fp8_block_int4_call(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], weight_dtype: torch.dtype,
+                         group_size: int, scale_dtype: torch.dtype | None) -> _Int4Call | None:
     if (q.device.type != "cpu" or q.dim() != 2 or q.dtype != torch.float8_e4m3fn
             or not int4_supported(weight_dtype, group_size, scale_dtype)
             or q.shape[1] % group_size):
@@ -273,10 +292,34 @@ def fp8_block_int4(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
     _check_block_scale(q, scale_inv, block)
     lib, q, scale = library(), q.contiguous().view(torch.uint8), scale_inv.to(torch.float32).contiguous()
     qp, fp, w_bf16, (rows, cols), (bm, bn) = _ptr(q), _ptr(scale), int(weight_dtype == torch.bfloat16), q.shape, block
-    return _int4_call(
-        rows, cols, group_size, scale_dtype,
-        lambda r0, r1, cp, sp, s_bf16, sums: lib.slim_fp8_block_int4(qp, fp, cols, bm, bn, scale.shape[1], w_bf16,
-                                                                       group_size, r0, r1, cp, sp, s_bf16, sums))
+    scale_cols = scale.shape[1]
+
+    def call(r0, r1, cp, sp, s_bf16, sums, _keep=(q, scale)):  # _keep: the inputs live as long as the call
+        lib.slim_fp8_block_int4(qp, fp, cols, bm, bn, scale_cols, w_bf16, group_size, r0, r1, cp, sp, s_bf16, sums)
+
+    return _Int4Call(rows, cols, group_size, scale_dtype, call)
+
+
+def fp8_block_int4(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], weight_dtype: torch.dtype,
+                   group_size: int, scale_dtype: torch.dtype | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, float, float, int] | None:
+    """``int4_quantize(fp8_block_decode(q, scale_inv, block, weight_dtype), ...)`` in one pass, the decoded weight
+    never stored, plus the number of decoded values that are NaN or infinite; None where the kernels cannot."""
+    call = _fp8_block_int4_call(q, scale_inv, block, weight_dtype, group_size, scale_dtype)
+    return None if call is None else call.result(call.run())
+
+
+def fp8_block_int4_submit(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                          weight_dtype: torch.dtype, group_size: int, scale_dtype: torch.dtype | None
+                          ) -> Callable[[], tuple[torch.Tensor, torch.Tensor, float, float, int]] | None:
+    """:func:`fp8_block_int4` with the kernel on the kernel thread (:func:`submit`); returns the call that waits for
+    and gives its result (None where the kernels cannot). Checks and allocations happen here, on the caller's
+    thread, so the kernel thread needs the GIL only to enter and leave the kernel."""
+    call = _fp8_block_int4_call(q, scale_inv, block, weight_dtype, group_size, scale_dtype)
+    if call is None:
+        return None
+    future = submit(call.run)
+    return lambda: call.result(future.result())
 
 
 def pack_int4(codes: torch.Tensor) -> tuple[torch.Tensor, int] | None:

@@ -187,3 +187,17 @@ def test_built_once_per_cache(monkeypatch, tmp_path):
     stamp = first.stat().st_mtime_ns
     assert kernels._build() == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in (tmp_path / "kernels").iterdir()] == [first.name]  # no temporaries left behind
+
+
+def test_submitted_fp8_to_int4_runs_on_the_kernel_thread_with_the_same_bytes():
+    import threading
+
+    assert kernels.submit(lambda: threading.current_thread().name).result().startswith("slim-kernel-call")
+    torch.manual_seed(5)
+    q, s = quantize_fp8_block(torch.randn(300, 512) * 0.05)
+    want = kernels.fp8_block_int4(q, s, (128, 128), torch.bfloat16, 128, torch.bfloat16)
+    pending = [kernels.fp8_block_int4_submit(q, s, (128, 128), torch.bfloat16, 128, torch.bfloat16) for _ in range(3)]
+    for result in pending:  # several in flight at once: each its own outputs
+        got = result()
+        assert torch.equal(got[0], want[0]) and torch.equal(bits(got[1]), bits(want[1])) and got[2:] == want[2:]
+    assert kernels.fp8_block_int4_submit(q, s, (128, 128), torch.bfloat16, 96, torch.bfloat16) is None  # 512 % 96
