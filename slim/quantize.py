@@ -130,9 +130,9 @@ def group_by_prefix(modules: dict[str, nn.Linear], prefixes: set[str]) -> dict[s
 
 def streamed_params(module: nn.Module, prefix: str, reader: CheckpointReader) -> frozenset[str]:
     """The parameters of ``module`` stored as block FP8, which a run with calibration off leaves in the checkpoint
-    (materialize's ``skip``): quantized targets go from the FP8 codes to int4 in one pass (``LayerQuantizer._start_streamed``),
-    the rest are decoded into the writer a block of rows at a time (``write_rest``). A layer's weights are then
-    never held whole in the model dtype."""
+    (materialize's ``skip``): quantized targets go from the FP8 codes to int4 in one pass
+    (``LayerQuantizer._start_streamed``), the rest are decoded into the writer a block of rows at a time
+    (``write_rest``). A layer's weights are then never held whole in the model dtype."""
     return frozenset(n for n in (prefix + local for local, _ in module.named_parameters())
                      if reader.is_block_fp8_tensor(n))
 
@@ -187,25 +187,25 @@ class LayerQuantizer:
         # streamed weights: the kernel of one runs on the kernel thread while the previous one is packed, reported
         # and handed to the writer here (on two cores they overlap); modules still finish in order
         started: deque[tuple[str, nn.Linear, Callable[[], tuple[QuantizedLinear, Quality]]]] = deque()
+
+        def finish_started(keep: int) -> None:
+            while len(started) > keep:
+                done, done_mod, result = started.popleft()
+                finish(done, done_mod, *result())
+
         for name, mod in modules.items():
             if name not in self.owned and not everything:
                 continue
             if mod.weight.is_meta:  # left in the checkpoint by materialize (see streamed_params)
                 started.append((name, mod, self._start_streamed(name, mod)))
-                if len(started) > 1:
-                    done, done_mod, result = started.popleft()
-                    finish(done, done_mod, *result())
+                finish_started(keep=1)
                 continue
-            while started:
-                done, done_mod, result = started.popleft()
-                finish(done, done_mod, *result())
+            finish_started(keep=0)
             block = CPU_BLOCK if mod.weight.device.type == "cpu" else None  # devices: whole tensors
             finish(name, mod, *quantize_blockwise(self.scheme, mod.weight, amax.get(name), self.group_size,
                                                   self.weight_observer, self._scale_dtype, observers[name].sample,
                                                   block))
-        while started:
-            done, done_mod, result = started.popleft()
-            finish(done, done_mod, *result())
+        finish_started(keep=0)
         return out
 
     @property
