@@ -91,7 +91,7 @@ int64_t slim_fp8_block_decode(const uint8_t *q, const float *scale, int64_t cols
  * fp32 partial sums per group and across groups in double (torch: fp32 norms of row blocks, summed in double;
  * the figures agree to ~1e-6 relative, the bytes exactly). */
 #define SLIM_MAX_GROUP 4096
-#define LANES 16
+#define LANES 16 /* hsum16 adds up exactly this many */
 /* (t + 1.5 * 2^23) - 1.5 * 2^23 is t rounded to an integer, half to even, for |t| < 2^22: the sum's ulp is 1.
  * Beyond that it is still >= 2^22 - 1 in magnitude with t's sign, which the clamp to [-8, 7] maps where it maps
  * rint(t); +-inf stay +-inf. Cheaper than rintf in the vectorized loop. */
@@ -100,9 +100,26 @@ typedef float vf32 __attribute__((vector_size(LANES * sizeof(float)))); /* GCC/C
 
 int64_t slim_int4_max_group(void) { return SLIM_MAX_GROUP; }
 
+/* The sum of a vector's 16 lanes as a tree (halves added, then their halves): four dependent vector adds where
+ * adding the lanes one by one took sixteen dependent scalar ones per group and sum. */
+typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
+static inline float hsum16(vf32 v) {
+    vf8 lo8, hi8;
+    memcpy(&lo8, &v, sizeof lo8);
+    memcpy(&hi8, (const char *)&v + sizeof lo8, sizeof hi8);
+    lo8 += hi8;
+    vf4 lo4, hi4;
+    memcpy(&lo4, &lo8, sizeof lo4);
+    memcpy(&hi4, (const char *)&lo8 + sizeof lo4, sizeof hi4);
+    lo4 += hi4;
+    return (lo4[0] + lo4[2]) + (lo4[1] + lo4[3]);
+}
+
 /* One group: x[0..group) fp32 -> codes, its scale, and the two sums. Simple loops over the group (in L1), each
- * of which the compiler vectorizes. */
-static inline __attribute__((always_inline)) void int4_group(const float *x, int64_t group, float *c, int8_t *codes, float *scale_f32,
+ * of which the compiler vectorizes. Returns the bits of the group's absmax: 0x7F800000 or more exactly when the
+ * group holds an infinity or a NaN. */
+static inline __attribute__((always_inline)) uint32_t int4_group(const float *x, int64_t group, float *c, int8_t *codes, float *scale_f32,
                               uint16_t *scale_b16, double *signal, double *noise) {
     uint32_t amax_bits = 0; /* |x| compared as integers: monotonic for non-NaN floats, and vectorizes */
     for (int64_t j = 0; j < group; j++) {
@@ -132,11 +149,7 @@ static inline __attribute__((always_inline)) void int4_group(const float *x, int
         sig += v * v;
         err += d * d;
     }
-    float ts = 0.0f, te = 0.0f;
-    for (int l = 0; l < LANES; l++) {
-        ts += sig[l];
-        te += err[l];
-    }
+    float ts = hsum16(sig), te = hsum16(err);
     for (int64_t j = whole; j < group; j++) {
         const float v = x[j], d = c[j] * s - v;
         ts += v * v;
@@ -144,6 +157,7 @@ static inline __attribute__((always_inline)) void int4_group(const float *x, int
     }
     *signal += ts;
     *noise += te;
+    return amax_bits;
 }
 
 void slim_int4_quantize(const void *w, int w_bf16, int64_t cols, int64_t group, int64_t r0, int64_t r1,
@@ -201,16 +215,14 @@ void slim_fp8_block_int4(const uint8_t *q, const float *scale, int64_t cols, int
                 }
                 c0 = end;
             }
-            int64_t bad = 0;
-            for (int64_t j = 0; j < group; j++) bad += nonfinite(buf[j]);
-            nonfinite_count += bad;
             const int64_t si = r * groups + g;
             float *sf = scale_bf16 ? NULL : (float *)scale_out + si;
             uint16_t *sb = scale_bf16 ? (uint16_t *)scale_out + si : NULL;
-            if (group == 128)
-                int4_group(buf, 128, c, codes + r * cols + g0, sf, sb, &signal, &noise);
-            else
-                int4_group(buf, group, c, codes + r * cols + g0, sf, sb, &signal, &noise);
+            const uint32_t amax_bits = group == 128
+                ? int4_group(buf, 128, c, codes + r * cols + g0, sf, sb, &signal, &noise)
+                : int4_group(buf, group, c, codes + r * cols + g0, sf, sb, &signal, &noise);
+            if (amax_bits >= 0x7F800000u) /* an inf or NaN in the group (its absmax says so): count them */
+                for (int64_t j = 0; j < group; j++) nonfinite_count += nonfinite(buf[j]);
         }
     }
     sums[0] = signal;
