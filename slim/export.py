@@ -29,6 +29,7 @@ import struct
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,13 @@ def _hash_beside(hasher: checksum.Hasher, buf: memoryview) -> Future:
 
 
 def _entry_json(name: str, entry: dict) -> str:
-    return json.dumps(name) + ":" + json.dumps(entry, separators=(",", ":"))
+    """``json.dumps(name) + ":" + json.dumps(entry, separators=(",", ":"))`` for a header entry (dtype, shape,
+    data_offsets), built directly: it is measured for every tensor written, and two ``json.dumps`` calls per
+    entry were a third of the writer thread's time per tensor on small layers."""
+    shape = ",".join(map(str, entry["shape"]))
+    start, end = entry["data_offsets"]
+    return (f'{encode_basestring_ascii(name)}:{{"dtype":{encode_basestring_ascii(entry["dtype"])},'
+            f'"shape":[{shape}],"data_offsets":[{start},{end}]}}')
 
 
 class ShardFile:

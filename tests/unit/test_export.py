@@ -147,3 +147,11 @@ def test_add_all_refuses_a_name_twice_and_stops_at_a_failed_tensor(tmp_path):
         writer.state()
     assert set(writer.checksums) == {"a", "b"}
     writer.abandon()
+
+
+@pytest.mark.parametrize("name", ["model.layers.0.mlp.experts.7.up_proj.weight_packed", 'we"ird\\näme\t✓', ""])
+@pytest.mark.parametrize("shape", [[], [2], [7168, 2048], [1, 2, 3]])
+def test_header_entries_are_measured_as_json_writes_them(name, shape):
+    """The shard header's room is accounted with ``_entry_json``; the header itself is ``json.dumps``'d at close."""
+    entry = {"dtype": "F8_E4M3", "shape": shape, "data_offsets": [123, 1 << 62]}
+    assert export._entry_json(name, entry) == json.dumps(name) + ":" + json.dumps(entry, separators=(",", ":"))
