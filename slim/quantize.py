@@ -222,8 +222,11 @@ class LayerQuantizer:
         codes = self.reader.raw(wname)
         check_shape(wname, tuple(codes.shape), (mod.out_features, mod.in_features))
         fused = self.scheme.weight_bits == 4 and self.weight_observer == "minmax"
+        # packed in the kernel's pass where the format stores packed words and the groups are whole words
+        pack = self.fmt.packs_int4 and self.group_size % 8 == 0
         kernel = kernels.fp8_block_int4_submit(codes, self.reader.raw(wname + BLOCK_SCALE_SUFFIX), self.reader.block,
-                                               mod.weight.dtype, self.group_size, self._scale_dtype) if fused else None
+                                               mod.weight.dtype, self.group_size, self._scale_dtype,
+                                               pack) if fused else None
 
         def result() -> tuple[QuantizedLinear, Quality]:
             out = None if kernel is None else kernel()
@@ -233,10 +236,11 @@ class LayerQuantizer:
                     raise nonfinite_error(wname, int((~torch.isfinite(weight)).sum()), self.reader)
                 return quantize_blockwise(self.scheme, weight, None, self.group_size, self.weight_observer,
                                           self._scale_dtype, block=CPU_BLOCK)
-            q_codes, scale, signal, noise, nonfinite = out
+            q_codes, scale, signal, noise, nonfinite, *packed = out
             if nonfinite:
                 raise nonfinite_error(wname, nonfinite, self.reader)
-            q = QuantizedLinear(q_codes, scale, self.scheme.input_scale(None), 4, self.group_size)
+            q = QuantizedLinear(q_codes, scale, self.scheme.input_scale(None), 4, self.group_size,
+                                packed=packed[0] if packed else None)
             return q, Quality(signal=signal, noise=noise)
 
         return result

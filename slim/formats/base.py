@@ -119,6 +119,9 @@ class Format(Protocol):
     # dtype int4 group scales are stored in (None: the format stores no grouped scheme). Quantizers
     # round their scales to it before computing codes so that what is written is what was simulated.
     group_scale_dtype: torch.dtype | None
+    # Whether int4 weights are stored as compressed-tensors' int32 words (``pack_int4``): then a quantizer that
+    # can pack them in the pass that computes the codes hands them over in ``QuantizedLinear.packed``.
+    packs_int4: bool
 
     def supports(self, scheme: str) -> bool: ...
 

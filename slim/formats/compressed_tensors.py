@@ -117,6 +117,7 @@ class CompressedTensorsFormat:
 
     name = "compressed-tensors"
     quantized_suffixes = ("weight", "weight_packed", "weight_scale", "weight_shape", "input_scale")
+    packs_int4 = True  # weight_packed
 
     def __init__(self, group_scale_dtype: torch.dtype = torch.bfloat16, targets: Sequence[str] = ("Linear",)):
         self.group_scale_dtype = group_scale_dtype
@@ -142,7 +143,13 @@ class CompressedTensorsFormat:
                 f"{module_name}.weight must hold int4 codes as int8 [out, in], got {codes.dtype} "
                 f"{tuple(codes.shape)}"
             )
-        fused = kernels.pack_int4(codes)  # packed, and the codes out of range counted in the same pass
+        if q.packed is not None:  # packed by the kernel that computed the codes (clamped there: none out of range)
+            if q.packed.dtype != torch.int32 or tuple(q.packed.shape) != (codes.shape[0], codes.shape[1] // 8):
+                raise ValueError(f"{module_name}: packed int4 words must be int32 [out, in // 8], got "
+                                 f"{q.packed.dtype} {tuple(q.packed.shape)} for codes {tuple(codes.shape)}")
+            fused = q.packed, 0
+        else:
+            fused = kernels.pack_int4(codes)  # packed, and the codes out of range counted in the same pass
         if fused is None or fused[1]:  # no kernel, or codes out of range: their range, for the check and message
             lo, hi = (int(v) for v in torch.aminmax(codes)) if codes.numel() else (0, 0)
             if lo < INT4_MIN or hi > INT4_MAX:

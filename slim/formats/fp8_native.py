@@ -32,6 +32,7 @@ class Fp8NativeFormat:
     name = "fp8_native"
     quantized_suffixes = FP8_SUFFIXES
     group_scale_dtype: torch.dtype | None = None
+    packs_int4 = False  # FP8 only
 
     def supports(self, scheme: str) -> bool:
         return scheme == "fp8_static"

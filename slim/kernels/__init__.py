@@ -39,7 +39,7 @@ from slim.errors import SlimError
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-ABI = 3  # SLIM_KERNELS_ABI in cpu_kernels.c
+ABI = 4  # SLIM_KERNELS_ABI in cpu_kernels.c
 FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=c11"]
 NATIVE = ["-march=native"]  # tried first; without it where the compiler refuses it
 MAX_GROUP = 4096  # SLIM_MAX_GROUP in cpu_kernels.c
@@ -95,7 +95,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.slim_fp8_block_decode.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, i64, i32, ptr]
     lib.slim_fp8_block_decode.restype = i64
     lib.slim_int4_quantize.argtypes = [ptr, i32, i64, i64, i64, i64, ptr, ptr, i32, ptr]
-    lib.slim_fp8_block_int4.argtypes = [ptr, ptr, i64, i64, i64, i64, i32, i64, i64, i64, ptr, ptr, i32, ptr]
+    lib.slim_fp8_block_int4.argtypes = [ptr, ptr, i64, i64, i64, i64, i32, i64, i64, i64, ptr, ptr, ptr, i32, ptr]
     lib.slim_pack_int4.argtypes = [ptr, i64, i64, i64, ptr]
     lib.slim_pack_int4.restype = i64
     for name in ("slim_int4_quantize", "slim_fp8_block_int4"):
@@ -242,17 +242,21 @@ def int4_supported(weight_dtype: torch.dtype, group_size: int, scale_dtype: torc
 
 
 class _Int4Call:
-    """One int4 kernel call over a tensor's rows: codes and scales allocated by the caller's thread, ``run()``
-    splits the rows across the threads (:func:`parallel_rows`) and returns the parts, ``result(parts)`` adds
-    them up: (codes, scales, sum w^2, sum error^2, non-finite count). ``run`` is all a kernel thread has to do
-    (:func:`fp8_block_int4_submit`); everything that needs the GIL for long stays with the caller."""
+    """One int4 kernel call over a tensor's rows: outputs allocated by the caller's thread, ``run()`` splits the
+    rows across the threads (:func:`parallel_rows`) and returns the parts, ``result(parts)`` adds them up:
+    (codes, scales, sum w^2, sum error^2, non-finite count), and the packed words as a sixth item where the call
+    packs them (``packed``). ``run`` is all a kernel thread has to do (:func:`fp8_block_int4_submit`); everything
+    that needs the GIL for long stays with the caller."""
 
-    def __init__(self, rows: int, cols: int, group_size: int, scale_dtype: torch.dtype | None, call: Callable):
+    def __init__(self, rows: int, cols: int, group_size: int, scale_dtype: torch.dtype | None, call: Callable,
+                 packed: bool = False):
         scale_dtype = scale_dtype or torch.float32
-        self.rows, self.call = rows, call  # call(r0, r1, codes_ptr, scale_ptr, scale_bf16, sums)
+        self.rows, self.call = rows, call  # call(r0, r1, codes_ptr, packed_ptr, scale_ptr, scale_bf16, sums)
         self.codes = torch.empty(rows, cols, dtype=torch.int8)
+        self.packed = torch.empty(rows, cols // 8, dtype=torch.int32) if packed else None
         self.scale = torch.empty(rows, cols // group_size, dtype=scale_dtype)
-        self.args = _ptr(self.codes), _ptr(self.scale), int(scale_dtype == torch.bfloat16)
+        self.args = (_ptr(self.codes), None if self.packed is None else _ptr(self.packed), _ptr(self.scale),
+                     int(scale_dtype == torch.bfloat16))
 
     def _rows(self, r0: int, r1: int) -> ctypes.Array:
         sums = (ctypes.c_double * 3)()
@@ -262,9 +266,10 @@ class _Int4Call:
     def run(self) -> list:
         return parallel_rows(self.rows, self._rows)
 
-    def result(self, parts: list) -> tuple[torch.Tensor, torch.Tensor, float, float, int]:
-        return (self.codes, self.scale, sum(p[0] for p in parts), sum(p[1] for p in parts),
-                int(sum(p[2] for p in parts)))
+    def result(self, parts: list) -> tuple:
+        out = (self.codes, self.scale, sum(p[0] for p in parts), sum(p[1] for p in parts),
+               int(sum(p[2] for p in parts)))
+        return out if self.packed is None else (*out, self.packed)
 
 
 def int4_quantize(weight: torch.Tensor, group_size: int, scale_dtype: torch.dtype | None
@@ -277,45 +282,47 @@ def int4_quantize(weight: torch.Tensor, group_size: int, scale_dtype: torch.dtyp
     lib, w = library(), weight.contiguous()
     wp, w_bf16, cols = _ptr(w), int(w.dtype == torch.bfloat16), w.shape[1]
     call = _Int4Call(w.shape[0], cols, group_size, scale_dtype,
-                     lambda r0, r1, cp, sp, s_bf16, sums: lib.slim_int4_quantize(wp, w_bf16, cols, group_size, r0, r1,
-                                                                                   cp, sp, s_bf16, sums))
+                     lambda r0, r1, cp, _, sp, s_bf16, sums: lib.slim_int4_quantize(wp, w_bf16, cols, group_size, r0,
+                                                                                      r1, cp, sp, s_bf16, sums))
     codes, scale, signal, noise, _ = call.result(call.run())
     return codes, scale, signal, noise
 
 
 def _fp8_block_int4_call(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], weight_dtype: torch.dtype,
-                         group_size: int, scale_dtype: torch.dtype | None) -> _Int4Call | None:
+                         group_size: int, scale_dtype: torch.dtype | None, pack: bool) -> _Int4Call | None:
     if (q.device.type != "cpu" or q.dim() != 2 or q.dtype != torch.float8_e4m3fn
             or not int4_supported(weight_dtype, group_size, scale_dtype)
-            or q.shape[1] % group_size):
+            or q.shape[1] % group_size or (pack and group_size % 8)):
         return None
     _check_block_scale(q, scale_inv, block)
     lib, q, scale = library(), q.contiguous().view(torch.uint8), scale_inv.to(torch.float32).contiguous()
     qp, fp, w_bf16, (rows, cols), (bm, bn) = _ptr(q), _ptr(scale), int(weight_dtype == torch.bfloat16), q.shape, block
     scale_cols = scale.shape[1]
 
-    def call(r0, r1, cp, sp, s_bf16, sums, _keep=(q, scale)):  # _keep: the inputs live as long as the call
-        lib.slim_fp8_block_int4(qp, fp, cols, bm, bn, scale_cols, w_bf16, group_size, r0, r1, cp, sp, s_bf16, sums)
+    def call(r0, r1, cp, pp, sp, s_bf16, sums, _keep=(q, scale)):  # _keep: the inputs live as long as the call
+        lib.slim_fp8_block_int4(qp, fp, cols, bm, bn, scale_cols, w_bf16, group_size, r0, r1, cp, pp, sp, s_bf16,
+                                sums)
 
-    return _Int4Call(rows, cols, group_size, scale_dtype, call)
+    return _Int4Call(rows, cols, group_size, scale_dtype, call, packed=pack)
 
 
 def fp8_block_int4(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], weight_dtype: torch.dtype,
-                   group_size: int, scale_dtype: torch.dtype | None
-                   ) -> tuple[torch.Tensor, torch.Tensor, float, float, int] | None:
+                   group_size: int, scale_dtype: torch.dtype | None, pack: bool = False) -> tuple | None:
     """``int4_quantize(fp8_block_decode(q, scale_inv, block, weight_dtype), ...)`` in one pass, the decoded weight
-    never stored, plus the number of decoded values that are NaN or infinite; None where the kernels cannot."""
-    call = _fp8_block_int4_call(q, scale_inv, block, weight_dtype, group_size, scale_dtype)
+    never stored, plus the number of decoded values that are NaN or infinite; with ``pack`` also the codes as
+    :func:`pack_int4`'s int32 words, packed in the same pass (a sixth item; needs ``group_size % 8 == 0``). None
+    where the kernels cannot."""
+    call = _fp8_block_int4_call(q, scale_inv, block, weight_dtype, group_size, scale_dtype, pack)
     return None if call is None else call.result(call.run())
 
 
 def fp8_block_int4_submit(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
-                          weight_dtype: torch.dtype, group_size: int, scale_dtype: torch.dtype | None
-                          ) -> Callable[[], tuple[torch.Tensor, torch.Tensor, float, float, int]] | None:
+                          weight_dtype: torch.dtype, group_size: int, scale_dtype: torch.dtype | None,
+                          pack: bool = False) -> Callable[[], tuple] | None:
     """:func:`fp8_block_int4` with the kernel on the kernel thread (:func:`submit`); returns the call that waits for
     and gives its result (None where the kernels cannot). Checks and allocations happen here, on the caller's
     thread, so the kernel thread needs the GIL only to enter and leave the kernel."""
-    call = _fp8_block_int4_call(q, scale_inv, block, weight_dtype, group_size, scale_dtype)
+    call = _fp8_block_int4_call(q, scale_inv, block, weight_dtype, group_size, scale_dtype, pack)
     if call is None:
         return None
     future = submit(call.run)

@@ -12,7 +12,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define SLIM_KERNELS_ABI 3
+#define SLIM_KERNELS_ABI 4
 
 int slim_kernels_abi(void) { return SLIM_KERNELS_ABI; }
 
@@ -188,13 +188,25 @@ void slim_int4_quantize(const void *w, int w_bf16, int64_t cols, int64_t group, 
     sums[1] = noise;
 }
 
+/* int8 codes in [-8, 7] -> `words` of compressed-tensors' int32 words: word k holds codes 8k..8k+7, code + 8 in
+ * bits 4i..4i+3 (pack_to_int32(codes, 4)). A loop the compiler vectorizes. */
+static inline void pack_words(const int8_t *c, int64_t words, int32_t *o) {
+    for (int64_t k = 0; k < words; k++) {
+        uint32_t v = 0;
+        for (int i = 0; i < 8; i++) v |= (uint32_t)((uint8_t)(c[8 * k + i] + 8) & 0xF) << (4 * i);
+        o[k] = (int32_t)v;
+    }
+}
+
 /* Block FP8 straight to int4, the bf16 (or fp32) weight never stored: per group, the decode of
  * slim_fp8_block_decode (to bf16 when w_bf16) into a buffer, then slim_int4_quantize's group; the
- * bytes of the two in a row. sums[2] counts decoded values that are NaN or infinite (a corrupt checkpoint; the
- * caller refuses it as materialize does). Groups may span block columns. */
+ * bytes of the two in a row. With `packed` (group % 8 == 0), each group's codes are also packed into
+ * [rows, cols / 8] int32 words as slim_pack_int4 packs them, while they are in cache. sums[2] counts decoded
+ * values that are NaN or infinite (a corrupt checkpoint; the caller refuses it as materialize does). Groups may
+ * span block columns. */
 void slim_fp8_block_int4(const uint8_t *q, const float *scale, int64_t cols, int64_t bm, int64_t bn,
                          int64_t scale_cols, int w_bf16, int64_t group, int64_t r0, int64_t r1, int8_t *codes,
-                         void *scale_out, int scale_bf16, double *sums) {
+                         int32_t *packed, void *scale_out, int scale_bf16, double *sums) {
     float buf[SLIM_MAX_GROUP], c[SLIM_MAX_GROUP];
     double signal = 0.0, noise = 0.0;
     int64_t nonfinite_count = 0;
@@ -223,6 +235,7 @@ void slim_fp8_block_int4(const uint8_t *q, const float *scale, int64_t cols, int
                 : int4_group(buf, group, c, codes + r * cols + g0, sf, sb, &signal, &noise);
             if (amax_bits >= 0x7F800000u) /* an inf or NaN in the group (its absmax says so): count them */
                 for (int64_t j = 0; j < group; j++) nonfinite_count += nonfinite(buf[j]);
+            if (packed) pack_words(codes + r * cols + g0, group / 8, packed + r * (cols / 8) + g0 / 8);
         }
     }
     sums[0] = signal;
@@ -230,20 +243,14 @@ void slim_fp8_block_int4(const uint8_t *q, const float *scale, int64_t cols, int
     sums[2] = (double)nonfinite_count;
 }
 
-/* int8 codes in [-8, 7] -> compressed-tensors' int32 words: word k of a row holds codes 8k..8k+7, code + 8 in
- * bits 4i..4i+3 (pack_to_int32(codes, 4)). cols % 8 == 0. Rows [r0, r1). Returns how many codes lie outside
+/* int8 codes in [-8, 7] -> compressed-tensors' int32 words, a row at a time (pack_words). cols % 8 == 0. Rows [r0, r1). Returns how many codes lie outside
  * [-8, 7] (their words are not meaningful; the caller refuses the tensor), so no separate pass checks them. */
 int64_t slim_pack_int4(const int8_t *codes, int64_t cols, int64_t r0, int64_t r1, int32_t *out) {
     const int64_t words = cols / 8;
     int64_t bad = 0;
     for (int64_t r = r0; r < r1; r++) {
         const int8_t *c = codes + r * cols;
-        int32_t *o = out + r * words;
-        for (int64_t k = 0; k < words; k++) {
-            uint32_t v = 0;
-            for (int i = 0; i < 8; i++) v |= (uint32_t)((uint8_t)(c[8 * k + i] + 8) & 0xF) << (4 * i);
-            o[k] = (int32_t)v;
-        }
+        pack_words(c, words, out + r * words);
         /* code + 8 lies in [0, 15] exactly when the code is in range: OR the row's sums, count only if one is not
          * (a separate loop over the row, still in L1: counting inside the packing loop stops it vectorizing) */
         uint8_t high = 0;

@@ -15,6 +15,9 @@ class QuantizedLinear:
     weight_scale:  fp32; [1] per-tensor (fp8) or [out, in // group_size] per-group (int4)
     input_scale:   fp32 [1] static per-tensor FP8 activation scale, or None for dynamic activations
     group_size:    int4 group size along the input dim; None for per-tensor
+    packed:        int4 only, optional: ``weight`` already packed into compressed-tensors' int32 words
+                   [out, in // 8], where the CPU kernel packed them in the pass that computed the codes;
+                   formats store these instead of packing ``weight`` again
     """
 
     weight: torch.Tensor
@@ -22,6 +25,7 @@ class QuantizedLinear:
     input_scale: torch.Tensor | None
     weight_bits: int
     group_size: int | None = None
+    packed: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:

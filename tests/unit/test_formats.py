@@ -139,6 +139,20 @@ def test_int4_round_trip_is_bit_exact(out, groups, group_size):
     assert_same(CT.read("m.experts.0.up_proj", t), q)
 
 
+def test_int4_stores_words_the_kernel_packed_and_checks_their_shape():
+    import dataclasses
+
+    q = make_int4(16, 2, 128, seed=7)
+    words = pack_int4(q.weight)
+    t = CT.tensors("m.experts.0.up_proj", dataclasses.replace(q, packed=words.clone()))
+    assert torch.equal(t["m.experts.0.up_proj.weight_packed"], words)
+    marked = words.clone()
+    marked[0, 0] ^= 1  # stored as given, not packed again from the codes
+    assert torch.equal(CT.tensors("m", dataclasses.replace(q, packed=marked))["m.weight_packed"], marked)
+    with pytest.raises(ValueError, match=r"packed int4 words must be int32 \[out, in // 8\]"):
+        CT.tensors("m", dataclasses.replace(q, packed=words[:, :-1]))
+
+
 def test_int4_survives_safetensors_without_input_scale(tmp_path):
     q = make_int4(19, 3, 64, static=False)
     t = CT.tensors("lin", q)

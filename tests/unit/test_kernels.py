@@ -201,3 +201,18 @@ def test_submitted_fp8_to_int4_runs_on_the_kernel_thread_with_the_same_bytes():
         got = result()
         assert torch.equal(got[0], want[0]) and torch.equal(bits(got[1]), bits(want[1])) and got[2:] == want[2:]
     assert kernels.fp8_block_int4_submit(q, s, (128, 128), torch.bfloat16, 96, torch.bfloat16) is None  # 512 % 96
+
+
+@pytest.mark.parametrize("shape,group", [((300, 512), 128), ((129, 384), 64), ((64, 512), 256), ((5, 96), 32)])
+def test_fp8_to_int4_packs_as_the_pack_kernel_and_compressed_tensors(shape, group):
+    """``pack=True``: the words packed in the quantizing pass are pack_int4's (and compressed-tensors') words of
+    the codes it returns, whatever the group and block layout; a group that is not whole words is refused."""
+    torch.manual_seed(6)
+    q, s = quantize_fp8_block(torch.randn(shape) * 0.05)
+    codes, scale, signal, noise, nonfinite, packed = kernels.fp8_block_int4(q, s, (128, 128), torch.bfloat16, group,
+                                                                            torch.bfloat16, pack=True)
+    plain = kernels.fp8_block_int4(q, s, (128, 128), torch.bfloat16, group, torch.bfloat16)
+    assert torch.equal(codes, plain[0]) and torch.equal(bits(scale), bits(plain[1])) and plain[2:] == (signal, noise, 0)
+    assert torch.equal(packed, kernels.pack_int4(codes)[0]) and torch.equal(packed, pack_to_int32(codes, 4))
+    assert kernels.fp8_block_int4(q[:, :36], s[:, :1], (128, 128), torch.bfloat16, 12, torch.bfloat16,
+                                  pack=True) is None
