@@ -58,6 +58,14 @@ def test_an_unknown_checksum_algorithm_is_refused_up_front(tmp_path):
 
 
 
+def assert_same_files(a_dir, b_dir):
+    """The same shard files (several), byte for byte."""
+    a_files, b_files = sorted(a_dir.iterdir()), sorted(b_dir.iterdir())
+    assert [p.name for p in a_files] == [p.name for p in b_files] and len(a_files) > 3
+    for a, b in zip(a_files, b_files):
+        assert a.read_bytes() == b.read_bytes(), a.name
+
+
 def pieces_of(t: torch.Tensor, rows: int):
     """``t`` a few rows at a time through one reused buffer, as ``CheckpointReader.decoded_chunks`` hands them."""
     buf = torch.empty_like(t[:rows])
@@ -85,10 +93,7 @@ def test_background_writes_and_pieces_give_the_same_files(tmp_path, monkeypatch)
                 states[background].append(writer.state())
         writer.close()
     assert states[False] == states[True]
-    files = {b: sorted((tmp_path / str(b)).iterdir()) for b in (False, True)}
-    assert [p.name for p in files[False]] == [p.name for p in files[True]] and len(files[False]) > 3
-    for a, b in zip(files[False], files[True]):
-        assert a.read_bytes() == b.read_bytes(), a.name
+    assert_same_files(tmp_path / "False", tmp_path / "True")
 
 
 def test_a_failed_background_write_is_raised_and_nothing_lands_after_it(tmp_path):
@@ -129,10 +134,7 @@ def test_add_all_writes_what_one_add_per_tensor_writes(tmp_path, background):
             states[grouped].append(writer.state())
         writer.close()
     assert states[False] == states[True]
-    files = {g: sorted((tmp_path / str(g)).iterdir()) for g in (False, True)}
-    assert [p.name for p in files[False]] == [p.name for p in files[True]] and len(files[False]) > 3
-    for a, b in zip(files[False], files[True]):
-        assert a.read_bytes() == b.read_bytes(), a.name
+    assert_same_files(tmp_path / "False", tmp_path / "True")
 
 
 def test_add_all_refuses_a_name_twice_and_stops_at_a_failed_tensor(tmp_path):
