@@ -184,8 +184,8 @@ class LayerQuantizer:
                 output_rel_err=quality.output_rel_err,
             ))
 
-        # streamed weights: the kernel of one runs on the kernel thread while the previous one is packed, reported
-        # and handed to the writer here (on two cores they overlap); modules still finish in order
+        # streamed weights: the kernel of one runs on the kernel thread while the previous one is reported and
+        # handed to the writer here (on two cores they overlap); modules still finish in order
         started: deque[tuple[str, nn.Linear, Callable[[], tuple[QuantizedLinear, Quality]]]] = deque()
 
         def finish_started(keep: int) -> None:
@@ -223,7 +223,7 @@ class LayerQuantizer:
         check_shape(wname, tuple(codes.shape), (mod.out_features, mod.in_features))
         fused = self.scheme.weight_bits == 4 and self.weight_observer == "minmax"
         # packed in the kernel's pass where the format stores packed words and the groups are whole words
-        pack = self.fmt.packs_int4 and self.group_size % 8 == 0
+        pack = fused and self.fmt.packs_int4 and self.group_size % 8 == 0
         kernel = kernels.fp8_block_int4_submit(codes, self.reader.raw(wname + BLOCK_SCALE_SUFFIX), self.reader.block,
                                                mod.weight.dtype, self.group_size, self._scale_dtype,
                                                pack) if fused else None

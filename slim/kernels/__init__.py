@@ -159,9 +159,9 @@ def _launcher() -> ThreadPoolExecutor:
 
 def submit(fn: Callable, *args) -> Future:
     """``fn(*args)`` on the kernel thread, one call after another in submission order, while the caller goes on
-    (:func:`fp8_block_int4_submit`). The streamed weight path hands it one weight's kernel while it packs,
-    reports and hands to the writer the previous weight: that Python work and the kernel (which releases the
-    GIL) overlap on two cores instead of taking turns on one. A call's own row split (:func:`parallel_rows`)
+    (:func:`fp8_block_int4_submit`). The streamed weight path hands it one weight's kernel while it reports and
+    hands to the writer the previous weight: that Python work and the kernel (which releases the GIL) overlap
+    on two cores instead of taking turns on one. A call's own row split (:func:`parallel_rows`)
     is unchanged: the kernel thread takes the first share."""
     return _launcher().submit(fn, *args)
 
