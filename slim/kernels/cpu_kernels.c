@@ -243,8 +243,9 @@ void slim_fp8_block_int4(const uint8_t *q, const float *scale, int64_t cols, int
     sums[2] = (double)nonfinite_count;
 }
 
-/* int8 codes in [-8, 7] -> compressed-tensors' int32 words, a row at a time (pack_words). cols % 8 == 0. Rows [r0, r1). Returns how many codes lie outside
- * [-8, 7] (their words are not meaningful; the caller refuses the tensor), so no separate pass checks them. */
+/* int8 codes in [-8, 7] -> compressed-tensors' int32 words, a row at a time (pack_words). cols % 8 == 0. Rows
+ * [r0, r1). Returns how many codes lie outside [-8, 7] (their words are not meaningful; the caller refuses the
+ * tensor), so no separate pass checks them. */
 int64_t slim_pack_int4(const int8_t *codes, int64_t cols, int64_t r0, int64_t r1, int32_t *out) {
     const int64_t words = cols / 8;
     int64_t bad = 0;
