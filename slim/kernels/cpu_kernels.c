@@ -10,9 +10,10 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
-#define SLIM_KERNELS_ABI 4
+#define SLIM_KERNELS_ABI 5
 
 int slim_kernels_abi(void) { return SLIM_KERNELS_ABI; }
 
@@ -198,12 +199,241 @@ static inline void pack_words(const int8_t *c, int64_t words, int32_t *o) {
     }
 }
 
+/* One group of block FP8 codes q[0..group) (all in one block column, scale s) the plain way: decoded into buf
+ * (to bf16 when w_bf16), then int4_group; NaN or infinite decoded values counted; codes packed when `packed`. */
+static inline void fp8_group_int4(const uint8_t *q, float s, int64_t group, int w_bf16, float *buf, float *c,
+                                  int8_t *codes, int32_t *packed, float *sf, uint16_t *sb, double *signal,
+                                  double *noise, int64_t *nonfinite_count) {
+    if (w_bf16) {
+        for (int64_t j = 0; j < group; j++) buf[j] = bf16_f32(f32_bf16(fp8_e4m3fn_f32(q[j]) * s));
+    } else {
+        for (int64_t j = 0; j < group; j++) buf[j] = fp8_e4m3fn_f32(q[j]) * s;
+    }
+    const uint32_t amax_bits = group == 128 ? int4_group(buf, 128, c, codes, sf, sb, signal, noise)
+                                            : int4_group(buf, group, c, codes, sf, sb, signal, noise);
+    if (amax_bits >= 0x7F800000u) /* an inf or NaN in the group (its absmax says so): count them */
+        for (int64_t j = 0; j < group; j++) *nonfinite_count += nonfinite(buf[j]);
+    if (packed) pack_words(codes, group / 8, packed);
+}
+
+/* --- Lookup-table path (x86 with AVX-512 VBMI): the same bytes, no per-weight arithmetic but the sums. ---
+ *
+ * Within one 128x128 block every weight is bf16(value(code) * s) for one scale s, so it is a function of its FP8
+ * code, and so is its int4 code once the group's scale is known. That scale is a function of the group's
+ * largest magnitude code m: the decoded magnitude grows with the magnitude code (e4m3's 7 magnitude bits are
+ * ordered like the values they encode, and multiplying by |s| and rounding to bf16 keep that order), so the
+ * group's absmax is |decoded(m)|. Per block column a 128-entry table of decoded magnitudes (bf16 bits), and per
+ * (block column, m) met there two 128-entry tables of int4 codes (for +value and -value), each computed with
+ * int4_group's own arithmetic (vectorized); then a group of 32 weights is two 128-byte table lookups (vpermi2b) and a blend on
+ * the sign bits. The sums w^2 and (code * s - w)^2 are formed from the looked-up bf16 weights in int4_group's
+ * 16 lanes and order, so they are its sums bit for bit. Groups this does not cover take fp8_group_int4: a NaN
+ * code (m = 0x7F), a non-finite decoded absmax, a non-finite block scale, a group scale that rounds to 0. Used for w_bf16 (the model dtype is
+ * bf16), group % 32 == 0 and groups inside block columns (bn % group == 0). */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VBMI__)
+#include <immintrin.h>
+#define SLIM_LUT 1
+#else
+#define SLIM_LUT 0
+#endif
+
+static int use_lut = SLIM_LUT;
+
+/* Whether the lookup-table path is compiled in; `on` (0 or 1) switches it for this process (tests compare the two
+ * paths; the default is on where compiled in). Returns the state after the call. */
+int slim_int4_lut(int on) {
+    if (on == 0 || on == 1) use_lut = on && SLIM_LUT;
+    return use_lut;
+}
+
+#if SLIM_LUT
+typedef struct {
+    uint8_t pos[128], neg[128]; /* int4 codes of +decoded(k), -decoded(k), k the magnitude code */
+    float s;                    /* the group scale as int4_group uses it (after rounding to the stored dtype) */
+    float s_f32;
+    uint16_t s_b16;
+    int usable; /* 0 where the scale rounds to 0 (a group of tiny weights): int4_group divides by it, the plain way */
+} __attribute__((aligned(64))) int4_lut;
+
+/* The tables of the groups whose largest magnitude code has decoded magnitude bits `amax` (bf16, finite):
+ * int4_group's scale and codes. w: the block column's decoded magnitudes of the magnitude codes (bf16 bits);
+ * sign_s: the block scale's sign as a bf16 sign bit, which the decoded value of a positive code carries. */
+static void lut_build(int4_lut *t, const uint16_t *w, uint16_t amax, uint16_t sign_s, int scale_bf16) {
+    float s = bf16_f32(amax) / 7.5f;
+    if (s == 0.0f) s = 1.1920928955078125e-07f;
+    if (scale_bf16) {
+        t->s_b16 = f32_bf16(s);
+        s = bf16_f32(t->s_b16);
+    } else {
+        t->s_f32 = s;
+    }
+    t->s = s;
+    t->usable = s != 0.0f;
+    /* int4_group's codes of the 128 decoded values and their negatives, 16 at a time */
+    const __m512 sv = _mm512_set1_ps(s), rounder = _mm512_set1_ps(ROUNDER);
+    const __m512 lo = _mm512_set1_ps(-8.0f), hi = _mm512_set1_ps(7.0f);
+    const __m512i sign = _mm512_set1_epi32((int)((uint32_t)sign_s << 16)), flip = _mm512_set1_epi32((int)0x80000000u);
+    for (int k = 0; k < 128; k += 16) {
+        const __m256i wk = _mm256_load_si256((const __m256i *)(w + k));
+        const __m512i xb = _mm512_or_si512(_mm512_slli_epi32(_mm512_cvtepu16_epi32(wk), 16), sign);
+        for (int neg = 0; neg < 2; neg++) { /* x, then -x: the decoded values of codes k and k | 0x80 */
+            const __m512 x = _mm512_castsi512_ps(neg ? _mm512_xor_si512(xb, flip) : xb);
+            const __m512 r = _mm512_sub_ps(_mm512_add_ps(_mm512_div_ps(x, sv), rounder), rounder);
+            /* r < -8 ? -8 : (r > 7 ? 7 : r); r is never NaN here (x and s finite, s > 0) */
+            const __m512 cl = _mm512_max_ps(_mm512_min_ps(r, hi), lo);
+            _mm_store_si128((__m128i *)((neg ? t->neg : t->pos) + k), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(cl)));
+        }
+    }
+}
+
+static inline int max_magnitude(const uint8_t *q, int64_t group) {
+    const __m256i low7 = _mm256_set1_epi8(0x7F);
+    __m256i mx = _mm256_setzero_si256();
+    for (int64_t j = 0; j < group; j += 32)
+        mx = _mm256_max_epu8(mx, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(q + j)), low7));
+    __m128i m = _mm_max_epu8(_mm256_castsi256_si128(mx), _mm256_extracti128_si256(mx, 1));
+    m = _mm_max_epu8(m, _mm_srli_si128(m, 8));
+    m = _mm_max_epu8(m, _mm_srli_si128(m, 4));
+    m = _mm_max_epu8(m, _mm_srli_si128(m, 2));
+    m = _mm_max_epu8(m, _mm_srli_si128(m, 1));
+    return _mm_cvtsi128_si32(m) & 0xFF;
+}
+
+/* hsum16 in registers: the same additions in the same order (a memcpy to a vf32 kept the accumulators in memory) */
+static inline float hsum_ps(__m512 v) {
+    const __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    const __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+    const __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4)); /* (l0 + l2), (l1 + l3) */
+    return _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
+}
+
+/* One group by lookup: codes (and packed words), the sums in int4_group's lanes and order. mags: the block column's
+ * decoded magnitudes (bf16 bits, 64-byte aligned), looked up as four 32-entry tables; sign_s: s's sign bit as a bf16 sign (0 or 0x8000). */
+static inline void lut_group(const uint8_t *q, int64_t group, const int4_lut *t, const uint16_t *mags,
+                             uint16_t sign_s, int8_t *codes, int32_t *packed, double *signal, double *noise) {
+    const __m512i wt[4] = {_mm512_load_si512(mags), _mm512_load_si512(mags + 32), _mm512_load_si512(mags + 64),
+                           _mm512_load_si512(mags + 96)};
+    const __m512i pos_lo = _mm512_load_si512(t->pos), pos_hi = _mm512_load_si512(t->pos + 64);
+    const __m512i neg_lo = _mm512_load_si512(t->neg), neg_hi = _mm512_load_si512(t->neg + 64);
+    const __m256i low7 = _mm256_set1_epi8(0x7F), eight = _mm256_set1_epi8(8), low4 = _mm256_set1_epi8(0x0F);
+    const __m256i nibble_pairs = _mm256_set1_epi16(0x1001); /* byte weights 1 (even code), 16 (odd code) */
+    const __m512i bit6 = _mm512_set1_epi16(64), sign_bit = _mm512_set1_epi16(0x80);
+    const __m512i sign_of_s = _mm512_set1_epi16((short)sign_s);
+    const __m512 sv = _mm512_set1_ps(t->s);
+    __m512 sig = _mm512_setzero_ps(), err = _mm512_setzero_ps();
+    for (int64_t j = 0; j < group; j += 32) {
+        const __m256i qb = _mm256_loadu_si256((const __m256i *)(q + j));
+        const __m256i mag = _mm256_and_si256(qb, low7);
+        const __m512i idx8 = _mm512_zextsi256_si512(mag);
+        const __m256i cp = _mm512_castsi512_si256(_mm512_permutex2var_epi8(pos_lo, idx8, pos_hi));
+        const __m256i cn = _mm512_castsi512_si256(_mm512_permutex2var_epi8(neg_lo, idx8, neg_hi));
+        const __m256i code = _mm256_mask_blend_epi8(_mm256_movepi8_mask(qb), cp, cn);
+        _mm256_storeu_si256((__m256i *)(codes + j), code);
+        if (packed) { /* pack_words: code + 8 as nibbles, two per byte, little end first */
+            const __m256i nib = _mm256_and_si256(_mm256_add_epi8(code, eight), low4);
+            _mm_storeu_si128((__m128i *)((uint8_t *)packed + j / 2),
+                             _mm256_cvtepi16_epi8(_mm256_maddubs_epi16(nib, nibble_pairs)));
+        }
+        /* the decoded weights: |value| from the tables, sign = the code's sign xor s's sign */
+        const __m512i idx = _mm512_cvtepu8_epi16(mag);
+        const __m512i lo = _mm512_permutex2var_epi16(wt[0], idx, wt[1]);
+        const __m512i hi = _mm512_permutex2var_epi16(wt[2], idx, wt[3]);
+        __m512i w = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(idx, bit6), lo, hi);
+        const __m512i sign = _mm512_slli_epi16(_mm512_and_si512(_mm512_cvtepu8_epi16(qb), sign_bit), 8);
+        w = _mm512_xor_si512(w, _mm512_xor_si512(sign, sign_of_s));
+        for (int h = 0; h < 2; h++) {
+            const __m256i wh = h ? _mm512_extracti64x4_epi64(w, 1) : _mm512_castsi512_si256(w);
+            const __m128i ch = h ? _mm256_extracti128_si256(code, 1) : _mm256_castsi256_si128(code);
+            const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(wh), 16));
+            const __m512 d = _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(ch)), sv), v);
+            sig = _mm512_add_ps(sig, _mm512_mul_ps(v, v));
+            err = _mm512_add_ps(err, _mm512_mul_ps(d, d));
+        }
+    }
+    *signal += hsum_ps(sig);
+    *noise += hsum_ps(err);
+}
+
+/* slim_fp8_block_int4 by lookup, rows [r0, r1) in order (read and written in sequence, as the hardware prefetchers
+ * and the page cache's fault-around like it; a block column at a time, the rows 1 row apart, half of the time
+ * waited on loads). The tables of a 128-row block: for each block column its decoded magnitudes, and the code
+ * tables of the magnitudes met so far, built on first use (slot: 0, or the table's index + 1). Returns 0 where
+ * the layout is not one it covers or memory is short (the caller goes the plain way). */
+static int fp8_block_int4_lut(const uint8_t *q, const float *scale, int64_t cols, int64_t bm, int64_t bn,
+                              int64_t scale_cols, int w_bf16, int64_t group, int64_t r0, int64_t r1, int8_t *codes,
+                              int32_t *packed, void *scale_out, int scale_bf16, double *signal, double *noise,
+                              int64_t *nonfinite_count) {
+    if (!use_lut || !w_bf16 || group % 32 || bn % group) return 0;
+    const int64_t groups = cols / group, col_blocks = (cols + bn - 1) / bn;
+    int4_lut *tables = aligned_alloc(64, (size_t)col_blocks * 128 * sizeof(int4_lut));
+    uint16_t *w = aligned_alloc(64, (size_t)col_blocks * 128 * sizeof(uint16_t));
+    int32_t *slot = malloc((size_t)col_blocks * 128 * sizeof(int32_t));
+    float *buf = malloc(2 * SLIM_MAX_GROUP * sizeof(float)); /* the plain way's buffers, for the groups it takes */
+    if (!tables || !w || !slot || !buf) {
+        free(tables), free(w), free(slot), free(buf);
+        return 0;
+    }
+    for (int64_t rb = r0 - r0 % bm; rb < r1; rb += bm) {
+        const int64_t ra = rb > r0 ? rb : r0, rz = rb + bm < r1 ? rb + bm : r1;
+        const float *srow = scale + (rb / bm) * scale_cols;
+        for (int64_t b = 0; b < col_blocks; b++) {
+            for (int k = 0; k < 128; k++)
+                w[b * 128 + k] = (uint16_t)(f32_bf16(fp8_e4m3fn_f32((uint8_t)k) * srow[b]) & 0x7FFFu);
+        }
+        memset(slot, 0, (size_t)col_blocks * 128 * sizeof(int32_t));
+        int32_t built = 0;
+        for (int64_t r = ra; r < rz; r++) {
+            for (int64_t g0 = 0; g0 < cols; g0 += group) {
+                const int64_t b = g0 / bn, si = r * groups + g0 / group;
+                const float s = srow[b];
+                const uint8_t *qg = q + r * cols + g0;
+                float *sf = scale_bf16 ? NULL : (float *)scale_out + si;
+                uint16_t *sb = scale_bf16 ? (uint16_t *)scale_out + si : NULL;
+                int32_t *pg = packed ? packed + r * (cols / 8) + g0 / 8 : NULL;
+                const uint16_t *wb = w + b * 128;
+                const int finite_s = (f32_bits(s) & 0x7F800000u) != 0x7F800000u;
+                const int m = finite_s ? max_magnitude(qg, group) : 0x7F;
+                const int4_lut *t = NULL;
+                if (m != 0x7F && wb[m] < 0x7F80u) { /* no NaN code, a finite absmax */
+                    int32_t *sl = slot + b * 128 + m;
+                    if (!*sl) {
+                        lut_build(&tables[built], wb, wb[m], (uint16_t)((f32_bits(s) >> 16) & 0x8000u), scale_bf16);
+                        *sl = ++built;
+                    }
+                    t = tables[*sl - 1].usable ? &tables[*sl - 1] : NULL;
+                }
+                if (!t) {
+                    fp8_group_int4(qg, s, group, w_bf16, buf, buf + SLIM_MAX_GROUP, codes + r * cols + g0, pg, sf,
+                                   sb, signal, noise, nonfinite_count);
+                    continue;
+                }
+                if (sb) *sb = t->s_b16; else *sf = t->s_f32;
+                lut_group(qg, group, t, wb, (uint16_t)((f32_bits(s) >> 16) & 0x8000u), codes + r * cols + g0, pg,
+                          signal, noise);
+            }
+        }
+    }
+    free(tables), free(w), free(slot), free(buf);
+    return 1;
+}
+#else
+static int fp8_block_int4_lut(const uint8_t *q, const float *scale, int64_t cols, int64_t bm, int64_t bn,
+                              int64_t scale_cols, int w_bf16, int64_t group, int64_t r0, int64_t r1, int8_t *codes,
+                              int32_t *packed, void *scale_out, int scale_bf16, double *signal, double *noise,
+                              int64_t *nonfinite_count) {
+    (void)q, (void)scale, (void)cols, (void)bm, (void)bn, (void)scale_cols, (void)w_bf16, (void)group, (void)r0;
+    (void)r1, (void)codes, (void)packed, (void)scale_out, (void)scale_bf16, (void)signal, (void)noise;
+    (void)nonfinite_count;
+    return 0;
+}
+#endif
+
 /* Block FP8 straight to int4, the bf16 (or fp32) weight never stored: per group, the decode of
  * slim_fp8_block_decode (to bf16 when w_bf16) into a buffer, then slim_int4_quantize's group; the
  * bytes of the two in a row. With `packed` (group % 8 == 0), each group's codes are also packed into
  * [rows, cols / 8] int32 words as slim_pack_int4 packs them, while they are in cache. sums[2] counts decoded
  * values that are NaN or infinite (a corrupt checkpoint; the caller refuses it as materialize does). Groups may
- * span block columns. */
+ * span block columns. By lookup tables where compiled in and the layout allows (fp8_block_int4_lut), the same
+ * bytes and sums. */
 void slim_fp8_block_int4(const uint8_t *q, const float *scale, int64_t cols, int64_t bm, int64_t bn,
                          int64_t scale_cols, int w_bf16, int64_t group, int64_t r0, int64_t r1, int8_t *codes,
                          int32_t *packed, void *scale_out, int scale_bf16, double *sums) {
@@ -211,31 +441,37 @@ void slim_fp8_block_int4(const uint8_t *q, const float *scale, int64_t cols, int
     double signal = 0.0, noise = 0.0;
     int64_t nonfinite_count = 0;
     const int64_t groups = cols / group;
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *qr = q + r * cols;
-        const float *sr = scale + (r / bm) * scale_cols;
-        for (int64_t g = 0; g < groups; g++) {
-            const int64_t g0 = g * group;
-            for (int64_t c0 = g0; c0 < g0 + group;) { /* one block column at a time */
-                const float s = sr[c0 / bn];
-                const int64_t end = (c0 / bn + 1) * bn < g0 + group ? (c0 / bn + 1) * bn : g0 + group;
-                if (w_bf16) {
-                    for (int64_t j = c0; j < end; j++)
-                        buf[j - g0] = bf16_f32(f32_bf16(fp8_e4m3fn_f32(qr[j]) * s));
-                } else {
-                    for (int64_t j = c0; j < end; j++) buf[j - g0] = fp8_e4m3fn_f32(qr[j]) * s;
+    if (!fp8_block_int4_lut(q, scale, cols, bm, bn, scale_cols, w_bf16, group, r0, r1, codes, packed, scale_out,
+                            scale_bf16, &signal, &noise, &nonfinite_count)) {
+        for (int64_t r = r0; r < r1; r++) {
+            const uint8_t *qr = q + r * cols;
+            const float *sr = scale + (r / bm) * scale_cols;
+            for (int64_t g = 0; g < groups; g++) {
+                const int64_t g0 = g * group, si = r * groups + g;
+                float *sf = scale_bf16 ? NULL : (float *)scale_out + si;
+                uint16_t *sb = scale_bf16 ? (uint16_t *)scale_out + si : NULL;
+                int32_t *pg = packed ? packed + r * (cols / 8) + g0 / 8 : NULL;
+                if ((g0 / bn) == (g0 + group - 1) / bn) { /* inside one block column */
+                    fp8_group_int4(qr + g0, sr[g0 / bn], group, w_bf16, buf, c, codes + r * cols + g0, pg, sf, sb,
+                                   &signal, &noise, &nonfinite_count);
+                    continue;
                 }
-                c0 = end;
+                for (int64_t c0 = g0; c0 < g0 + group;) { /* across block columns: one at a time */
+                    const float s = sr[c0 / bn];
+                    const int64_t end = (c0 / bn + 1) * bn < g0 + group ? (c0 / bn + 1) * bn : g0 + group;
+                    if (w_bf16) {
+                        for (int64_t j = c0; j < end; j++)
+                            buf[j - g0] = bf16_f32(f32_bf16(fp8_e4m3fn_f32(qr[j]) * s));
+                    } else {
+                        for (int64_t j = c0; j < end; j++) buf[j - g0] = fp8_e4m3fn_f32(qr[j]) * s;
+                    }
+                    c0 = end;
+                }
+                const uint32_t amax_bits = int4_group(buf, group, c, codes + r * cols + g0, sf, sb, &signal, &noise);
+                if (amax_bits >= 0x7F800000u)
+                    for (int64_t j = 0; j < group; j++) nonfinite_count += nonfinite(buf[j]);
+                if (pg) pack_words(codes + r * cols + g0, group / 8, pg);
             }
-            const int64_t si = r * groups + g;
-            float *sf = scale_bf16 ? NULL : (float *)scale_out + si;
-            uint16_t *sb = scale_bf16 ? (uint16_t *)scale_out + si : NULL;
-            const uint32_t amax_bits = group == 128
-                ? int4_group(buf, 128, c, codes + r * cols + g0, sf, sb, &signal, &noise)
-                : int4_group(buf, group, c, codes + r * cols + g0, sf, sb, &signal, &noise);
-            if (amax_bits >= 0x7F800000u) /* an inf or NaN in the group (its absmax says so): count them */
-                for (int64_t j = 0; j < group; j++) nonfinite_count += nonfinite(buf[j]);
-            if (packed) pack_words(codes + r * cols + g0, group / 8, packed + r * (cols / 8) + g0 / 8);
         }
     }
     sums[0] = signal;

@@ -216,3 +216,62 @@ def test_fp8_to_int4_packs_as_the_pack_kernel_and_compressed_tensors(shape, grou
     assert torch.equal(packed, kernels.pack_int4(codes)[0]) and torch.equal(packed, pack_to_int32(codes, 4))
     assert kernels.fp8_block_int4(q[:, :36], s[:, :1], (128, 128), torch.bfloat16, 12, torch.bfloat16,
                                   pack=True) is None
+
+
+def adversarial_fp8(rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block FP8 codes and scales that reach every case of the lookup-table path and its way out: realistic
+    weights, all 256 codes, groups of zeros, NaN codes in some groups; block scales negative, zero, subnormal
+    (group scales that round to 0 in bf16), huge (decoded absmax overflows), infinite and NaN."""
+    torch.manual_seed(seed)
+    q, s = quantize_fp8_block(torch.randn(rows, cols) * 0.05)
+    u = q.view(torch.uint8)
+    u[1::7] = torch.randint(0, 256, u[1::7].shape, dtype=torch.uint8)  # every code, both signs
+    u[2, :64] = 0
+    u[3, 5], u[min(rows - 1, 130), cols - 1] = 0x7F, 0xFF  # NaN codes
+    specials = [-0.013, 0.0, 2.0**-140, 2.0**-126 / 3, 1e36, float("inf"), float("nan"), -2.0**-135]
+    flat = s.view(-1)
+    for i, v in enumerate(specials):
+        flat[(3 * i + 1) % flat.numel()] = v
+    return q, s
+
+
+@pytest.mark.skipif(not kernels.int4_lookup(), reason="the lookup-table path needs x86 AVX-512 VBMI")
+@pytest.mark.parametrize("shape,group", [((384, 1024), 128), ((300, 640), 64), ((129, 384), 32), ((200, 512), 256)])
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
+def test_fp8_to_int4_lookup_tables_give_the_plain_paths_bytes(shape, group, scale_dtype):
+    """The lookup-table path (on by default where compiled in) against the plain one on adversarial input: the same
+    codes, scales, packed words and non-finite count, and the same sums up to their order of addition."""
+    q, s = adversarial_fp8(*shape, seed=sum(shape) + group)
+    args = (q, s, (128, 128), torch.bfloat16, group, scale_dtype)
+    try:
+        assert kernels.int4_lookup(False) is False
+        plain = kernels.fp8_block_int4(*args, pack=True)
+    finally:
+        assert kernels.int4_lookup(True) is True
+    got = kernels.fp8_block_int4(*args, pack=True)
+    assert plain[4] > 0  # the NaN codes and non-finite scales did reach the kernel
+    for a, b in zip((got[0], got[1], got[5]), (plain[0], plain[1], plain[5])):
+        assert torch.equal(bits(a), bits(b))
+    assert got[4] == plain[4]
+    assert got[2:4] == pytest.approx(plain[2:4], rel=1e-12, nan_ok=True)
+
+
+@pytest.mark.skipif(not kernels.int4_lookup(), reason="the lookup-table path needs x86 AVX-512 VBMI")
+@pytest.mark.parametrize("negative", [False, True])
+def test_fp8_to_int4_lookup_tables_match_the_torch_path(negative):
+    """Finite input through the lookup tables (negative block scales included) against materializing the weight
+    in bf16 and quantizing it with the scheme: codes and scales bit for bit, the sums to 1e-6."""
+    torch.manual_seed(7)
+    q, s = quantize_fp8_block(torch.randn(384, 512) * 0.02)
+    q.view(torch.uint8)[::5] = torch.randint(0, 256, q[::5].shape, dtype=torch.uint8) & 0x7E  # no NaN code
+    if negative:
+        s = -s
+    weight = off(dequantize_fp8_block, q, s, dtype=torch.bfloat16)
+    ref = off(SCHEMES["w4a8_dynamic"].quantize, weight.float(), None, 128, "minmax", torch.bfloat16)
+    codes, scale, signal, noise, nonfinite = kernels.fp8_block_int4(q, s, (128, 128), torch.bfloat16, 128,
+                                                                    torch.bfloat16)
+    assert torch.equal(codes, ref.weight) and torch.equal(bits(scale), bits(ref.weight_scale)) and nonfinite == 0
+    w = weight.double()
+    assert signal == pytest.approx(float((w * w).sum()), rel=1e-6)
+    err = codes.double() * scale.double().repeat_interleave(128, 1) - w
+    assert noise == pytest.approx(float((err * err).sum()), rel=1e-6)
