@@ -184,7 +184,7 @@ class LayerQuantizer:
                 output_rel_err=quality.output_rel_err,
             ))
 
-        # streamed weights: the kernel of one runs on the kernel thread while the previous one is reported and
+        # streamed weights: the kernel of one runs on a kernel worker thread while the previous one is reported and
         # handed to the writer here (on two cores they overlap); modules still finish in order
         started: deque[tuple[str, nn.Linear, Callable[[], tuple[QuantizedLinear, Quality]]]] = deque()
 
@@ -215,9 +215,9 @@ class LayerQuantizer:
     def _start_streamed(self, name: str, mod: nn.Linear) -> Callable[[], tuple[QuantizedLinear, Quality]]:
         """Start quantizing a weight left in the checkpoint as block FP8 (see :func:`streamed_params`); the
         returned call gives the result. int4 with the minmax observer goes from the FP8 codes to int4 in one pass
-        of the fused kernel, on the kernel thread (``kernels.submit``), the weight never held in the model dtype;
-        anything else is materialized and quantized when the result is asked for. The same bytes either way,
-        the same refusal of NaN/Inf."""
+        of the fused kernel, on the kernels' worker threads (``kernels.fp8_block_int4_submit``), the weight never
+        held in the model dtype; anything else is materialized and quantized when the result is asked for. The
+        same bytes either way, the same refusal of NaN/Inf."""
         wname = f"{name}.weight"
         codes = self.reader.raw(wname)
         check_shape(wname, tuple(codes.shape), (mod.out_features, mod.in_features))

@@ -28,7 +28,7 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -39,8 +39,8 @@ from slim.errors import SlimError
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-ABI = 5  # SLIM_KERNELS_ABI in cpu_kernels.c
-FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=c11"]
+ABI = 6  # SLIM_KERNELS_ABI in cpu_kernels.c
+FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=c11", "-pthread"]
 NATIVE = ["-march=native"]  # tried first; without it where the compiler refuses it
 MAX_GROUP = 4096  # SLIM_MAX_GROUP in cpu_kernels.c
 MIN_ROWS_PER_TASK = 64  # a thread gets at least this many rows (a call costs ~20 us)
@@ -80,13 +80,16 @@ def _load() -> ctypes.CDLL | None:
                      _build_error.splitlines()[0])
             return None
         lib.slim_kernels_abi.restype, lib.slim_int4_max_group.restype = ctypes.c_int, ctypes.c_int64
-        found = (lib.slim_kernels_abi(), lib.slim_int4_max_group())
-        if found != (ABI, MAX_GROUP):
-            _build_error = f"{path} has ABI and group limit {found}, expected {(ABI, MAX_GROUP)}"
+        lib.slim_task_size.restype = ctypes.c_int64
+        found = (lib.slim_kernels_abi(), lib.slim_int4_max_group(), lib.slim_task_size())
+        if found != (ABI, MAX_GROUP, ctypes.sizeof(_Task)):
+            _build_error = (f"{path} has ABI, group limit and task size {found}, "
+                            f"expected {(ABI, MAX_GROUP, ctypes.sizeof(_Task))}")
             log.warning("CPU kernels unavailable (%s)", _build_error)
             return None
         _declare(lib)
-        log.info("fused CPU kernels: %s%s", path, " (FP8 -> int4 by AVX-512 lookup tables)" if lib.slim_int4_lut(-1) else "")
+        lookup = " (FP8 -> int4 by AVX-512 lookup tables)" if lib.slim_int4_lut(-1) else ""
+        log.info("fused CPU kernels: %s%s", path, lookup)
         return lib
 
 
@@ -99,6 +102,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.slim_pack_int4.argtypes = [ptr, i64, i64, i64, ptr]
     lib.slim_pack_int4.restype = i64
     lib.slim_int4_lut.argtypes, lib.slim_int4_lut.restype = [i32], i32
+    lib.slim_task_submit.argtypes, lib.slim_task_submit.restype = [ctypes.POINTER(_Task), i32], i32
+    lib.slim_task_wait.argtypes, lib.slim_task_wait.restype = [ctypes.POINTER(_Task)], None
     for name in ("slim_int4_quantize", "slim_fp8_block_int4"):
         getattr(lib, name).restype = None
 
@@ -161,20 +166,6 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="slim-kernel")
 
 
-@functools.cache
-def _launcher() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="slim-kernel-call")
-
-
-def submit(fn: Callable, *args) -> Future:
-    """``fn(*args)`` on the kernel thread, one call after another in submission order, while the caller goes on
-    (:func:`fp8_block_int4_submit`). The streamed weight path hands it one weight's kernel while it reports and
-    hands to the writer the previous weight: that Python work and the kernel (which releases the GIL) overlap
-    on two cores instead of taking turns on one. A call's own row split (:func:`parallel_rows`)
-    is unchanged: the kernel thread takes the first share."""
-    return _launcher().submit(fn, *args)
-
-
 def threads() -> int:
     """Threads a kernel call splits its rows across."""
     return _threads or torch.get_num_threads()
@@ -197,13 +188,18 @@ def torch_single_threaded():
         _threads = before
 
 
-def parallel_rows(rows: int, fn: Callable[[int, int], object]) -> list:
-    """``fn(r0, r1)`` over row ranges covering ``rows``, on up to :func:`threads` threads."""
+def row_ranges(rows: int) -> list[tuple[int, int]]:
+    """How a call splits ``rows``: one range per thread (:func:`threads`), at least ``MIN_ROWS_PER_TASK`` rows each."""
     tasks = max(1, min(threads(), rows // MIN_ROWS_PER_TASK))
-    if tasks == 1:
-        return [fn(0, rows)]
     step = -(-rows // tasks)
-    bounds = [(r, min(r + step, rows)) for r in range(0, rows, step)]
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)] or [(0, rows)]
+
+
+def parallel_rows(rows: int, fn: Callable[[int, int], object]) -> list:
+    """``fn(r0, r1)`` over the :func:`row_ranges` of ``rows``, on up to :func:`threads` threads."""
+    bounds = row_ranges(rows)
+    if len(bounds) == 1:
+        return [fn(*bounds[0])]
     pool = _pool(threads())
     futures = [pool.submit(fn, r0, r1) for r0, r1 in bounds[1:]]
     first = fn(*bounds[0])  # this thread takes a share too
@@ -250,15 +246,27 @@ def int4_supported(weight_dtype: torch.dtype, group_size: int, scale_dtype: torc
             and (scale_dtype or torch.float32) in (torch.bfloat16, torch.float32) and 0 < group_size <= MAX_GROUP)
 
 
+class _Task(ctypes.Structure):
+    """``slim_task`` in cpu_kernels.c: one slim_fp8_block_int4 call for the library's worker threads (its size is
+    checked against the library's when it is loaded)."""
+
+    _fields_ = [("q", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("cols", ctypes.c_int64), ("bm", ctypes.c_int64),
+                ("bn", ctypes.c_int64), ("scale_cols", ctypes.c_int64), ("w_bf16", ctypes.c_int32),
+                ("group", ctypes.c_int64), ("r0", ctypes.c_int64), ("r1", ctypes.c_int64),
+                ("codes", ctypes.c_void_p), ("packed", ctypes.c_void_p), ("scale_out", ctypes.c_void_p),
+                ("scale_bf16", ctypes.c_int32), ("sums", ctypes.c_double * 3), ("done", ctypes.c_int32),
+                ("next", ctypes.c_void_p)]
+
+
 class _Int4Call:
     """One int4 kernel call over a tensor's rows: outputs allocated by the caller's thread, ``run()`` splits the
     rows across the threads (:func:`parallel_rows`) and returns the parts, ``result(parts)`` adds them up:
     (codes, scales, sum w^2, sum error^2, non-finite count), and the packed words as a sixth item where the call
-    packs them (``packed``). ``run`` is all a kernel thread has to do (:func:`fp8_block_int4_submit`); everything
-    that needs the GIL for long stays with the caller."""
+    packs them (``packed``). With ``task`` (the slim_fp8_block_int4 arguments but rows and outputs), ``tasks()``
+    gives the same call as worker-thread tasks (:func:`fp8_block_int4_submit`), their sums the parts."""
 
     def __init__(self, rows: int, cols: int, group_size: int, scale_dtype: torch.dtype | None, call: Callable,
-                 packed: bool = False):
+                 packed: bool = False, task: dict | None = None):
         scale_dtype = scale_dtype or torch.float32
         self.rows, self.call = rows, call  # call(r0, r1, codes_ptr, packed_ptr, scale_ptr, scale_bf16, sums)
         self.codes = torch.empty(rows, cols, dtype=torch.int8)
@@ -266,6 +274,12 @@ class _Int4Call:
         self.scale = torch.empty(rows, cols // group_size, dtype=scale_dtype)
         self.args = (_ptr(self.codes), None if self.packed is None else _ptr(self.packed), _ptr(self.scale),
                      int(scale_dtype == torch.bfloat16))
+        self.task = task
+
+    def tasks(self) -> list[_Task]:
+        codes, packed, scale, scale_bf16 = self.args
+        return [_Task(**self.task, r0=r0, r1=r1, codes=codes, packed=packed, scale_out=scale, scale_bf16=scale_bf16)
+                for r0, r1 in row_ranges(self.rows)]
 
     def _rows(self, r0: int, r1: int) -> ctypes.Array:
         sums = (ctypes.c_double * 3)()
@@ -312,7 +326,8 @@ def _fp8_block_int4_call(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[
         lib.slim_fp8_block_int4(qp, fp, cols, bm, bn, scale_cols, w_bf16, group_size, r0, r1, cp, pp, sp, s_bf16,
                                 sums)
 
-    return _Int4Call(rows, cols, group_size, scale_dtype, call, packed=pack)
+    task = dict(q=qp, scale=fp, cols=cols, bm=bm, bn=bn, scale_cols=scale_cols, w_bf16=w_bf16, group=group_size)
+    return _Int4Call(rows, cols, group_size, scale_dtype, call, packed=pack, task=task)
 
 
 def fp8_block_int4(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], weight_dtype: torch.dtype,
@@ -328,14 +343,28 @@ def fp8_block_int4(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
 def fp8_block_int4_submit(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
                           weight_dtype: torch.dtype, group_size: int, scale_dtype: torch.dtype | None,
                           pack: bool = False) -> Callable[[], tuple] | None:
-    """:func:`fp8_block_int4` with the kernel on the kernel thread (:func:`submit`); returns the call that waits for
-    and gives its result (None where the kernels cannot). Checks and allocations happen here, on the caller's
-    thread, so the kernel thread needs the GIL only to enter and leave the kernel."""
+    """:func:`fp8_block_int4` queued for the library's worker threads (``slim_task_submit``: C threads, no GIL, as
+    many as :func:`threads`, one task per :func:`row_ranges` range) while the caller goes on; returns the call that
+    waits for and gives its result (None where the kernels cannot). Tasks run in the order they were queued. The
+    streamed weight path queues one weight's kernel while it reports and hands to the writer the previous one.
+    Where no worker thread can be started, the kernel runs here before this returns."""
     call = _fp8_block_int4_call(q, scale_inv, block, weight_dtype, group_size, scale_dtype, pack)
     if call is None:
         return None
-    future = submit(call.run)
-    return lambda: call.result(future.result())
+    lib, tasks = library(), call.tasks()
+    if lib.slim_task_submit(tasks[0], threads()) != 0:
+        log.warning("could not start a kernel worker thread; quantizing on the calling thread")
+        parts = call.run()
+        return lambda: call.result(parts)
+    for task in tasks[1:]:
+        lib.slim_task_submit(task, threads())  # a worker runs: queuing cannot fail
+
+    def result() -> tuple:
+        for task in tasks:
+            lib.slim_task_wait(task)  # releases the GIL while it waits
+        return call.result([task.sums for task in tasks])  # `call` keeps inputs and outputs alive until here
+
+    return result
 
 
 def pack_int4(codes: torch.Tensor) -> tuple[torch.Tensor, int] | None:

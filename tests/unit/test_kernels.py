@@ -189,18 +189,54 @@ def test_built_once_per_cache(monkeypatch, tmp_path):
     assert [p.name for p in (tmp_path / "kernels").iterdir()] == [first.name]  # no temporaries left behind
 
 
-def test_submitted_fp8_to_int4_runs_on_the_kernel_thread_with_the_same_bytes():
-    import threading
-
-    assert kernels.submit(lambda: threading.current_thread().name).result().startswith("slim-kernel-call")
+@pytest.mark.parametrize("threads", [1, 3])
+def test_submitted_fp8_to_int4_gives_the_synchronous_bytes(threads):
+    """Queued for the library's worker threads, several in flight at once, each split into ``threads`` row ranges:
+    every result is the synchronous call's (codes, scales, packed words and the sums in the same order)."""
     torch.manual_seed(5)
-    q, s = quantize_fp8_block(torch.randn(300, 512) * 0.05)
-    want = kernels.fp8_block_int4(q, s, (128, 128), torch.bfloat16, 128, torch.bfloat16)
-    pending = [kernels.fp8_block_int4_submit(q, s, (128, 128), torch.bfloat16, 128, torch.bfloat16) for _ in range(3)]
-    for result in pending:  # several in flight at once: each its own outputs
-        got = result()
-        assert torch.equal(got[0], want[0]) and torch.equal(bits(got[1]), bits(want[1])) and got[2:] == want[2:]
+    inputs = [quantize_fp8_block(torch.randn(300, 512) * 0.05), quantize_fp8_block(torch.randn(300, 512))]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        want = [kernels.fp8_block_int4(q, s, (128, 128), torch.bfloat16, 128, torch.bfloat16, pack=True)
+                for q, s in inputs]
+        pending = [kernels.fp8_block_int4_submit(*inputs[i % 2], (128, 128), torch.bfloat16, 128, torch.bfloat16,
+                                                 pack=True) for i in range(6)]
+    finally:
+        torch.set_num_threads(before)
+    q, s = inputs[0]
+    for i, result in enumerate(pending):
+        got, ref = result(), want[i % 2]
+        assert torch.equal(got[0], ref[0]) and torch.equal(bits(got[1]), bits(ref[1])) and torch.equal(got[5], ref[5])
+        assert got[2:5] == ref[2:5]
     assert kernels.fp8_block_int4_submit(q, s, (128, 128), torch.bfloat16, 96, torch.bfloat16) is None  # 512 % 96
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork is POSIX")
+def test_worker_threads_start_again_in_a_forked_child():
+    """A child forked after the workers started (torchrun, data loaders) has none: it starts its own, and its
+    queued call completes."""
+    import os
+
+    torch.manual_seed(8)
+    q, s = quantize_fp8_block(torch.randn(128, 256))
+    want = kernels.fp8_block_int4_submit(q, s, (128, 128), torch.bfloat16, 128, torch.bfloat16)()
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only if its call completes with the parent's bytes
+        ok = False
+        try:
+            got = kernels.fp8_block_int4_submit(q, s, (128, 128), torch.bfloat16, 128, torch.bfloat16)()
+            ok = torch.equal(got[0], want[0]) and got[2:] == want[2:]
+        finally:
+            os._exit(0 if ok else 1)
+    deadline = __import__("time").monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and __import__("time").monotonic() < deadline:
+        __import__("time").sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's queued call never completed")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
 
 
 @pytest.mark.parametrize("shape,group", [((300, 512), 128), ((129, 384), 64), ((64, 512), 256), ((5, 96), 32)])
