@@ -358,13 +358,27 @@ def fp8_block_int4_submit(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple
         return lambda: call.result(parts)
     for task in tasks[1:]:
         lib.slim_task_submit(task, threads())  # a worker runs: queuing cannot fail
+    return _Queued(lib, call, tasks)
 
-    def result() -> tuple:
-        for task in tasks:
-            lib.slim_task_wait(task)  # releases the GIL while it waits
-        return call.result([task.sums for task in tasks])  # `call` keeps inputs and outputs alive until here
 
-    return result
+class _Queued:
+    """The result of queued tasks (:func:`fp8_block_int4_submit`). Holds the call (its inputs and outputs) and the
+    tasks until every task is done: dropped unasked (an error between queuing and asking), it still waits for
+    them, so no worker reads or writes memory that was freed."""
+
+    def __init__(self, lib: ctypes.CDLL, call: _Int4Call, tasks: list[_Task]):
+        self.lib, self.call, self.tasks = lib, call, tasks
+
+    def _wait(self) -> None:
+        for task in self.tasks:
+            self.lib.slim_task_wait(task)  # releases the GIL while it waits
+
+    def __call__(self) -> tuple:
+        self._wait()
+        return self.call.result([task.sums for task in self.tasks])
+
+    def __del__(self):
+        self._wait()
 
 
 def pack_int4(codes: torch.Tensor) -> tuple[torch.Tensor, int] | None:

@@ -212,6 +212,18 @@ def test_submitted_fp8_to_int4_gives_the_synchronous_bytes(threads):
     assert kernels.fp8_block_int4_submit(q, s, (128, 128), torch.bfloat16, 96, torch.bfloat16) is None  # 512 % 96
 
 
+def test_a_queued_call_dropped_unasked_waits_for_its_tasks():
+    """An error between queuing and asking drops the result: its tasks must be done before the memory they read
+    and write can go (else a worker would write into freed tensors)."""
+    torch.manual_seed(9)
+    q, s = quantize_fp8_block(torch.randn(2048, 4096))
+    pending = [kernels.fp8_block_int4_submit(q, s, (128, 128), torch.bfloat16, 128, torch.bfloat16) for _ in range(4)]
+    tasks = [t for p in pending for t in p.tasks]
+    assert not all(t.done for t in tasks)  # 32 M weights queued: not all done yet
+    del pending
+    assert all(t.done for t in tasks)
+
+
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork is POSIX")
 def test_worker_threads_start_again_in_a_forked_child():
     """A child forked after the workers started (torchrun, data loaders) has none: it starts its own, and its
