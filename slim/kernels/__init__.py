@@ -367,9 +367,11 @@ class _Queued:
     them, so no worker reads or writes memory that was freed."""
 
     def __init__(self, lib: ctypes.CDLL, call: _Int4Call, tasks: list[_Task]):
-        self.lib, self.call, self.tasks = lib, call, tasks
+        self.lib, self.call, self.tasks, self.pid = lib, call, tasks, os.getpid()
 
     def _wait(self) -> None:
+        if os.getpid() != self.pid:  # a forked child's copy: the parent's workers run these tasks, not its own
+            return
         for task in self.tasks:
             self.lib.slim_task_wait(task)  # releases the GIL while it waits
 

@@ -226,11 +226,12 @@ static inline void fp8_group_int4(const uint8_t *q, float s, int64_t group, int 
  * ordered like the values they encode, and multiplying by |s| and rounding to bf16 keep that order), so the
  * group's absmax is |decoded(m)|. Per block column a 128-entry table of decoded magnitudes (bf16 bits), and per
  * (block column, m) met there two 128-entry tables of int4 codes (for +value and -value), each computed with
- * int4_group's own arithmetic (vectorized); then a group of 32 weights is two 128-byte table lookups (vpermi2b) and a blend on
- * the sign bits. The sums w^2 and (code * s - w)^2 are formed from the looked-up bf16 weights in int4_group's
- * 16 lanes and order, so they are its sums bit for bit. Groups this does not cover take fp8_group_int4: a NaN
- * code (m = 0x7F), a non-finite decoded absmax, a non-finite block scale, a group scale that rounds to 0. Used for w_bf16 (the model dtype is
- * bf16), group % 32 == 0 and groups inside block columns (bn % group == 0). */
+ * int4_group's own arithmetic (vectorized); then a group of 32 weights is two 128-byte table lookups (vpermi2b)
+ * and a blend on the sign bits. The sums w^2 and (code * s - w)^2 are formed from the looked-up bf16 weights in
+ * int4_group's 16 lanes and order, so they are its sums bit for bit. Groups this does not cover take
+ * fp8_group_int4: a NaN code (m = 0x7F), a non-finite decoded absmax, a non-finite block scale, a group scale
+ * that rounds to 0. Used for w_bf16 (the model dtype is bf16), group % 32 == 0 and groups inside block columns
+ * (bn % group == 0). */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VBMI__)
 #include <immintrin.h>
 #define SLIM_LUT 1
@@ -302,14 +303,16 @@ static inline int max_magnitude(const uint8_t *q, int64_t group) {
 
 /* hsum16 in registers: the same additions in the same order (a memcpy to a vf32 kept the accumulators in memory) */
 static inline float hsum_ps(__m512 v) {
-    const __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    const __m256 upper = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)); /* AVX-512F only */
+    const __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(v), upper);
     const __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
     const __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4)); /* (l0 + l2), (l1 + l3) */
     return _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
 }
 
-/* One group by lookup: codes (and packed words), the sums in int4_group's lanes and order. mags: the block column's
- * decoded magnitudes (bf16 bits, 64-byte aligned), looked up as four 32-entry tables; sign_s: s's sign bit as a bf16 sign (0 or 0x8000). */
+/* One group by lookup: codes (and packed words), the sums in int4_group's lanes and order. mags: the block
+ * column's decoded magnitudes (bf16 bits, 64-byte aligned), looked up as four 32-entry tables; sign_s: the block
+ * scale's sign bit as a bf16 sign (0 or 0x8000). */
 static inline void lut_group(const uint8_t *q, int64_t group, const int4_lut *t, const uint16_t *mags,
                              uint16_t sign_s, int8_t *codes, int32_t *packed, double *signal, double *noise) {
     const __m512i wt[4] = {_mm512_load_si512(mags), _mm512_load_si512(mags + 32), _mm512_load_si512(mags + 64),
