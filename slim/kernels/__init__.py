@@ -366,11 +366,13 @@ class _Queued:
     tasks until every task is done: dropped unasked (an error between queuing and asking), it still waits for
     them, so no worker reads or writes memory that was freed."""
 
+    _getpid = staticmethod(os.getpid)  # held here: __del__ may run while the interpreter tears modules down
+
     def __init__(self, lib: ctypes.CDLL, call: _Int4Call, tasks: list[_Task]):
-        self.lib, self.call, self.tasks, self.pid = lib, call, tasks, os.getpid()
+        self.lib, self.call, self.tasks, self.pid = lib, call, tasks, self._getpid()
 
     def _wait(self) -> None:
-        if os.getpid() != self.pid:  # a forked child's copy: the parent's workers run these tasks, not its own
+        if self._getpid() != self.pid:  # a forked child's copy: the parent's workers run these tasks, not its own
             return
         for task in self.tasks:
             self.lib.slim_task_wait(task)  # releases the GIL while it waits
