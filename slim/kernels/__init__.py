@@ -10,8 +10,10 @@ cast, dequantize, error, norms, packing) with a temporary each; these kernels ma
 The library is compiled once per (source, compiler, CPU) into ``$SLIM_CACHE_DIR/kernels`` (default
 ``~/.cache/slim/kernels``) with ``-O3 -march=native -ffp-contract=off``
 (no fused multiply-add, where torch rounds the product first) and loaded with ctypes. A tensor is split into row
-ranges across ``torch.get_num_threads()`` Python threads (or the count :func:`torch_single_threaded` kept);
-ctypes releases the GIL for each call.
+ranges across ``torch.get_num_threads()`` threads (or the count :func:`torch_single_threaded` kept): Python threads
+for the synchronous calls (ctypes releases the GIL for each call), the library's own C worker threads for the
+queued FP8 -> int4 calls of the streamed weight path (:func:`fp8_block_int4_submit`). On x86 CPUs with AVX-512
+VBMI, FP8 -> int4 goes by lookup tables (:func:`int4_lookup`), the same bytes.
 """
 
 from __future__ import annotations
