@@ -201,15 +201,21 @@ static inline void pack_words(const int8_t *c, int64_t words, int32_t *o) {
     }
 }
 
-/* One group of block FP8 codes q[0..group) (all in one block column, scale s) the plain way: decoded into buf
- * (to bf16 when w_bf16), then int4_group; NaN or infinite decoded values counted; codes packed when `packed`. */
-static inline void fp8_group_int4(const uint8_t *q, float s, int64_t group, int w_bf16, float *buf, float *c,
-                                  int8_t *codes, int32_t *packed, float *sf, uint16_t *sb, double *signal,
-                                  double *noise, int64_t *nonfinite_count) {
-    if (w_bf16) {
-        for (int64_t j = 0; j < group; j++) buf[j] = bf16_f32(f32_bf16(fp8_e4m3fn_f32(q[j]) * s));
-    } else {
-        for (int64_t j = 0; j < group; j++) buf[j] = fp8_e4m3fn_f32(q[j]) * s;
+/* One group, codes qr[g0..g0 + group) of a row whose block scales are sr, the plain way: decoded into buf (to
+ * bf16 when w_bf16) one block column at a time (groups may span block columns), then int4_group; NaN or infinite
+ * decoded values counted; codes packed when `packed`. */
+static inline void fp8_group_int4(const uint8_t *qr, const float *sr, int64_t g0, int64_t bn, int64_t group,
+                                  int w_bf16, float *buf, float *c, int8_t *codes, int32_t *packed, float *sf,
+                                  uint16_t *sb, double *signal, double *noise, int64_t *nonfinite_count) {
+    for (int64_t c0 = g0; c0 < g0 + group;) {
+        const float s = sr[c0 / bn];
+        const int64_t end = (c0 / bn + 1) * bn < g0 + group ? (c0 / bn + 1) * bn : g0 + group;
+        if (w_bf16) {
+            for (int64_t j = c0; j < end; j++) buf[j - g0] = bf16_f32(f32_bf16(fp8_e4m3fn_f32(qr[j]) * s));
+        } else {
+            for (int64_t j = c0; j < end; j++) buf[j - g0] = fp8_e4m3fn_f32(qr[j]) * s;
+        }
+        c0 = end;
     }
     const uint32_t amax_bits = group == 128 ? int4_group(buf, 128, c, codes, sf, sb, signal, noise)
                                             : int4_group(buf, group, c, codes, sf, sb, signal, noise);
@@ -396,24 +402,24 @@ static int fp8_block_int4_lut(const uint8_t *q, const float *scale, int64_t cols
                 int32_t *pg = packed ? packed + r * (cols / 8) + g0 / 8 : NULL;
                 const uint16_t *wb = w + b * 128;
                 const int finite_s = (f32_bits(s) & 0x7F800000u) != 0x7F800000u;
+                const uint16_t sign_s = (uint16_t)((f32_bits(s) >> 16) & 0x8000u);
                 const int m = finite_s ? max_magnitude(qg, group) : 0x7F;
                 const int4_lut *t = NULL;
                 if (m != 0x7F && wb[m] < 0x7F80u) { /* no NaN code, a finite absmax */
                     int32_t *sl = slot + b * 128 + m;
                     if (!*sl) {
-                        lut_build(&tables[built], wb, wb[m], (uint16_t)((f32_bits(s) >> 16) & 0x8000u), scale_bf16);
+                        lut_build(&tables[built], wb, wb[m], sign_s, scale_bf16);
                         *sl = ++built;
                     }
                     t = tables[*sl - 1].usable ? &tables[*sl - 1] : NULL;
                 }
                 if (!t) {
-                    fp8_group_int4(qg, s, group, w_bf16, buf, buf + SLIM_MAX_GROUP, codes + r * cols + g0, pg, sf,
-                                   sb, signal, noise, nonfinite_count);
+                    fp8_group_int4(q + r * cols, srow, g0, bn, group, w_bf16, buf, buf + SLIM_MAX_GROUP,
+                                   codes + r * cols + g0, pg, sf, sb, signal, noise, nonfinite_count);
                     continue;
                 }
                 if (sb) *sb = t->s_b16; else *sf = t->s_f32;
-                lut_group(qg, group, t, wb, (uint16_t)((f32_bits(s) >> 16) & 0x8000u), codes + r * cols + g0, pg,
-                          signal, noise);
+                lut_group(qg, group, t, wb, sign_s, codes + r * cols + g0, pg, signal, noise);
             }
         }
     }
@@ -456,26 +462,8 @@ void slim_fp8_block_int4(const uint8_t *q, const float *scale, int64_t cols, int
                 float *sf = scale_bf16 ? NULL : (float *)scale_out + si;
                 uint16_t *sb = scale_bf16 ? (uint16_t *)scale_out + si : NULL;
                 int32_t *pg = packed ? packed + r * (cols / 8) + g0 / 8 : NULL;
-                if ((g0 / bn) == (g0 + group - 1) / bn) { /* inside one block column */
-                    fp8_group_int4(qr + g0, sr[g0 / bn], group, w_bf16, buf, c, codes + r * cols + g0, pg, sf, sb,
-                                   &signal, &noise, &nonfinite_count);
-                    continue;
-                }
-                for (int64_t c0 = g0; c0 < g0 + group;) { /* across block columns: one at a time */
-                    const float s = sr[c0 / bn];
-                    const int64_t end = (c0 / bn + 1) * bn < g0 + group ? (c0 / bn + 1) * bn : g0 + group;
-                    if (w_bf16) {
-                        for (int64_t j = c0; j < end; j++)
-                            buf[j - g0] = bf16_f32(f32_bf16(fp8_e4m3fn_f32(qr[j]) * s));
-                    } else {
-                        for (int64_t j = c0; j < end; j++) buf[j - g0] = fp8_e4m3fn_f32(qr[j]) * s;
-                    }
-                    c0 = end;
-                }
-                const uint32_t amax_bits = int4_group(buf, group, c, codes + r * cols + g0, sf, sb, &signal, &noise);
-                if (amax_bits >= 0x7F800000u)
-                    for (int64_t j = 0; j < group; j++) nonfinite_count += nonfinite(buf[j]);
-                if (pg) pack_words(codes + r * cols + g0, group / 8, pg);
+                fp8_group_int4(qr, sr, g0, bn, group, w_bf16, buf, c, codes + r * cols + g0, pg, sf, sb, &signal,
+                               &noise, &nonfinite_count);
             }
         }
     }
