@@ -144,16 +144,17 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     if cfg.scheme.format not in FORMATS:
         raise SlimError(f"scheme.format={cfg.scheme.format!r} is unknown; choose one of: {', '.join(FORMATS)}")
     fmt = FORMATS[cfg.scheme.format]
+    # calibration off on a CPU with the kernels: they do the work on their own threads, torch only small ops (see
+    # torch_single_threaded), and this thread writes; elsewhere a writer thread writes while this one quantizes
+    streamed = ids is None and dist.device.type == "cpu" and kernels.library() is not None
     writer = CheckpointWriter(out_dir, max_shard_bytes=cfg.export.max_shard_mb << 20,
                               tag=f"rank{dist.rank:03d}-" if dist.world > 1 else "", direct_io=cfg.export.direct_io,
-                              background=True, algorithm=cfg.export.checksum,
+                              background=not streamed, algorithm=cfg.export.checksum,
                               max_queued_bytes=plan.write_queue_bytes)
     hidden_device = dist.device if plan.hidden_states_on == "device" else torch.device("cpu")
     start = store.load_layer(commit["layer"], hidden_device) if commit else None
     if dist.device.type == "cpu":  # the block-wise weight path's temporaries (a GPU's live on the GPU)
         keep_temporaries_in_heap()
-    # calibration off on a CPU with the kernels: they do the work, torch only small ops (see torch_single_threaded)
-    streamed = ids is None and dist.device.type == "cpu" and kernels.library() is not None
     try:
         with kernels.torch_single_threaded() if streamed else contextlib.nullcontext(), \
                 collector.long_lived_frozen():  # the skeleton and imports: out of the collector's walks

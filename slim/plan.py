@@ -4,8 +4,8 @@ The model skeleton is built on the meta device (free), so every figure comes fro
 the largest decoder layer streamed onto the device, the calibration hidden states kept between layers (on the
 device, or in host memory when they do not fit there), one batch's forward activations, quantization
 temporaries; on the host, the checkpoint pages of the layer being read (memory-mapped, as stored), the one
-quantized tensor being written (the writer streams every tensor straight into its shard file), the tensors
-queued for the writer thread (:func:`write_queue_bytes`) and its direct-I/O staging buffers. A run whose plan
+quantized tensors in flight (the writer streams every tensor straight into its shard file), the tensors
+queued for the writer thread where one runs (:func:`write_queue_bytes`) and the direct-I/O staging buffers. A run whose plan
 does not fit its hardware preset is refused before anything is loaded.
 """
 
@@ -21,6 +21,7 @@ from slim.config import SlimConfig
 from slim.directio import STAGE_BUFFERS, stage_bytes_for
 from slim.export import MAX_QUEUED_BYTES
 from slim.quant.schemes import SCHEMES
+from slim.quantize import STREAM_AHEAD
 
 GiB = 2**30
 # Measured-order-of-magnitude fixed costs: CUDA context + allocator slack per GPU rank; Python + torch +
@@ -32,7 +33,8 @@ MiB = 2**20
 
 
 def write_queue_bytes(layer_bytes: int) -> int:
-    """How far the background writer may lag behind the quantizer, in bytes of queued tensors: an eighth of the
+    """How far the writer thread may lag behind the quantizer (where one runs: not on the streamed CPU path,
+    whose main thread writes while the kernels' threads quantize), in bytes of queued tensors: an eighth of the
     largest layer (in the model dtype), at least the writer's default (16 MiB), at most 256 MiB. Enough to hold
     a layer's quantized experts while its unquantized tensors go to disk, so quantizing and writing overlap: on
     R1-shaped layers (1 GiB) 128 MiB took 0.73-0.77 s per layer to 0.63 s (2 CPU cores; 16 MiB: the quantizer
@@ -123,11 +125,15 @@ def plan_memory(cfg: SlimConfig, model, adapter, ignored: set[str]) -> MemoryPla
         "quantization temporaries (fp32)": 3 * largest_linear * 4,
     }
     stored_bytes = 1 if cfg.model.load_type == "fp8" else dtype_bytes  # per weight on disk (FP8 codes or bf16)
-    queue = write_queue_bytes(layer_params[big] * dtype_bytes)
+    # calibration off on a CPU: the kernels quantize on their own threads, STREAM_AHEAD Linears ahead of the one
+    # being written, and the main thread writes (no writer queue); each holds its 1-byte codes and its output
+    streamed = hw.device == "cpu" and cal.source == "none"
+    queue = 0 if streamed else write_queue_bytes(layer_params[big] * dtype_bytes)
+    in_flight = max((_quantized_bytes(m, scheme, cfg.scheme.group_size)
+                     + (m.in_features * m.out_features if streamed else 0) for m in targets.values()), default=0)
     host = {
         "checkpoint pages of one layer (memory-mapped)": layer_params[big] * stored_bytes,
-        "writer (one quantized tensor in flight)": max(
-            (_quantized_bytes(m, scheme, cfg.scheme.group_size) for m in targets.values()), default=0),
+        "writer (quantized tensors in flight)": in_flight * (STREAM_AHEAD + 1 if streamed else 1),
         "writer queue (tensors waiting for the disk)": queue,
         "writer staging buffers (direct I/O)": STAGE_BUFFERS * stage_bytes_for(queue),
         "runtime": HOST_RUNTIME_BYTES,

@@ -9,6 +9,7 @@ from slim.errors import SlimError
 from slim.models.adapters import build_skeleton, load_config
 from slim.pipeline import plan_stage
 from slim.plan import GiB, plan_memory
+from slim.quantize import STREAM_AHEAD
 from slim.targets import select_targets
 
 R1 = ASSETS / "configs" / "deepseek_r1"
@@ -45,10 +46,26 @@ def test_host_holds_one_mapped_layer_and_one_tensor_in_flight(r1_skeleton):
         host = plan_memory(cfg, model, adapter, {"lm_head"}).host_bytes
         assert host["checkpoint pages of one layer (memory-mapped)"] == 11_507_286_016 * stored
         # the largest quantized Linear: a dense-layer MLP projection, 18432 x 7168 FP8 codes + two scales
-        assert host["writer (one quantized tensor in flight)"] == 18432 * 7168 + 8
+        assert host["writer (quantized tensors in flight)"] == 18432 * 7168 + 8
+        assert host["writer queue (tensors waiting for the disk)"] == 256 << 20  # an eighth of 21 GiB, capped
     cfg = r1_cfg("hardware=h20x8", "calibration=none", "scheme=w4a8_dynamic")
     plan = plan_memory(cfg, model, adapter, {"lm_head"})
     assert plan.device_bytes["calibration hidden states (in + out)"] == 0 and plan.feasible
+
+
+def test_streamed_cpu_runs_have_no_writer_queue_but_linears_in_flight(r1_skeleton):
+    """Calibration off on a CPU: the main thread writes while the kernels quantize STREAM_AHEAD Linears ahead;
+    each holds its int8 codes beside its packed words and group scales."""
+    model, adapter = r1_skeleton
+    cfg = r1_cfg("hardware=cpu", "calibration=none", "scheme=w4a8_dynamic")
+    plan = plan_memory(cfg, model, adapter, {"lm_head"})
+    n = 18432 * 7168  # the largest quantized Linear
+    one = n + n // 2 + n // 128 * 2 + 16  # codes, packed int4, bf16 group scales, shape and input scale
+    assert plan.host_bytes["writer (quantized tensors in flight)"] == (STREAM_AHEAD + 1) * one
+    assert plan.host_bytes["writer queue (tensors waiting for the disk)"] == plan.write_queue_bytes == 0
+    assert plan.host_bytes["writer staging buffers (direct I/O)"] == 4 << 20  # four 1 MiB buffers
+    calibrated = plan_memory(r1_cfg("hardware=cpu"), model, adapter, {"lm_head"})
+    assert calibrated.write_queue_bytes == 256 << 20
 
 
 def test_hidden_states_too_big_for_the_device_wait_in_host_memory(r1_skeleton):
