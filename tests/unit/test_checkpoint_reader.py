@@ -72,3 +72,42 @@ def test_at_most_max_open_shards_stay_mapped(tmp_path):
     assert len(mapped) == CheckpointReader.MAX_OPEN == len(reader._open)
     reader.close()
     assert not reader._open and all(s._map is None for s in reader._shards.values())
+
+
+def fp8_checkpoint(tmp_path, rows: int, cols: int, nan_at: tuple[int, int] | None = None) -> CheckpointReader:
+    from slim.quant.fp8 import quantize_fp8_block
+
+    torch.manual_seed(3)
+    q, s = quantize_fp8_block(torch.randn(rows, cols) * 0.02)
+    if nan_at is not None:
+        q.view(torch.uint8)[nan_at] = 0x7F
+    save_file({"w.weight": q, "w.weight_scale_inv": s}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    return CheckpointReader(tmp_path, load_type="fp8")
+
+
+@pytest.mark.parametrize("kernels_on", [True, False])
+def test_decoded_chunks_are_the_whole_decode_a_block_of_rows_at_a_time(tmp_path, monkeypatch, kernels_on):
+    """Pieces of whole 128-row blocks (decoded by the kernels, or by torch), in one reused buffer: together they
+    are ``get``'s tensor, and nothing else is held."""
+    from slim import kernels
+
+    if not kernels_on:
+        monkeypatch.setattr(kernels, "_enabled", False)
+    reader = fp8_checkpoint(tmp_path, 700, 256)
+    pieces = [p.clone() for p in reader.decoded_chunks("w.weight", torch.bfloat16, max_bytes=128 * 256 * 2 * 2)]
+    assert [p.shape[0] for p in pieces] == [256, 256, 188]
+    assert torch.equal(torch.cat(pieces), reader.get("w.weight", torch.bfloat16))
+    ptrs = {p.data_ptr() for p in reader.decoded_chunks("w.weight", torch.bfloat16, max_bytes=128 * 256 * 2 * 2)}
+    assert len(ptrs) == 1
+
+
+def test_decoded_chunks_refuse_nan_after_the_last_block_and_may_be_dropped_midway(tmp_path):
+    reader = fp8_checkpoint(tmp_path, 700, 256, nan_at=(650, 3))
+    with pytest.raises(SlimError, match="1 NaN/Inf"):
+        for _ in reader.decoded_chunks("w.weight", torch.bfloat16, max_bytes=128 * 256 * 2):
+            pass
+    chunks = reader.decoded_chunks("w.weight", torch.bfloat16, max_bytes=128 * 256 * 2)
+    first = next(chunks).clone()
+    chunks.close()  # dropped midway (a failed write): no error for the NaN it never reached
+    assert torch.equal(first, reader.get("w.weight", torch.bfloat16)[:128])
