@@ -3,10 +3,10 @@
 The model skeleton is built on the meta device (free), so every figure comes from the real module shapes:
 the largest decoder layer streamed onto the device, the calibration hidden states kept between layers (on the
 device, or in host memory when they do not fit there), one batch's forward activations, quantization
-temporaries; on the host, the checkpoint pages of the layer being read (memory-mapped, as stored), the one
-quantized tensors in flight (the writer streams every tensor straight into its shard file), the tensors
-queued for the writer thread where one runs (:func:`write_queue_bytes`) and the direct-I/O staging buffers. A run whose plan
-does not fit its hardware preset is refused before anything is loaded.
+temporaries; on the host, the checkpoint pages of the layer being read (memory-mapped, as stored), the
+quantized tensors in flight (the writer streams every tensor straight into its shard file), the tensors queued
+for the writer thread where one runs (:func:`write_queue_bytes`) and the direct-I/O staging buffers. A run whose
+plan does not fit its hardware preset is refused before anything is loaded.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from torch import nn
 from slim.config import SlimConfig
 from slim.directio import STAGE_BUFFERS, stage_bytes_for
 from slim.export import MAX_QUEUED_BYTES
+from slim.models.checkpoint import DECODE_CHUNK_BYTES
 from slim.quant.schemes import SCHEMES
 from slim.quantize import STREAM_AHEAD
 
@@ -117,17 +118,23 @@ def plan_memory(cfg: SlimConfig, model, adapter, ignored: set[str]) -> MemoryPla
                 getattr(conf, "moe_intermediate_size", 0) * (getattr(conf, "num_experts_per_tok", 1) or 1))
     largest_linear = max((m.in_features * m.out_features for m in targets.values()), default=0)
 
-    all_hidden = 2 * samples * T * hidden * dtype_bytes  # every sample's input and output of one layer
-    device = {
-        "layer weights (compute dtype)": layer_params[big] * dtype_bytes,
-        "calibration hidden states (in + out)": all_hidden,
-        "forward activations (one batch)": batch * T * (heads * T * 4 + 4 * inter * dtype_bytes + 4 * hidden * 4),
-        "quantization temporaries (fp32)": 3 * largest_linear * 4,
-    }
-    stored_bytes = 1 if cfg.model.load_type == "fp8" else dtype_bytes  # per weight on disk (FP8 codes or bf16)
     # calibration off on a CPU: the kernels quantize on their own threads, STREAM_AHEAD Linears ahead of the one
     # being written, and the main thread writes (no writer queue); each holds its 1-byte codes and its output
     streamed = hw.device == "cpu" and cal.source == "none"
+    layer_weights, temporaries = layer_params[big], 3 * largest_linear * 4
+    if streamed and cfg.model.load_type == "fp8":
+        # nothing runs the layer, so its block-FP8 weights (every Linear's, as DeepSeek stores them) are never
+        # materialized: they go from the mapped codes to int4, or to the writer a block of rows at a time
+        layer_weights -= sum(m.weight.numel() for m in layers[big].modules() if isinstance(m, nn.Linear))
+        temporaries = DECODE_CHUNK_BYTES
+    all_hidden = 2 * samples * T * hidden * dtype_bytes  # every sample's input and output of one layer
+    device = {
+        "layer weights (compute dtype)": layer_weights * dtype_bytes,
+        "calibration hidden states (in + out)": all_hidden,
+        "forward activations (one batch)": batch * T * (heads * T * 4 + 4 * inter * dtype_bytes + 4 * hidden * 4),
+        "quantization temporaries (fp32)": temporaries,
+    }
+    stored_bytes = 1 if cfg.model.load_type == "fp8" else dtype_bytes  # per weight on disk (FP8 codes or bf16)
     queue = 0 if streamed else write_queue_bytes(layer_params[big] * dtype_bytes)
     in_flight = max((_quantized_bytes(m, scheme, cfg.scheme.group_size)
                      + (m.in_features * m.out_features if streamed else 0) for m in targets.values()), default=0)

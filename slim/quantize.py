@@ -40,8 +40,8 @@ from slim.targets import ROUTED_EXPERT_RE, Selection, module_kind
 
 log = logging.getLogger(__name__)
 # streamed weights (calibration off, CPU kernels): kernels queued ahead of the Linear being reported and written.
-# 32 small layers, one kernel thread, five alternating runs: 2 ahead 1.9 s (median), 3 ahead 1.9, 6 ahead 2.0,
-# 1 ahead 2.3 s (2-core VM); each one ahead holds a Linear's int8 codes and packed words.
+# 32 small layers, one kernel thread, the main thread writing, five alternating runs: 2 ahead 1.9 s (median),
+# 3 ahead 1.9, 6 ahead 2.0, 1 ahead 2.3 s (2-core VM); each one ahead holds a Linear's int8 codes and packed words.
 STREAM_AHEAD = 2
 
 

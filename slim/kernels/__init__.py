@@ -348,7 +348,7 @@ def fp8_block_int4_submit(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple
     """:func:`fp8_block_int4` queued for the library's worker threads (``slim_task_submit``: C threads, no GIL, as
     many as :func:`threads`, one task per :func:`row_ranges` range) while the caller goes on; returns the call that
     waits for and gives its result (None where the kernels cannot). Tasks run in the order they were queued. The
-    streamed weight path queues one weight's kernel while it reports and hands to the writer the previous one.
+    streamed weight path queues the next two weights' kernels while it reports and writes one.
     Where no worker thread can be started, the kernel runs here before this returns."""
     call = _fp8_block_int4_call(q, scale_inv, block, weight_dtype, group_size, scale_dtype, pack)
     if call is None:

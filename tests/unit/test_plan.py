@@ -64,8 +64,12 @@ def test_streamed_cpu_runs_have_no_writer_queue_but_linears_in_flight(r1_skeleto
     assert plan.host_bytes["writer (quantized tensors in flight)"] == (STREAM_AHEAD + 1) * one
     assert plan.host_bytes["writer queue (tensors waiting for the disk)"] == plan.write_queue_bytes == 0
     assert plan.host_bytes["writer staging buffers (direct I/O)"] == 4 << 20  # four 1 MiB buffers
+    # nothing runs a layer: its block-FP8 Linear weights stay mapped, only norms and the router are materialized
+    assert plan.host_bytes["layer weights (compute dtype)"] == 1_851_392 * 2
+    assert plan.feasible, plan.table()  # 10.7 GiB of mapped FP8 codes + 2 GiB runtime fit the 24 GiB preset
     calibrated = plan_memory(r1_cfg("hardware=cpu"), model, adapter, {"lm_head"})
     assert calibrated.write_queue_bytes == 256 << 20
+    assert calibrated.host_bytes["layer weights (compute dtype)"] == 11_507_286_016 * 2 and not calibrated.feasible
 
 
 def test_hidden_states_too_big_for_the_device_wait_in_host_memory(r1_skeleton):
