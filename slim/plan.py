@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from slim import kernels
 from slim.config import SlimConfig
 from slim.directio import STAGE_BUFFERS, stage_bytes_for
 from slim.export import MAX_QUEUED_BYTES
@@ -118,9 +119,11 @@ def plan_memory(cfg: SlimConfig, model, adapter, ignored: set[str]) -> MemoryPla
                 getattr(conf, "moe_intermediate_size", 0) * (getattr(conf, "num_experts_per_tok", 1) or 1))
     largest_linear = max((m.in_features * m.out_features for m in targets.values()), default=0)
 
-    # calibration off on a CPU: the kernels quantize on their own threads, STREAM_AHEAD Linears ahead of the one
-    # being written, and the main thread writes (no writer queue); each holds its 1-byte codes and its output
-    streamed = hw.device == "cpu" and cal.source == "none"
+    # calibration off on a CPU with the kernels (as the pipeline decides): they quantize on their own threads,
+    # STREAM_AHEAD Linears ahead of the one being written, and the main thread writes (no writer queue); each holds
+    # its 1-byte codes and its output. Without the kernels the torch path materializes the layer.
+    streamed = (hw.device == "cpu" and cal.source == "none" and hw.cpu_kernels is not False
+                and kernels.library() is not None)
     layer_weights, temporaries = layer_params[big], 3 * largest_linear * 4
     if streamed and cfg.model.load_type == "fp8":
         # nothing runs the layer, so its block-FP8 weights (every Linear's, as DeepSeek stores them) are never
