@@ -119,15 +119,15 @@ def plan_memory(cfg: SlimConfig, model, adapter, ignored: set[str]) -> MemoryPla
                 getattr(conf, "moe_intermediate_size", 0) * (getattr(conf, "num_experts_per_tok", 1) or 1))
     largest_linear = max((m.in_features * m.out_features for m in targets.values()), default=0)
 
-    # calibration off on a CPU with the kernels (as the pipeline decides): they quantize on their own threads,
-    # STREAM_AHEAD Linears ahead of the one being written, and the main thread writes (no writer queue); each holds
-    # its 1-byte codes and its output. Without the kernels the torch path materializes the layer.
-    streamed = (hw.device == "cpu" and cal.source == "none" and hw.cpu_kernels is not False
-                and kernels.library() is not None)
+    # calibration off on a CPU with the kernels, from block FP8 (as the pipeline decides): nothing runs a layer, so
+    # its block-FP8 weights (every Linear's, as DeepSeek stores them) are never materialized: they go from the mapped
+    # codes to int4 on the kernels' threads, STREAM_AHEAD Linears ahead of the one being written, or to the writer
+    # a block of rows at a time; the main thread writes (no writer queue). Each Linear in flight holds its 1-byte
+    # codes and its output. Without the kernels, or from bf16, the layer is materialized.
+    streamed = (hw.device == "cpu" and cal.source == "none" and cfg.model.load_type == "fp8"
+                and hw.cpu_kernels is not False and kernels.library() is not None)
     layer_weights, temporaries = layer_params[big], 3 * largest_linear * 4
-    if streamed and cfg.model.load_type == "fp8":
-        # nothing runs the layer, so its block-FP8 weights (every Linear's, as DeepSeek stores them) are never
-        # materialized: they go from the mapped codes to int4, or to the writer a block of rows at a time
+    if streamed:
         layer_weights -= sum(m.weight.numel() for m in layers[big].modules() if isinstance(m, nn.Linear))
         temporaries = DECODE_CHUNK_BYTES
     all_hidden = 2 * samples * T * hidden * dtype_bytes  # every sample's input and output of one layer
