@@ -103,7 +103,7 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     from slim.models.loading import DTYPES
     from slim.quant.schemes import SCHEMES
     from slim.plan import GiB, plan_memory
-    from slim.quantize import quantize_model
+    from slim.quantize import kernel_path, quantize_model
     from slim.resume import ResumeStore
     from slim.targets import select_targets
 
@@ -145,10 +145,10 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
         raise SlimError(f"scheme.format={cfg.scheme.format!r} is unknown; choose one of: {', '.join(FORMATS)}")
     fmt = FORMATS[cfg.scheme.format]
     # calibration off on a CPU with the kernels: they do the work, torch only small ops (see torch_single_threaded)
-    kernel_path = ids is None and dist.device.type == "cpu" and kernels.library() is not None
+    on_kernels = kernel_path(ids is not None, dist.device.type)
     # ... from block FP8: the weights go from the mapped codes to int4 on the kernels' own threads, and this thread
     # writes; elsewhere a writer thread writes while this one quantizes
-    streamed = kernel_path and reader.is_block_fp8
+    streamed = on_kernels and reader.is_block_fp8
     writer = CheckpointWriter(out_dir, max_shard_bytes=cfg.export.max_shard_mb << 20,
                               tag=f"rank{dist.rank:03d}-" if dist.world > 1 else "", direct_io=cfg.export.direct_io,
                               background=not streamed, algorithm=cfg.export.checksum,
@@ -158,7 +158,7 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     if dist.device.type == "cpu":  # the block-wise weight path's temporaries (a GPU's live on the GPU)
         keep_temporaries_in_heap()
     try:
-        with kernels.torch_single_threaded() if kernel_path else contextlib.nullcontext(), \
+        with kernels.torch_single_threaded() if on_kernels else contextlib.nullcontext(), \
                 collector.long_lived_frozen():  # the skeleton and imports: out of the collector's walks
             result = quantize_model(model=model, adapter=adapter, reader=reader, writer=writer, fmt=fmt,
                                     scheme=scheme, input_ids=None if ids is None else dist.shard(ids), cfg=cfg,

@@ -17,13 +17,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from slim import kernels
 from slim.config import SlimConfig
 from slim.directio import STAGE_BUFFERS, stage_bytes_for
 from slim.export import MAX_QUEUED_BYTES
 from slim.models.checkpoint import DECODE_CHUNK_BYTES
 from slim.quant.schemes import SCHEMES
-from slim.quantize import STREAM_AHEAD
+from slim.quantize import STREAM_AHEAD, kernel_path
 
 GiB = 2**30
 # Measured-order-of-magnitude fixed costs: CUDA context + allocator slack per GPU rank; Python + torch +
@@ -124,8 +123,7 @@ def plan_memory(cfg: SlimConfig, model, adapter, ignored: set[str]) -> MemoryPla
     # codes to int4 on the kernels' threads, STREAM_AHEAD Linears ahead of the one being written, or to the writer
     # a block of rows at a time; the main thread writes (no writer queue). Each Linear in flight holds its 1-byte
     # codes and its output. Without the kernels, or from bf16, the layer is materialized.
-    streamed = (hw.device == "cpu" and cal.source == "none" and cfg.model.load_type == "fp8"
-                and hw.cpu_kernels is not False and kernels.library() is not None)
+    streamed = kernel_path(cal.source != "none", hw.device, hw.cpu_kernels) and cfg.model.load_type == "fp8"
     layer_weights, temporaries = layer_params[big], 3 * largest_linear * 4
     if streamed:
         layer_weights -= sum(m.weight.numel() for m in layers[big].modules() if isinstance(m, nn.Linear))

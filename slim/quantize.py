@@ -45,6 +45,14 @@ log = logging.getLogger(__name__)
 STREAM_AHEAD = 2
 
 
+def kernel_path(calibrate: bool, device_type: str, cpu_kernels: bool | None = None) -> bool:
+    """Calibration off on a CPU with the kernels (``hardware.cpu_kernels`` not false, and built): nothing runs a
+    layer, the kernels do the weight work on their own threads and torch only small ops. From block FP8 the
+    layer's weights then stream from the mapped codes (:func:`streamed_params`) and the main thread writes.
+    The pipeline, the quantize loop and ``mode=plan`` decide by this one test."""
+    return not calibrate and device_type == "cpu" and cpu_kernels is not False and kernels.library() is not None
+
+
 @dataclass
 class ModuleReport:
     name: str
@@ -328,6 +336,9 @@ def quantize_model(
                  input_ids.shape[0], input_ids.shape[1], hidden[0].shape[-1],
                  sum(h.numel() * h.element_size() for h in hidden) / 2**20, where)
 
+    # calibration off on a CPU with the kernels: nothing runs a layer, so its block-FP8 weights are never
+    # materialized (the torch path decodes whole tensors: in pieces on the writer thread it only contends)
+    stream = kernel_path(calibrate, device.type)
     progress = tqdm(range(first, len(layers)), desc="quantize layers", unit="layer", leave=False,
                     initial=first, total=len(layers))
     for i in progress:
@@ -335,9 +346,6 @@ def quantize_model(
         layer = layers[i]
         prefix = adapter.layer_prefix(i)
         layer_targets = by_layer.get(prefix, {})
-        # calibration off on a CPU with the kernels: nothing runs the layer, so its block-FP8 weights are never
-        # materialized (the torch path decodes whole tensors: in pieces on the writer thread it only contends)
-        stream = not calibrate and device.type == "cpu" and kernels.library() is not None
         streamed = streamed_params(layer, prefix, reader) if stream else frozenset()
         materialize(layer, prefix, reader, device, skip=streamed)
         if calibrate:

@@ -70,8 +70,9 @@ def test_streamed_cpu_runs_have_no_writer_queue_but_linears_in_flight(r1_skeleto
     assert plan.host_bytes["layer weights (compute dtype)"] == 1_851_392 * 2
     assert plan.feasible, plan.table()  # 10.7 GiB of mapped FP8 codes + 2 GiB runtime fit the 24 GiB preset
     off = ("hardware=cpu", "calibration=none", "scheme=w4a8_dynamic")
-    for other in (r1_cfg("hardware=cpu"), r1_cfg(*off, "hardware.cpu_kernels=false"), r1_cfg(*off, "model.load_type=bf16")):
-        # calibrated; the torch path; from bf16: the layer is materialized, a writer thread writes
+    # calibrated; the torch path; from bf16: the layer is materialized, a writer thread writes
+    for other in (r1_cfg("hardware=cpu"), r1_cfg(*off, "hardware.cpu_kernels=false"),
+                  r1_cfg(*off, "model.load_type=bf16")):
         whole = plan_memory(other, model, adapter, {"lm_head"})
         assert whole.write_queue_bytes == 256 << 20
         assert whole.host_bytes["layer weights (compute dtype)"] == 11_507_286_016 * 2 and not whole.feasible
