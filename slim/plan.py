@@ -121,8 +121,9 @@ def plan_memory(cfg: SlimConfig, model, adapter, ignored: set[str]) -> MemoryPla
     # calibration off on a CPU with the kernels, from block FP8 (as the pipeline decides): nothing runs a layer, so
     # its block-FP8 weights (every Linear's, as DeepSeek stores them) are never materialized: they go from the mapped
     # codes to int4 on the kernels' threads, STREAM_AHEAD Linears ahead of the one being written, or to the writer
-    # a block of rows at a time; the main thread writes (no writer queue). Each Linear in flight holds its 1-byte
-    # codes and its output. Without the kernels, or from bf16, the layer is materialized.
+    # a block of rows at a time; the main thread writes (no writer queue). Each Linear in flight holds its output,
+    # and a byte per weight is counted besides: the int8 codes, which int4 runs that pack in the kernel's pass do
+    # not store (there the figure is an upper bound). Without the kernels, or from bf16, the layer is materialized.
     streamed = kernel_path(cal.source != "none", hw.device, hw.cpu_kernels) and cfg.model.load_type == "fp8"
     layer_weights, temporaries = layer_params[big], 3 * largest_linear * 4
     if streamed:

@@ -236,9 +236,10 @@ class LayerQuantizer:
         fused = self.scheme.weight_bits == 4 and self.weight_observer == "minmax"
         # packed in the kernel's pass where the format stores packed words and the groups are whole words
         pack = fused and self.fmt.packs_int4 and self.group_size % 8 == 0
+        # packed: only the words go to disk, so the int8 codes are not stored (QuantizedLinear.weight is then meta)
         kernel = kernels.fp8_block_int4_submit(codes, self.reader.raw(wname + BLOCK_SCALE_SUFFIX), self.reader.block,
                                                mod.weight.dtype, self.group_size, self._scale_dtype,
-                                               pack) if fused else None
+                                               pack, codes=not pack) if fused else None
 
         def result() -> tuple[QuantizedLinear, Quality]:
             out = None if kernel is None else kernel()

@@ -264,24 +264,24 @@ class _Int4Call:
     """One int4 kernel call over a tensor's rows: outputs allocated by the caller's thread, ``run()`` splits the
     rows across the threads (:func:`parallel_rows`) and returns the parts, ``result(parts)`` adds them up:
     (codes, scales, sum w^2, sum error^2, non-finite count), and the packed words as a sixth item where the call
-    packs them (``packed``). With ``task`` (the slim_fp8_block_int4 arguments but rows and outputs), ``tasks()``
+    packs them (``packed``). With ``task`` (the slim_fp8_block_int4 arguments before the rows, in order), ``tasks()``
     gives the same call as worker-thread tasks (:func:`fp8_block_int4_submit`), their sums the parts."""
 
     def __init__(self, rows: int, cols: int, group_size: int, scale_dtype: torch.dtype | None, call: Callable,
-                 packed: bool = False, task: dict | None = None):
+                 packed: bool = False, task: tuple | None = None, codes: bool = True):
         scale_dtype = scale_dtype or torch.float32
         self.rows, self.call = rows, call  # call(r0, r1, codes_ptr, packed_ptr, scale_ptr, scale_bf16, sums)
-        self.codes = torch.empty(rows, cols, dtype=torch.int8)
+        # without codes (packed only): a meta tensor, their shape and dtype, where the call would have stored them
+        self.codes = torch.empty(rows, cols, dtype=torch.int8, device=None if codes else "meta")
         self.packed = torch.empty(rows, cols // 8, dtype=torch.int32) if packed else None
         self.scale = torch.empty(rows, cols // group_size, dtype=scale_dtype)
-        self.args = (_ptr(self.codes), None if self.packed is None else _ptr(self.packed), _ptr(self.scale),
+        self.args = (_ptr(self.codes) if codes else None, None if self.packed is None else _ptr(self.packed),
+                     _ptr(self.scale),
                      int(scale_dtype == torch.bfloat16))
         self.task = task
 
     def tasks(self) -> list[_Task]:
-        codes, packed, scale, scale_bf16 = self.args
-        return [_Task(**self.task, r0=r0, r1=r1, codes=codes, packed=packed, scale_out=scale, scale_bf16=scale_bf16)
-                for r0, r1 in row_ranges(self.rows)]
+        return [_Task(*self.task, r0, r1, *self.args) for r0, r1 in row_ranges(self.rows)]
 
     def _rows(self, r0: int, r1: int) -> ctypes.Array:
         sums = (ctypes.c_double * 3)()
@@ -314,13 +314,15 @@ def int4_quantize(weight: torch.Tensor, group_size: int, scale_dtype: torch.dtyp
 
 
 def _fp8_block_int4_call(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], weight_dtype: torch.dtype,
-                         group_size: int, scale_dtype: torch.dtype | None, pack: bool) -> _Int4Call | None:
-    if (q.device.type != "cpu" or q.dim() != 2 or q.dtype != torch.float8_e4m3fn
+                         group_size: int, scale_dtype: torch.dtype | None, pack: bool, codes: bool) -> _Int4Call | None:
+    if not (codes or pack):
+        raise ValueError("codes=False needs pack=True: the call would store nothing")
+    if (not q.is_cpu or q.dim() != 2 or q.dtype != torch.float8_e4m3fn
             or not int4_supported(weight_dtype, group_size, scale_dtype)
             or q.shape[1] % group_size or (pack and group_size % 8)):
         return None
     _check_block_scale(q, scale_inv, block)
-    lib, q, scale = library(), q.contiguous().view(torch.uint8), scale_inv.to(torch.float32).contiguous()
+    lib, q, scale = library(), q.contiguous(), scale_inv.to(torch.float32).contiguous()  # the same tensors if so
     qp, fp, w_bf16, (rows, cols), (bm, bn) = _ptr(q), _ptr(scale), int(weight_dtype == torch.bfloat16), q.shape, block
     scale_cols = scale.shape[1]
 
@@ -328,29 +330,32 @@ def _fp8_block_int4_call(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[
         lib.slim_fp8_block_int4(qp, fp, cols, bm, bn, scale_cols, w_bf16, group_size, r0, r1, cp, pp, sp, s_bf16,
                                 sums)
 
-    task = dict(q=qp, scale=fp, cols=cols, bm=bm, bn=bn, scale_cols=scale_cols, w_bf16=w_bf16, group=group_size)
-    return _Int4Call(rows, cols, group_size, scale_dtype, call, packed=pack, task=task)
+    task = (qp, fp, cols, bm, bn, scale_cols, w_bf16, group_size)  # _Task's fields up to r0, in order
+    return _Int4Call(rows, cols, group_size, scale_dtype, call, packed=pack, task=task, codes=codes)
 
 
 def fp8_block_int4(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], weight_dtype: torch.dtype,
-                   group_size: int, scale_dtype: torch.dtype | None, pack: bool = False) -> tuple | None:
+                   group_size: int, scale_dtype: torch.dtype | None, pack: bool = False,
+                   codes: bool = True) -> tuple | None:
     """``int4_quantize(fp8_block_decode(q, scale_inv, block, weight_dtype), ...)`` in one pass, the decoded weight
     never stored, plus the number of decoded values that are NaN or infinite; with ``pack`` also the codes as
-    :func:`pack_int4`'s int32 words, packed in the same pass (a sixth item; needs ``group_size % 8 == 0``). None
-    where the kernels cannot."""
-    call = _fp8_block_int4_call(q, scale_inv, block, weight_dtype, group_size, scale_dtype, pack)
+    :func:`pack_int4`'s int32 words, packed in the same pass (a sixth item; needs ``group_size % 8 == 0``). With
+    ``pack`` and ``codes=False`` the int8 codes are not stored (a byte per weight, written and freed for nothing
+    where only the words go to disk): the first item is then a meta tensor of their shape. None where the kernels
+    cannot."""
+    call = _fp8_block_int4_call(q, scale_inv, block, weight_dtype, group_size, scale_dtype, pack, codes)
     return None if call is None else call.result(call.run())
 
 
 def fp8_block_int4_submit(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
                           weight_dtype: torch.dtype, group_size: int, scale_dtype: torch.dtype | None,
-                          pack: bool = False) -> Callable[[], tuple] | None:
+                          pack: bool = False, codes: bool = True) -> Callable[[], tuple] | None:
     """:func:`fp8_block_int4` queued for the library's worker threads (``slim_task_submit``: C threads, no GIL, as
     many as :func:`threads`, one task per :func:`row_ranges` range) while the caller goes on; returns the call that
     waits for and gives its result (None where the kernels cannot). Tasks run in the order they were queued. The
     streamed weight path queues the next two weights' kernels while it reports and writes one.
     Where no worker thread can be started, the kernel runs here before this returns."""
-    call = _fp8_block_int4_call(q, scale_inv, block, weight_dtype, group_size, scale_dtype, pack)
+    call = _fp8_block_int4_call(q, scale_inv, block, weight_dtype, group_size, scale_dtype, pack, codes)
     if call is None:
         return None
     lib, tasks = library(), call.tasks()

@@ -203,7 +203,7 @@ static inline void pack_words(const int8_t *c, int64_t words, int32_t *o) {
 
 /* One group, codes qr[g0..g0 + group) of a row whose block scales are sr, the plain way: decoded into buf (to
  * bf16 when w_bf16) one block column at a time (groups may span block columns), then int4_group; NaN or infinite
- * decoded values counted; codes packed when `packed`. */
+ * decoded values counted; codes packed when `packed`, and stored only where `codes` is not NULL. */
 static inline void fp8_group_int4(const uint8_t *qr, const float *sr, int64_t g0, int64_t bn, int64_t group,
                                   int w_bf16, float *buf, float *c, int8_t *codes, int32_t *packed, float *sf,
                                   uint16_t *sb, double *signal, double *noise, int64_t *nonfinite_count) {
@@ -217,11 +217,13 @@ static inline void fp8_group_int4(const uint8_t *qr, const float *sr, int64_t g0
         }
         c0 = end;
     }
-    const uint32_t amax_bits = group == 128 ? int4_group(buf, 128, c, codes, sf, sb, signal, noise)
-                                            : int4_group(buf, group, c, codes, sf, sb, signal, noise);
+    int8_t local[SLIM_MAX_GROUP]; /* the group's codes, for packing, where they are not stored */
+    int8_t *cd = codes ? codes : local;
+    const uint32_t amax_bits = group == 128 ? int4_group(buf, 128, c, cd, sf, sb, signal, noise)
+                                            : int4_group(buf, group, c, cd, sf, sb, signal, noise);
     if (amax_bits >= 0x7F800000u) /* an inf or NaN in the group (its absmax says so): count them */
         for (int64_t j = 0; j < group; j++) *nonfinite_count += nonfinite(buf[j]);
-    if (packed) pack_words(codes, group / 8, packed);
+    if (packed) pack_words(cd, group / 8, packed);
 }
 
 /* --- Lookup-table path (x86 with AVX-512 VBMI): the same bytes, no per-weight arithmetic but the sums. ---
@@ -316,7 +318,7 @@ static inline float hsum_ps(__m512 v) {
     return _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
 }
 
-/* One group by lookup: codes (and packed words), the sums in int4_group's lanes and order. mags: the block
+/* One group by lookup: codes (where `codes` is not NULL) and packed words, the sums in int4_group's lanes and order. mags: the block
  * column's decoded magnitudes (bf16 bits, 64-byte aligned), looked up as four 32-entry tables; sign_s: the block
  * scale's sign bit as a bf16 sign (0 or 0x8000). */
 static inline void lut_group(const uint8_t *q, int64_t group, const int4_lut *t, const uint16_t *mags,
@@ -338,7 +340,7 @@ static inline void lut_group(const uint8_t *q, int64_t group, const int4_lut *t,
         const __m256i cp = _mm512_castsi512_si256(_mm512_permutex2var_epi8(pos_lo, idx8, pos_hi));
         const __m256i cn = _mm512_castsi512_si256(_mm512_permutex2var_epi8(neg_lo, idx8, neg_hi));
         const __m256i code = _mm256_mask_blend_epi8(_mm256_movepi8_mask(qb), cp, cn);
-        _mm256_storeu_si256((__m256i *)(codes + j), code);
+        if (codes) _mm256_storeu_si256((__m256i *)(codes + j), code);
         if (packed) { /* pack_words: code + 8 as nibbles, two per byte, little end first */
             const __m256i nib = _mm256_and_si256(_mm256_add_epi8(code, eight), low4);
             _mm_storeu_si128((__m128i *)((uint8_t *)packed + j / 2),
@@ -413,13 +415,14 @@ static int fp8_block_int4_lut(const uint8_t *q, const float *scale, int64_t cols
                     }
                     t = tables[*sl - 1].usable ? &tables[*sl - 1] : NULL;
                 }
+                int8_t *cg = codes ? codes + r * cols + g0 : NULL;
                 if (!t) {
-                    fp8_group_int4(q + r * cols, srow, g0, bn, group, w_bf16, buf, buf + SLIM_MAX_GROUP,
-                                   codes + r * cols + g0, pg, sf, sb, signal, noise, nonfinite_count);
+                    fp8_group_int4(q + r * cols, srow, g0, bn, group, w_bf16, buf, buf + SLIM_MAX_GROUP, cg, pg, sf,
+                                   sb, signal, noise, nonfinite_count);
                     continue;
                 }
                 if (sb) *sb = t->s_b16; else *sf = t->s_f32;
-                lut_group(qg, group, t, wb, sign_s, codes + r * cols + g0, pg, signal, noise);
+                lut_group(qg, group, t, wb, sign_s, cg, pg, signal, noise);
             }
         }
     }
@@ -441,7 +444,8 @@ static int fp8_block_int4_lut(const uint8_t *q, const float *scale, int64_t cols
 /* Block FP8 straight to int4, the bf16 (or fp32) weight never stored: per group, the decode of
  * slim_fp8_block_decode (to bf16 when w_bf16) into a buffer, then slim_int4_quantize's group; the
  * bytes of the two in a row. With `packed` (group % 8 == 0), each group's codes are also packed into
- * [rows, cols / 8] int32 words as slim_pack_int4 packs them, while they are in cache. sums[2] counts decoded
+ * [rows, cols / 8] int32 words as slim_pack_int4 packs them, while they are in cache; `codes` may then be NULL
+ * (the int8 codes are not stored: the streamed path writes only the words). sums[2] counts decoded
  * values that are NaN or infinite (a corrupt checkpoint; the caller refuses it as materialize does). Groups may
  * span block columns. By lookup tables where compiled in and the layout allows (fp8_block_int4_lut), the same
  * bytes and sums. */
@@ -462,8 +466,8 @@ void slim_fp8_block_int4(const uint8_t *q, const float *scale, int64_t cols, int
                 float *sf = scale_bf16 ? NULL : (float *)scale_out + si;
                 uint16_t *sb = scale_bf16 ? (uint16_t *)scale_out + si : NULL;
                 int32_t *pg = packed ? packed + r * (cols / 8) + g0 / 8 : NULL;
-                fp8_group_int4(qr, sr, g0, bn, group, w_bf16, buf, c, codes + r * cols + g0, pg, sf, sb, &signal,
-                               &noise, &nonfinite_count);
+                fp8_group_int4(qr, sr, g0, bn, group, w_bf16, buf, c, codes ? codes + r * cols + g0 : NULL, pg, sf,
+                               sb, &signal, &noise, &nonfinite_count);
             }
         }
     }

@@ -17,7 +17,8 @@ class QuantizedLinear:
     group_size:    int4 group size along the input dim; None for per-tensor
     packed:        int4 only, optional: ``weight`` already packed into compressed-tensors' int32 words
                    [out, in // 8], where the CPU kernel packed them in the pass that computed the codes;
-                   formats store these instead of packing ``weight`` again
+                   formats store these instead of packing ``weight`` again; ``weight`` may then be a meta
+                   tensor (shape and dtype only), where the streamed weight path never stored the int8 codes
     """
 
     weight: torch.Tensor

@@ -266,6 +266,34 @@ def test_fp8_to_int4_packs_as_the_pack_kernel_and_compressed_tensors(shape, grou
                                   pack=True) is None
 
 
+@pytest.mark.parametrize("lookup", [False, True])
+@pytest.mark.parametrize("shape,group", [((300, 512), 128), ((129, 384), 64), ((5, 96), 32)])
+def test_fp8_to_int4_without_codes_gives_the_same_words_scales_and_sums(shape, group, lookup):
+    """``codes=False`` (the streamed path, which writes only the packed words): the int8 codes are not stored, the
+    first item is a meta tensor of their shape, and words, scales and sums are those of the call that stores them;
+    queued the same. Both ways through the kernel (lookup tables where compiled in, and the plain way); with
+    adversarial input, so groups leave the lookup path too. Without ``pack`` nothing would be stored: refused."""
+    if lookup and not kernels.int4_lookup():
+        pytest.skip("the lookup-table path needs x86 AVX-512 VBMI")
+    q, s = adversarial_fp8(*shape, seed=7 + group)
+    args = (q, s, (128, 128), torch.bfloat16, group, torch.bfloat16)
+    before = kernels.int4_lookup()
+    try:
+        kernels.int4_lookup(lookup)
+        want = kernels.fp8_block_int4(*args, pack=True)
+        got = [kernels.fp8_block_int4(*args, pack=True, codes=False),
+               kernels.fp8_block_int4_submit(*args, pack=True, codes=False)()]
+    finally:
+        kernels.int4_lookup(before)
+    assert want[4] > 0  # the NaN codes reached the kernel
+    for g in got:
+        assert g[0].is_meta and g[0].shape == want[0].shape and g[0].dtype == torch.int8
+        assert torch.equal(bits(g[1]), bits(want[1])) and torch.equal(g[5], want[5])
+        assert g[2:5] == pytest.approx(want[2:5], rel=0, nan_ok=True)
+    with pytest.raises(ValueError, match="codes=False needs pack=True"):
+        kernels.fp8_block_int4(*args, codes=False)
+
+
 def adversarial_fp8(rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Block FP8 codes and scales that reach every case of the lookup-table path and its way out: realistic
     weights, all 256 codes, groups of zeros, NaN codes in some groups; block scales negative, zero, subnormal
