@@ -376,13 +376,14 @@ class _Queued:
     _getpid = staticmethod(os.getpid)  # held here: __del__ may run while the interpreter tears modules down
 
     def __init__(self, lib: ctypes.CDLL, call: _Int4Call, tasks: list[_Task]):
-        self.lib, self.call, self.tasks, self.pid = lib, call, tasks, self._getpid()
+        self.lib, self.call, self.tasks, self.pid, self.waited = lib, call, tasks, self._getpid(), False
 
     def _wait(self) -> None:
-        if self._getpid() != self.pid:  # a forked child's copy: the parent's workers run these tasks, not its own
-            return
+        if self.waited or self._getpid() != self.pid:  # a forked child's copy: the parent's workers run these
+            return  # tasks, not its own
         for task in self.tasks:
             self.lib.slim_task_wait(task)  # releases the GIL while it waits
+        self.waited = True
 
     def __call__(self) -> tuple:
         self._wait()

@@ -17,16 +17,16 @@ def materialize_own(module: nn.Module, prefix: str, reader: CheckpointReader, de
     Each tensor keeps the dtype the skeleton gave it (fp32 routers stay fp32); FP8 block weights are
     dequantized on read. Parameters named in ``skip`` (full names) stay on the meta device.
     """
-    for pname, param in list(module.named_parameters(recurse=False)):
-        if prefix + pname in skip:
+    for pname, param in list(module._parameters.items()):  # named_parameters' generator: 0.1 s of 32 small layers
+        if param is None or prefix + pname in skip:
             continue
         tensor = reader.get(prefix + pname, param.dtype, device)
         check_shape(prefix + pname, tuple(tensor.shape), tuple(param.shape))
         if tensor.is_floating_point() and not all_finite(tensor):
             raise nonfinite_error(prefix + pname, int((~torch.isfinite(tensor)).sum()), reader)
         module._parameters[pname] = nn.Parameter(tensor, requires_grad=False)
-    for bname, buf in list(module.named_buffers(recurse=False)):
-        if bname not in module._non_persistent_buffers_set:
+    for bname, buf in list(module._buffers.items()):
+        if buf is not None and bname not in module._non_persistent_buffers_set:
             module._buffers[bname] = reader.get(prefix + bname, buf.dtype, device)
 
 
@@ -45,5 +45,13 @@ def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, device
 
 
 def release(module: nn.Module) -> None:
-    """Drop the module's tensors (back to the meta device) so their memory is freed."""
-    module.to(device="meta")
+    """Drop the module's tensors (back to the meta device) so their memory is freed: what ``module.to("meta")``
+    does, touching only the tensors that are not meta already (on the streamed path that is a layer's norms and
+    router; ``to`` walked every expert's Linear, 0.1 s of 32 small layers)."""
+    for sub in module.modules():
+        for name, param in sub._parameters.items():
+            if param is not None and not param.is_meta:
+                sub._parameters[name] = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        for name, buf in sub._buffers.items():
+            if buf is not None and not buf.is_meta:
+                sub._buffers[name] = buf.to("meta")
