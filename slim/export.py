@@ -262,8 +262,8 @@ class CheckpointWriter:
         """:meth:`add` each of ``tensors`` in order, handed to the writer thread as one job: a quantized Linear's
         weight, scales and shape cost one hand-over between the threads instead of three."""
         items = list(tensors.items())
-        self._enqueue([name for name, _ in items], sum(t.numel() * t.element_size() for _, t in items),
-                      self._write_all, items)
+        held = 0 if self._thread is None else sum(t.numel() * t.element_size() for _, t in items)  # queued only
+        self._enqueue([name for name, _ in items], held, self._write_all, items)
 
     def _enqueue(self, names: list[str], nbytes: int, write: Callable, *args) -> None:
         """Run ``write(*args)`` (which writes ``names``, holding ``nbytes`` until then) now, or queue it for the
