@@ -11,6 +11,7 @@ import json
 import mmap
 import struct
 import sys
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from functools import cached_property
@@ -115,6 +116,10 @@ class CheckpointReader:
         self._shards: dict[str, Shard] = {}  # every shard read so far (headers only)
         self._open: OrderedDict[str, Shard] = OrderedDict()  # those with a map, least recently used first
         self.aliases: dict[str, str] = {}  # name -> stored name (tied weights saved once)
+        # decoded_chunks' buffer, kept from tensor to tensor and layer to layer: one allocated per tensor came
+        # back as fresh pages after every layer's malloc_trim, and the decode spent its time faulting them in
+        self._decode_buf: torch.Tensor | None = None
+        self._decode_busy = threading.Lock()  # held while a generator uses it; another one meanwhile has its own
 
     def _weight_map(self) -> dict[str, str]:
         if (self.path / INDEX).is_file():
@@ -206,6 +211,8 @@ class CheckpointReader:
                        ) -> Iterator[torch.Tensor]:
         """A block-FP8 tensor decoded to ``dtype`` as consecutive blocks of rows (whole 128-row scale blocks, about
         ``max_bytes`` each), all in one reused buffer: each block must be consumed before the next is asked for.
+        The buffer is the reader's, kept for the next tensor (a generator started while another one holds it gets
+        a buffer of its own).
         The bytes of ``get(name, dtype)`` without ever holding the whole tensor; NaN/Inf values fail (after the
         last block, counting them all) as they fail materialize."""
         q, scale = self.raw(name), self.raw(name + BLOCK_SCALE_SUFFIX)  # here, in the caller's thread: the
@@ -221,21 +228,34 @@ class CheckpointReader:
         rows, cols = q.shape
         bm = self.block[0]
         step = max(1, max_bytes // max(1, cols * dtype.itemsize) // bm) * bm
-        buf = torch.empty(min(step, rows), cols, dtype=dtype)
-        bad = 0
-        for r in range(0, rows, step):
-            n = min(step, rows - r)
-            q_rows, s_rows = q[r : r + n], scale[r // bm : -(-(r + n) // bm)]
-            decoded = kernels.fp8_block_decode(q_rows, s_rows, self.block, dtype, out=buf[:n])
-            if decoded is None:
-                piece = dequantize_fp8_block(q_rows, s_rows, self.block, dtype, out=buf[:n])
-                bad += 0 if all_finite(piece) else int((~torch.isfinite(piece)).sum())
+        shape = (min(step, rows), cols)
+        shared = self._decode_busy.acquire(blocking=False)
+        try:
+            if shared:
+                nbytes = shape[0] * cols * dtype.itemsize
+                if self._decode_buf is None or self._decode_buf.numel() < nbytes:
+                    self._decode_buf = None  # the old one goes before the new one comes
+                    self._decode_buf = torch.empty(nbytes, dtype=torch.uint8)
+                buf = self._decode_buf[:nbytes].view(dtype).view(shape)
             else:
-                piece, nonfinite = decoded
-                bad += nonfinite
-            yield piece
-        if bad:
-            raise nonfinite_error(name, bad, self)
+                buf = torch.empty(shape, dtype=dtype)
+            bad = 0
+            for r in range(0, rows, step):
+                n = min(step, rows - r)
+                q_rows, s_rows = q[r : r + n], scale[r // bm : -(-(r + n) // bm)]
+                decoded = kernels.fp8_block_decode(q_rows, s_rows, self.block, dtype, out=buf[:n])
+                if decoded is None:
+                    piece = dequantize_fp8_block(q_rows, s_rows, self.block, dtype, out=buf[:n])
+                    bad += 0 if all_finite(piece) else int((~torch.isfinite(piece)).sum())
+                else:
+                    piece, nonfinite = decoded
+                    bad += nonfinite
+                yield piece
+            if bad:
+                raise nonfinite_error(name, bad, self)
+        finally:  # exhausted, failed or dropped midway (closed): the buffer is free for the next tensor
+            if shared:
+                self._decode_busy.release()
 
     def passthrough(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """A tensor to copy into another checkpoint: as stored, or dequantized to ``dtype`` if block-FP8."""

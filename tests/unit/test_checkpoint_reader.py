@@ -111,3 +111,25 @@ def test_decoded_chunks_refuse_nan_after_the_last_block_and_may_be_dropped_midwa
     first = next(chunks).clone()
     chunks.close()  # dropped midway (a failed write): no error for the NaN it never reached
     assert torch.equal(first, reader.get("w.weight", torch.bfloat16)[:128])
+
+
+def test_decoded_chunks_keep_the_readers_buffer_and_interleaved_ones_get_their_own(tmp_path):
+    """The buffer outlives a tensor (the next one reuses its pages), is free again once a generator is exhausted or
+    closed, and a generator started while another holds it decodes into a buffer of its own: the same bytes."""
+    reader = fp8_checkpoint(tmp_path, 700, 256)
+    want = reader.get("w.weight", torch.bfloat16)
+    kw = dict(max_bytes=128 * 256 * 2)
+    first = {p.data_ptr() for p in reader.decoded_chunks("w.weight", torch.bfloat16, **kw)}
+    again = {p.data_ptr() for p in reader.decoded_chunks("w.weight", torch.bfloat16, **kw)}
+    assert len(first) == 1 and first == again
+    a, b = (reader.decoded_chunks("w.weight", torch.bfloat16, **kw) for _ in range(2))
+    pieces_a, pieces_b = [], []
+    for pa, pb in zip(a, b):  # interleaved: each block consumed before its generator's next
+        assert pa.data_ptr() != pb.data_ptr()
+        pieces_a.append(pa.clone())
+        pieces_b.append(pb.clone())
+    assert torch.equal(torch.cat(pieces_a), want) and torch.equal(torch.cat(pieces_b), want)
+    dropped = reader.decoded_chunks("w.weight", torch.bfloat16, **kw)
+    next(dropped)
+    dropped.close()
+    assert {p.data_ptr() for p in reader.decoded_chunks("w.weight", torch.bfloat16, **kw)} == first
