@@ -276,8 +276,7 @@ class _Int4Call:
         self.packed = torch.empty(rows, cols // 8, dtype=torch.int32) if packed else None
         self.scale = torch.empty(rows, cols // group_size, dtype=scale_dtype)
         self.args = (_ptr(self.codes) if codes else None, None if self.packed is None else _ptr(self.packed),
-                     _ptr(self.scale),
-                     int(scale_dtype == torch.bfloat16))
+                     _ptr(self.scale), int(scale_dtype == torch.bfloat16))
         self.task = task
 
     def tasks(self) -> list[_Task]:

@@ -318,9 +318,9 @@ static inline float hsum_ps(__m512 v) {
     return _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
 }
 
-/* One group by lookup: codes (where `codes` is not NULL) and packed words, the sums in int4_group's lanes and order. mags: the block
- * column's decoded magnitudes (bf16 bits, 64-byte aligned), looked up as four 32-entry tables; sign_s: the block
- * scale's sign bit as a bf16 sign (0 or 0x8000). */
+/* One group by lookup: codes (where `codes` is not NULL) and packed words, the sums in int4_group's lanes and
+ * order. mags: the block column's decoded magnitudes (bf16 bits, 64-byte aligned), looked up as four 32-entry
+ * tables; sign_s: the block scale's sign bit as a bf16 sign (0 or 0x8000). */
 static inline void lut_group(const uint8_t *q, int64_t group, const int4_lut *t, const uint16_t *mags,
                              uint16_t sign_s, int8_t *codes, int32_t *packed, double *signal, double *noise) {
     const __m512i wt[4] = {_mm512_load_si512(mags), _mm512_load_si512(mags + 32), _mm512_load_si512(mags + 64),

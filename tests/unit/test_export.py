@@ -157,3 +157,19 @@ def test_header_entries_are_measured_as_json_writes_them(name, shape):
     """The shard header's room is accounted with ``_entry_json``; the header itself is ``json.dumps``'d at close."""
     entry = {"dtype": "F8_E4M3", "shape": shape, "data_offsets": [123, 1 << 62]}
     assert export._entry_json(name, entry) == json.dumps(name) + ":" + json.dumps(entry, separators=(",", ":"))
+
+
+@pytest.mark.parametrize("name", ["model.layers.0.mlp.experts.7.up_proj.weight_packed", 'we"ird\\näme\t✓',
+                                  "\U0001F600" * 40, "\x01" * 30])
+@pytest.mark.parametrize("shape", [(), (2,), (7168, 2048), (2**62, 2**62, 3)])
+def test_fits_is_the_exact_header_check_at_every_fill(tmp_path, name, shape):
+    """``fits`` answers without measuring the entry while the header has room to spare (a bound on its length);
+    at every fill of the reserve, from empty to full, it answers what the exact measure answers."""
+    shard = export.ShardFile(tmp_path / "s.safetensors", reserve=4096, direct_io=False)
+    shard.data_bytes = 10**18  # 19-digit offsets
+    entry = {"dtype": "F8_E4M3", "shape": list(shape), "data_offsets": [shard.data_bytes, 1 << 62]}
+    exact = len(export._entry_json(name, entry))
+    for header_len in range(0, 4096, 7):
+        shard._header_len = header_len
+        assert shard.fits(name, shape) == (8 + header_len + exact + 1 <= 4096), header_len
+    shard.abandon()
