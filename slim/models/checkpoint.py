@@ -117,7 +117,7 @@ class CheckpointReader:
         self._open: OrderedDict[str, Shard] = OrderedDict()  # those with a map, least recently used first
         self.aliases: dict[str, str] = {}  # name -> stored name (tied weights saved once)
         # decoded_chunks' buffer, kept from tensor to tensor and layer to layer: one allocated per tensor came
-        # back as fresh pages after every layer's malloc_trim, and the decode spent its time faulting them in
+        # back as fresh pages after every layer's malloc_trim, and the decode faulted them in (most of its time)
         self._decode_buf: torch.Tensor | None = None
         self._decode_busy = threading.Lock()  # held while a generator uses it; another one meanwhile has its own
 
