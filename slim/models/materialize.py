@@ -17,7 +17,7 @@ def materialize_own(module: nn.Module, prefix: str, reader: CheckpointReader, de
     Each tensor keeps the dtype the skeleton gave it (fp32 routers stay fp32); FP8 block weights are
     dequantized on read. Parameters named in ``skip`` (full names) stay on the meta device.
     """
-    for pname, param in list(module._parameters.items()):  # named_parameters' generator: 0.1 s of 32 small layers
+    for pname, param in list(module._parameters.items()):  # the dict itself: no generator per module
         if param is None or prefix + pname in skip:
             continue
         tensor = reader.get(prefix + pname, param.dtype, device)
