@@ -20,9 +20,10 @@ from torch import nn
 from slim.config import SlimConfig
 from slim.directio import STAGE_BUFFERS, stage_bytes_for
 from slim.export import MAX_QUEUED_BYTES
+from slim.formats import FORMATS
 from slim.models.checkpoint import DECODE_CHUNK_BYTES
 from slim.quant.schemes import SCHEMES
-from slim.quantize import STREAM_AHEAD, kernel_path
+from slim.quantize import STREAM_AHEAD, kernel_path, streamed_int4
 
 GiB = 2**30
 # Measured-order-of-magnitude fixed costs: CUDA context + allocator slack per GPU rank; Python + torch +
@@ -121,10 +122,21 @@ def plan_memory(cfg: SlimConfig, model, adapter, ignored: set[str]) -> MemoryPla
     # calibration off on a CPU with the kernels, from block FP8 (as the pipeline decides): nothing runs a layer, so
     # its block-FP8 weights (every Linear's, as DeepSeek stores them) are never materialized: they go from the mapped
     # codes to int4 on the kernels' threads, STREAM_AHEAD Linears ahead of the one being written, or to the writer
-    # a block of rows at a time; the main thread writes (no writer queue). Each Linear in flight holds its output,
-    # and a byte per weight is counted besides: the int8 codes, which int4 runs that pack in the kernel's pass do
-    # not store (there the figure is an upper bound). Without the kernels, or from bf16, the layer is materialized.
+    # a block of rows at a time; the main thread writes (no writer queue). Without the kernels, or from bf16, the
+    # layer is materialized.
     streamed = kernel_path(cal.source != "none", hw.device, hw.cpu_kernels) and cfg.model.load_type == "fp8"
+    fused, packed = streamed_int4(scheme, FORMATS[cfg.scheme.format], cfg.scheme.group_size,
+                                  cfg.scheme.weight_observer)
+
+    def in_flight_bytes(m: nn.Linear) -> int:
+        """What one Linear in flight holds: its output, and on the streamed path what it is computed beside."""
+        out, n = _quantized_bytes(m, scheme, cfg.scheme.group_size), m.in_features * m.out_features
+        if not streamed or (fused and packed):
+            return out
+        if fused:  # the kernel's int8 codes, a byte per weight, beside the words packed after it
+            return out + n
+        return out + n + n * dtype_bytes  # materialized in the model dtype when its turn comes, and its codes
+
     layer_weights, temporaries = layer_params[big], 3 * largest_linear * 4
     if streamed:
         layer_weights -= sum(m.weight.numel() for m in layers[big].modules() if isinstance(m, nn.Linear))
@@ -138,11 +150,11 @@ def plan_memory(cfg: SlimConfig, model, adapter, ignored: set[str]) -> MemoryPla
     }
     stored_bytes = 1 if cfg.model.load_type == "fp8" else dtype_bytes  # per weight on disk (FP8 codes or bf16)
     queue = 0 if streamed else write_queue_bytes(layer_params[big] * dtype_bytes)
-    in_flight = max((_quantized_bytes(m, scheme, cfg.scheme.group_size)
-                     + (m.in_features * m.out_features if streamed else 0) for m in targets.values()), default=0)
+    in_flight = max(map(in_flight_bytes, targets.values()), default=0)
     host = {
         "checkpoint pages of one layer (memory-mapped)": layer_params[big] * stored_bytes,
-        "writer (quantized tensors in flight)": in_flight * (STREAM_AHEAD + 1 if streamed else 1),
+        # the kernels run STREAM_AHEAD Linears ahead of the one being written; unfused ones are quantized in turn
+        "writer (quantized tensors in flight)": in_flight * (STREAM_AHEAD + 1 if streamed and fused else 1),
         "writer queue (tensors waiting for the disk)": queue,
         "writer staging buffers (direct I/O)": STAGE_BUFFERS * stage_bytes_for(queue),
         "runtime": HOST_RUNTIME_BYTES,

@@ -149,6 +149,17 @@ def streamed_params(module: nn.Module, prefix: str, reader: CheckpointReader) ->
                      if reader.is_block_fp8_tensor(n))
 
 
+def streamed_int4(scheme: Scheme, fmt, group_size: int | None, weight_observer: str) -> tuple[bool, bool]:
+    """How the streamed weight path (``LayerQuantizer._start_streamed``) quantizes a block-FP8 weight:
+    ``(fused, packed)``. fused: int4 with the minmax observer goes from the FP8 codes to int4 in one pass of the
+    kernel, on its worker threads, the weight never held in the model dtype. packed: that pass also packs the
+    codes into the format's int32 words (the format stores packed words, the groups are whole words), and the int8
+    codes are then not stored at all. Not fused: the weight is materialized in the model dtype, one at a time,
+    when its result is asked for. ``mode=plan`` counts the bytes in flight from the same answer."""
+    fused = scheme.weight_bits == 4 and weight_observer == "minmax"
+    return fused, fused and fmt.packs_int4 and group_size % 8 == 0
+
+
 def log_expert_coverage(layer: str, observers: dict[str, MinMaxObserver]) -> None:
     """One line per MoE layer: calibration tokens per routed expert (min/median/max), experts without any."""
     tokens = sorted(o.tokens for n, o in observers.items() if ".experts." in n and n.endswith("gate_proj"))
@@ -166,6 +177,7 @@ class LayerQuantizer:
         self.scheme, self.fmt, self.writer, self.reader = scheme, fmt, writer, reader
         self.group_size, self.weight_observer, self.result = group_size, weight_observer, result
         self.owned, self.writes_rest = owned, writes_rest  # what this rank writes
+        self._fused, self._pack = streamed_int4(scheme, fmt, group_size, weight_observer)
 
     def quantize(self, modules: dict[str, nn.Linear], observers: dict[str, MinMaxObserver],
                  static: bool, everything: bool = False) -> dict[str, QuantizedLinear]:
@@ -231,15 +243,12 @@ class LayerQuantizer:
         held in the model dtype; anything else is materialized and quantized when the result is asked for. The
         same bytes either way, the same refusal of NaN/Inf."""
         wname = f"{name}.weight"
-        codes = self.reader.raw(wname)
-        check_shape(wname, tuple(codes.shape), (mod.out_features, mod.in_features))
-        fused = self.scheme.weight_bits == 4 and self.weight_observer == "minmax"
-        # packed in the kernel's pass where the format stores packed words and the groups are whole words
-        pack = fused and self.fmt.packs_int4 and self.group_size % 8 == 0
+        fp8 = self.reader.raw(wname)  # the stored FP8 codes, mapped
+        check_shape(wname, tuple(fp8.shape), (mod.out_features, mod.in_features))
         # packed: only the words go to disk, so the int8 codes are not stored (QuantizedLinear.weight is then meta)
-        kernel = kernels.fp8_block_int4_submit(codes, self.reader.raw(wname + BLOCK_SCALE_SUFFIX), self.reader.block,
+        kernel = kernels.fp8_block_int4_submit(fp8, self.reader.raw(wname + BLOCK_SCALE_SUFFIX), self.reader.block,
                                                mod.weight.dtype, self.group_size, self._scale_dtype,
-                                               pack, codes=not pack) if fused else None
+                                               self._pack, codes=not self._pack) if self._fused else None
 
         def result() -> tuple[QuantizedLinear, Quality]:
             out = None if kernel is None else kernel()

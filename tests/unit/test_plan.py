@@ -57,12 +57,12 @@ def test_host_holds_one_mapped_layer_and_one_tensor_in_flight(r1_skeleton):
 @pytest.mark.skipif(kernels.library() is None, reason="the streamed path needs the CPU kernels (a C compiler)")
 def test_streamed_cpu_runs_have_no_writer_queue_but_linears_in_flight(r1_skeleton):
     """Calibration off on a CPU: the main thread writes while the kernels quantize STREAM_AHEAD Linears ahead;
-    each holds its int8 codes beside its packed words and group scales."""
+    each holds its packed words and group scales (the kernel packs in its pass and stores no int8 codes)."""
     model, adapter = r1_skeleton
     cfg = r1_cfg("hardware=cpu", "calibration=none", "scheme=w4a8_dynamic")
     plan = plan_memory(cfg, model, adapter, {"lm_head"})
     n = 18432 * 7168  # the largest quantized Linear
-    one = n + n // 2 + n // 128 * 2 + 16  # codes, packed int4, bf16 group scales, shape and input scale
+    one = n // 2 + n // 128 * 2 + 16  # packed int4, bf16 group scales, shape and input scale
     assert plan.host_bytes["writer (quantized tensors in flight)"] == (STREAM_AHEAD + 1) * one
     assert plan.host_bytes["writer queue (tensors waiting for the disk)"] == plan.write_queue_bytes == 0
     assert plan.host_bytes["writer staging buffers (direct I/O)"] == 4 << 20  # four 1 MiB buffers
@@ -111,3 +111,30 @@ def test_too_small_device_is_refused_with_the_fix(tmp_path):
     with pytest.raises(SlimError, match="needs .* GiB per device.*lower calibration"):
         plan_stage(cfg)
     assert (tmp_path / "results.json").is_file()  # the breakdown is still written
+
+
+@pytest.mark.skipif(kernels.library() is None, reason="the streamed path needs the CPU kernels (a C compiler)")
+def test_streamed_linears_in_flight_follow_what_the_kernel_stores(r1_skeleton):
+    """What the streamed path holds per Linear (``streamed_int4``): groups that are not whole int32 words keep
+    the kernel's int8 codes beside the words packed after it; a weight observer other than minmax materializes
+    each weight in bf16, one Linear at a time."""
+    model, adapter = r1_skeleton
+    n = 18432 * 7168  # the largest quantized Linear
+    off = ("hardware=cpu", "calibration=none", "scheme=w4a8_dynamic")
+    codes = plan_memory(r1_cfg(*off, "scheme.group_size=4"), model, adapter, {"lm_head"})
+    assert codes.host_bytes["writer (quantized tensors in flight)"] == (STREAM_AHEAD + 1) * (
+        n + n // 2 + n // 4 * 2 + 16)
+    mse = plan_memory(r1_cfg(*off, "scheme.weight_observer=mse"), model, adapter, {"lm_head"})
+    assert mse.host_bytes["writer (quantized tensors in flight)"] == n * 2 + n + n // 2 + n // 128 * 2 + 16
+
+
+def test_streamed_int4_says_where_the_kernel_quantizes_and_packs():
+    from slim.formats import FORMATS
+    from slim.quant.schemes import SCHEMES
+    from slim.quantize import streamed_int4
+
+    ct, w4, fp8 = FORMATS["compressed-tensors"], SCHEMES["w4a8_dynamic"], SCHEMES["fp8_static"]
+    assert streamed_int4(w4, ct, 128, "minmax") == (True, True)
+    assert streamed_int4(w4, ct, 4, "minmax") == (True, False)  # groups of half a word: packed after the kernel
+    assert streamed_int4(w4, ct, 128, "mse") == (False, False)
+    assert streamed_int4(fp8, ct, None, "minmax") == (False, False)
