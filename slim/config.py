@@ -203,6 +203,9 @@ def validate(cfg: SlimConfig) -> SlimConfig:
 
     _choice(cfg.scheme.weight_observer, tuple(WEIGHT_OBSERVERS), "scheme.weight_observer")
     _choice(cfg.scheme.activation_observer, tuple(ACTIVATION_OBSERVERS), "scheme.activation_observer")
+    from slim.formats import FORMATS
+
+    _choice(cfg.scheme.format, tuple(FORMATS), "scheme.format")  # before mode=plan, which counts by format
     s = cfg.scheme
     if s.quant_method == "per-group":
         if not s.group_size or s.group_size <= 0:

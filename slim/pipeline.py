@@ -141,9 +141,7 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
         log.info("calibration off (calibration=none): weights only, no forward pass; activations are "
                  "quantized per token at run time")
     scheme = SCHEMES[cfg.scheme.name]
-    if cfg.scheme.format not in FORMATS:
-        raise SlimError(f"scheme.format={cfg.scheme.format!r} is unknown; choose one of: {', '.join(FORMATS)}")
-    fmt = FORMATS[cfg.scheme.format]
+    fmt = FORMATS[cfg.scheme.format]  # a known name: validate checked it
     # calibration off on a CPU with the kernels: they do the work, torch only small ops (see torch_single_threaded)
     on_kernels = kernel_path(ids is not None, dist.device.type)
     # ... from block FP8: the weights go from the mapped codes to int4 on the kernels' own threads, and this thread

@@ -52,6 +52,7 @@ def test_wrong_type_fails_at_compose():
         (["eval.backend=vlm"], "hf, vllm"),
         (["scheme.weight_observer=percentile"], "minmax, mse"),
         (["export.checksum=md5"], "xxh3_128, sha256"),
+        (["scheme.format=gguf"], "scheme.format='gguf' is not valid; choose one of: compressed-tensors, fp8_native"),
     ],
 )
 def test_validation_names_the_fix(overrides, message):

@@ -7,10 +7,12 @@ from conftest import compose_config
 from slim import kernels
 from slim.config import ASSETS
 from slim.errors import SlimError
+from slim.formats import FORMATS
 from slim.models.adapters import build_skeleton, load_config
 from slim.pipeline import plan_stage
 from slim.plan import GiB, plan_memory
-from slim.quantize import STREAM_AHEAD
+from slim.quant.schemes import SCHEMES
+from slim.quantize import STREAM_AHEAD, streamed_int4
 from slim.targets import select_targets
 
 R1 = ASSETS / "configs" / "deepseek_r1"
@@ -129,10 +131,6 @@ def test_streamed_linears_in_flight_follow_what_the_kernel_stores(r1_skeleton):
 
 
 def test_streamed_int4_says_where_the_kernel_quantizes_and_packs():
-    from slim.formats import FORMATS
-    from slim.quant.schemes import SCHEMES
-    from slim.quantize import streamed_int4
-
     ct, w4, fp8 = FORMATS["compressed-tensors"], SCHEMES["w4a8_dynamic"], SCHEMES["fp8_static"]
     assert streamed_int4(w4, ct, 128, "minmax") == (True, True)
     assert streamed_int4(w4, ct, 4, "minmax") == (True, False)  # groups of half a word: packed after the kernel
