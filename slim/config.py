@@ -22,6 +22,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 SCHEMES = ("fp8_static", "w4a8", "w4a8_dynamic")
 LOAD_TYPES = ("fp8", "bf16")
 MODES = ("quantize", "plan", "eval", "sensitivity")
+FORMAT_NAMES = ("compressed-tensors", "fp8_native")  # slim.formats.FORMATS' keys, without importing the formats
 DTYPES = ("bfloat16", "float16", "float32")
 CALIBRATION_SOURCES = ("embedded", "jsonl", "hf", "none")
 
@@ -203,9 +204,7 @@ def validate(cfg: SlimConfig) -> SlimConfig:
 
     _choice(cfg.scheme.weight_observer, tuple(WEIGHT_OBSERVERS), "scheme.weight_observer")
     _choice(cfg.scheme.activation_observer, tuple(ACTIVATION_OBSERVERS), "scheme.activation_observer")
-    from slim.formats import FORMATS
-
-    _choice(cfg.scheme.format, tuple(FORMATS), "scheme.format")  # before mode=plan, which counts by format
+    _choice(cfg.scheme.format, FORMAT_NAMES, "scheme.format")  # before mode=plan, which counts by format
     s = cfg.scheme
     if s.quant_method == "per-group":
         if not s.group_size or s.group_size <= 0:

@@ -71,3 +71,12 @@ def test_calibration_off_refuses_static_activation_schemes(scheme):
 def test_calibration_off_composes_for_dynamic_activations():
     cfg = validate(make("scheme=w4a8_dynamic", "calibration=none"))
     assert (cfg.calibration.source, cfg.calibration.num_samples) == ("none", 0)
+
+
+def test_format_names_are_the_formats():
+    """validate checks scheme.format against names it knows without importing the formats (compressed-tensors
+    takes ~1.7 s to import); they must be the registry's."""
+    from slim.config import FORMAT_NAMES
+    from slim.formats import FORMATS
+
+    assert FORMAT_NAMES == tuple(FORMATS)
