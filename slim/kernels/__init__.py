@@ -13,7 +13,7 @@ The library is compiled once per (source, compiler, CPU) into ``$SLIM_CACHE_DIR/
 ranges across ``torch.get_num_threads()`` threads (or the count :func:`torch_single_threaded` kept): Python threads
 for the synchronous calls (ctypes releases the GIL for each call), the library's own C worker threads for the
 queued FP8 -> int4 calls of the streamed weight path (:func:`fp8_block_int4_submit`). On x86 CPUs with AVX-512
-VBMI, FP8 -> int4 goes by lookup tables (:func:`int4_lookup`), the same bytes.
+VBMI, FP8 -> int4 and FP8 -> bf16 go by lookup tables (:func:`lookup_tables`), the same bytes.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from slim.errors import SlimError
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-ABI = 6  # SLIM_KERNELS_ABI in cpu_kernels.c
+ABI = 7  # SLIM_KERNELS_ABI in cpu_kernels.c
 FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=c11", "-pthread"]
 NATIVE = ["-march=native"]  # tried first; without it where the compiler refuses it
 MAX_GROUP = 4096  # SLIM_MAX_GROUP in cpu_kernels.c
@@ -90,7 +90,7 @@ def _load() -> ctypes.CDLL | None:
             log.warning("CPU kernels unavailable (%s)", _build_error)
             return None
         _declare(lib)
-        lookup = " (FP8 -> int4 by AVX-512 lookup tables)" if lib.slim_int4_lut(-1) else ""
+        lookup = " (FP8 -> int4 and bf16 by AVX-512 lookup tables)" if lib.slim_lut(-1) else ""
         log.info("fused CPU kernels: %s%s", path, lookup)
         return lib
 
@@ -103,19 +103,19 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.slim_fp8_block_int4.argtypes = [ptr, ptr, i64, i64, i64, i64, i32, i64, i64, i64, ptr, ptr, ptr, i32, ptr]
     lib.slim_pack_int4.argtypes = [ptr, i64, i64, i64, ptr]
     lib.slim_pack_int4.restype = i64
-    lib.slim_int4_lut.argtypes, lib.slim_int4_lut.restype = [i32], i32
+    lib.slim_lut.argtypes, lib.slim_lut.restype = [i32], i32
     lib.slim_task_submit.argtypes, lib.slim_task_submit.restype = [ctypes.POINTER(_Task), i32], i32
     lib.slim_task_wait.argtypes, lib.slim_task_wait.restype = [ctypes.POINTER(_Task)], None
     for name in ("slim_int4_quantize", "slim_fp8_block_int4"):
         getattr(lib, name).restype = None
 
 
-def int4_lookup(on: bool | None = None) -> bool:
-    """Whether :func:`fp8_block_int4` uses its lookup-table path (compiled in on x86 CPUs with AVX-512 VBMI; the
-    same bytes and sums as the plain one, several times faster); ``on`` switches it for this process (the tests
-    compare the two paths)."""
+def lookup_tables(on: bool | None = None) -> bool:
+    """Whether :func:`fp8_block_int4` and :func:`fp8_block_decode` (to bf16) use their lookup-table paths (compiled
+    in on x86 CPUs with AVX-512 VBMI; the same bytes and counts as the plain ones, several times faster); ``on``
+    switches them for this process (the tests compare the two paths)."""
     lib = library()
-    return lib is not None and bool(lib.slim_int4_lut(-1 if on is None else int(on)))
+    return lib is not None and bool(lib.slim_lut(-1 if on is None else int(on)))
 
 
 def _cpu_identity() -> str:

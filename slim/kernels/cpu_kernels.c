@@ -15,7 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define SLIM_KERNELS_ABI 6
+#define SLIM_KERNELS_ABI 7
 
 int slim_kernels_abi(void) { return SLIM_KERNELS_ABI; }
 
@@ -57,28 +57,40 @@ static inline float fp8_e4m3fn_f32(uint8_t code) {
 
 static inline int nonfinite(float v) { return (f32_bits(v) & 0x7F800000u) == 0x7F800000u; }
 
+/* One block column's stretch of a row, the plain way: value(q[j]) * s rounded once in fp32, then to bf16 (out_bf16)
+ * or kept in fp32 (torch: the fp32 decode times the fp32 block scale, then copy_ to the model dtype). Returns how
+ * many products are NaN or infinite. */
+static inline int64_t decode_plain(const uint8_t *q, float s, int64_t n, int out_bf16, uint16_t *ob, float *of) {
+    int64_t bad = 0;
+    for (int64_t j = 0; j < n; j++) {
+        const float v = fp8_e4m3fn_f32(q[j]) * s;
+        bad += nonfinite(v);
+        if (out_bf16) /* loop-invariant: the compiler keeps two vectorized loops */
+            ob[j] = f32_bf16(v);
+        else
+            of[j] = v;
+    }
+    return bad;
+}
+
+static int fp8_block_decode_lut(const uint8_t *q, const float *scale, int64_t cols, int64_t bm, int64_t bn,
+                                int64_t scale_cols, int64_t r0, int64_t r1, uint16_t *out, int64_t *bad);
+
 /* DeepSeek block FP8 -> bf16 (out_bf16) or fp32: out[r][c] = value(q[r][c]) * scale[r / bm][c / bn], the product
  * rounded once in fp32, then to bf16 (torch: the fp32 decode times the fp32 block scale, then copy_ to the model
- * dtype). Rows [r0, r1). Returns how many decoded values are NaN or infinite (materialize refuses those). */
+ * dtype). Rows [r0, r1). Returns how many decoded values are NaN or infinite (materialize refuses those). To bf16
+ * by lookup tables where compiled in (fp8_block_decode_lut), the same bytes and count. */
 int64_t slim_fp8_block_decode(const uint8_t *q, const float *scale, int64_t cols, int64_t bm, int64_t bn,
                               int64_t scale_cols, int64_t r0, int64_t r1, int out_bf16, void *out) {
     int64_t bad = 0;
+    if (out_bf16 && fp8_block_decode_lut(q, scale, cols, bm, bn, scale_cols, r0, r1, out, &bad)) return bad;
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *qr = q + r * cols;
         const float *sr = scale + (r / bm) * scale_cols;
         for (int64_t c0 = 0; c0 < cols; c0 += bn) {
-            const float s = sr[c0 / bn];
             const int64_t n = cols - c0 < bn ? cols - c0 : bn;
-            uint16_t *ob = (uint16_t *)out + r * cols + c0;
-            float *of = (float *)out + r * cols + c0;
-            for (int64_t j = 0; j < n; j++) {
-                const float v = fp8_e4m3fn_f32(qr[c0 + j]) * s;
-                bad += nonfinite(v);
-                if (out_bf16) /* loop-invariant: the compiler keeps two vectorized loops */
-                    ob[j] = f32_bf16(v);
-                else
-                    of[j] = v;
-            }
+            bad += decode_plain(qr + c0, sr[c0 / bn], n, out_bf16, (uint16_t *)out + r * cols + c0,
+                                (float *)out + r * cols + c0);
         }
     }
     return bad;
@@ -249,9 +261,10 @@ static inline void fp8_group_int4(const uint8_t *qr, const float *sr, int64_t g0
 
 static int use_lut = SLIM_LUT;
 
-/* Whether the lookup-table path is compiled in; `on` (0 or 1) switches it for this process (tests compare the two
- * paths; the default is on where compiled in). Returns the state after the call. */
-int slim_int4_lut(int on) {
+/* Whether the lookup-table paths (FP8 -> int4, FP8 -> bf16) are compiled in; `on` (0 or 1) switches them for this
+ * process (tests compare them with the plain paths; the default is on where compiled in). Returns the state after
+ * the call. */
+int slim_lut(int on) {
     if (on == 0 || on == 1) use_lut = on && SLIM_LUT;
     return use_lut;
 }
@@ -429,6 +442,75 @@ static int fp8_block_int4_lut(const uint8_t *q, const float *scale, int64_t cols
     free(tables), free(w), free(slot), free(buf);
     return 1;
 }
+
+/* slim_fp8_block_decode to bf16 by lookup, rows [r0, r1): for each 128-row block and block column, the bf16
+ * magnitudes of the 128 magnitude codes times the block scale (the plain way's rounding: an IEEE product and
+ * round-to-nearest-even are symmetric in sign), looked up 32 codes at a time as four 32-entry tables, the sign
+ * (the code's xor the scale's) put back; the NaN codes give 0xFFFF, as f32_bf16 gives every NaN. The non-finite
+ * count is that of the fp32 products: the NaN code, and for a huge scale every magnitude from the first whose
+ * product overflows (the decoded magnitude grows with the code). A block whose scale is not finite, and a block
+ * column's last codes short of 32, go the plain way. Returns 0 where switched off or memory is short. */
+static int fp8_block_decode_lut(const uint8_t *q, const float *scale, int64_t cols, int64_t bm, int64_t bn,
+                                int64_t scale_cols, int64_t r0, int64_t r1, uint16_t *out, int64_t *bad) {
+    if (!use_lut) return 0;
+    const int64_t col_blocks = (cols + bn - 1) / bn;
+    uint16_t *w = aligned_alloc(64, (size_t)col_blocks * 128 * sizeof(uint16_t));
+    uint8_t *first_bad = malloc((size_t)col_blocks);
+    if (!w || !first_bad) {
+        free(w), free(first_bad);
+        return 0;
+    }
+    const __m256i low7 = _mm256_set1_epi8(0x7F), nan_code = _mm256_set1_epi8(0x7F);
+    const __m512i bit6 = _mm512_set1_epi16(64), sign_bit = _mm512_set1_epi16(0x80), ones = _mm512_set1_epi16(-1);
+    int64_t count = 0;
+    for (int64_t rb = r0 - r0 % bm; rb < r1; rb += bm) {
+        const int64_t ra = rb > r0 ? rb : r0, rz = rb + bm < r1 ? rb + bm : r1;
+        const float *srow = scale + (rb / bm) * scale_cols;
+        for (int64_t b = 0; b < col_blocks; b++) {
+            int first = 127;
+            for (int k = 126; k >= 0; k--) {
+                const float v = fp8_e4m3fn_f32((uint8_t)k) * srow[b];
+                w[b * 128 + k] = (uint16_t)(f32_bf16(v) & 0x7FFFu);
+                if (nonfinite(v)) first = k;
+            }
+            w[b * 128 + 127] = 0x7FFFu; /* the NaN code: replaced by 0xFFFF below */
+            first_bad[b] = (uint8_t)first;
+        }
+        for (int64_t r = ra; r < rz; r++) {
+            const uint8_t *qr = q + r * cols;
+            uint16_t *orow = out + r * cols;
+            for (int64_t b = 0; b < col_blocks; b++) {
+                const int64_t c0 = b * bn, n = cols - c0 < bn ? cols - c0 : bn;
+                const float s = srow[b];
+                int64_t j = 0;
+                if (!nonfinite(s)) {
+                    const uint16_t *wb = w + b * 128;
+                    const __m512i wt0 = _mm512_load_si512(wb), wt1 = _mm512_load_si512(wb + 32);
+                    const __m512i wt2 = _mm512_load_si512(wb + 64), wt3 = _mm512_load_si512(wb + 96);
+                    const __m512i sign_of_s = _mm512_set1_epi16((short)((f32_bits(s) >> 16) & 0x8000u));
+                    const __m256i threshold = _mm256_set1_epi8((char)first_bad[b]);
+                    for (; j + 32 <= n; j += 32) {
+                        const __m256i qb = _mm256_loadu_si256((const __m256i *)(qr + c0 + j));
+                        const __m256i mag = _mm256_and_si256(qb, low7);
+                        const __m512i code = _mm512_cvtepu8_epi16(qb); /* the permutes read its low 6 bits */
+                        const __m512i lo = _mm512_permutex2var_epi16(wt0, code, wt1);
+                        const __m512i hi = _mm512_permutex2var_epi16(wt2, code, wt3);
+                        __m512i v = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(code, bit6), lo, hi);
+                        const __m512i sign = _mm512_slli_epi16(_mm512_and_si512(code, sign_bit), 8);
+                        v = _mm512_xor_si512(v, _mm512_xor_si512(sign, sign_of_s));
+                        v = _mm512_mask_mov_epi16(v, _mm256_cmpeq_epi8_mask(mag, nan_code), ones);
+                        _mm512_storeu_si512((void *)(orow + c0 + j), v);
+                        count += __builtin_popcount(_mm256_cmpge_epu8_mask(mag, threshold));
+                    }
+                }
+                count += decode_plain(qr + c0 + j, s, n - j, 1, orow + c0 + j, NULL);
+            }
+        }
+    }
+    free(w), free(first_bad);
+    *bad += count;
+    return 1;
+}
 #else
 static int fp8_block_int4_lut(const uint8_t *q, const float *scale, int64_t cols, int64_t bm, int64_t bn,
                               int64_t scale_cols, int w_bf16, int64_t group, int64_t r0, int64_t r1, int8_t *codes,
@@ -437,6 +519,11 @@ static int fp8_block_int4_lut(const uint8_t *q, const float *scale, int64_t cols
     (void)q, (void)scale, (void)cols, (void)bm, (void)bn, (void)scale_cols, (void)w_bf16, (void)group, (void)r0;
     (void)r1, (void)codes, (void)packed, (void)scale_out, (void)scale_bf16, (void)signal, (void)noise;
     (void)nonfinite_count;
+    return 0;
+}
+static int fp8_block_decode_lut(const uint8_t *q, const float *scale, int64_t cols, int64_t bm, int64_t bn,
+                                int64_t scale_cols, int64_t r0, int64_t r1, uint16_t *out, int64_t *bad) {
+    (void)q, (void)scale, (void)cols, (void)bm, (void)bn, (void)scale_cols, (void)r0, (void)r1, (void)out, (void)bad;
     return 0;
 }
 #endif

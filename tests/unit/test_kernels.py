@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 
 import pytest
@@ -32,6 +33,16 @@ def off(fn, *args, **kwargs):
         kernels.configure(None)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({2: torch.int16, 4: torch.int32, 1: torch.int8}[t.element_size()])
 
@@ -45,12 +56,19 @@ pytestmark = pytest.mark.skipif(not HAS_CC, reason="no C compiler: the torch pat
 
 @pytest.mark.parametrize("scale", [1.0, 3.7e-3, 2.0**-20, 2.0**-140, 1e30, float(torch.finfo(torch.float32).max / 100)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_decode_every_code_bit_for_bit(scale, dtype):
+@pytest.mark.parametrize("lookup", [True, False])
+def test_decode_every_code_bit_for_bit(scale, dtype, lookup):
     """All 256 codes (zeros, subnormals, normals, NaN, both signs) times normal, tiny, subnormal and overflowing
-    scales: the bits of ``(q.float() * s).to(dtype)``, NaN and inf included, and the non-finite count."""
+    scales: the bits of ``(q.float() * s).to(dtype)``, NaN and inf included, and the non-finite count; by lookup
+    tables (bf16, where compiled in) and the plain way."""
     codes = torch.arange(256, dtype=torch.uint8).repeat(3, 1).view(FP8_DTYPE)  # [3, 256]: two block columns
-    s = torch.tensor([[scale, scale * 0.75]], dtype=torch.float32)
-    got, nonfinite = kernels.fp8_block_decode(codes, s, (128, 128), dtype)
+    s = torch.tensor([[scale, -scale * 0.75]], dtype=torch.float32)
+    before = kernels.lookup_tables()
+    try:
+        kernels.lookup_tables(lookup)
+        got, nonfinite = kernels.fp8_block_decode(codes, s, (128, 128), dtype)
+    finally:
+        kernels.lookup_tables(before)
     want = (codes.float() * s.repeat_interleave(128, 1)).to(dtype)
     assert torch.equal(bits(got), bits(want))
     assert nonfinite == int((~torch.isfinite(want.float())).sum()) >= 6  # the NaN codes at least
@@ -273,18 +291,18 @@ def test_fp8_to_int4_without_codes_gives_the_same_words_scales_and_sums(shape, g
     first item is a meta tensor of their shape, and words, scales and sums are those of the call that stores them;
     queued the same. Both ways through the kernel (lookup tables where compiled in, and the plain way); with
     adversarial input, so groups leave the lookup path too. Without ``pack`` nothing would be stored: refused."""
-    if lookup and not kernels.int4_lookup():
+    if lookup and not kernels.lookup_tables():
         pytest.skip("the lookup-table path needs x86 AVX-512 VBMI")
     q, s = adversarial_fp8(*shape, seed=7 + group)
     args = (q, s, (128, 128), torch.bfloat16, group, torch.bfloat16)
-    before = kernels.int4_lookup()
+    before = kernels.lookup_tables()
     try:
-        kernels.int4_lookup(lookup)
+        kernels.lookup_tables(lookup)
         want = kernels.fp8_block_int4(*args, pack=True)
         got = [kernels.fp8_block_int4(*args, pack=True, codes=False),
                kernels.fp8_block_int4_submit(*args, pack=True, codes=False)()]
     finally:
-        kernels.int4_lookup(before)
+        kernels.lookup_tables(before)
     assert want[4] > 0  # the NaN codes reached the kernel
     for g in got:
         assert g[0].is_meta and g[0].shape == want[0].shape and g[0].dtype == torch.int8
@@ -311,7 +329,7 @@ def adversarial_fp8(rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torc
     return q, s
 
 
-@pytest.mark.skipif(not kernels.int4_lookup(), reason="the lookup-table path needs x86 AVX-512 VBMI")
+@pytest.mark.skipif(not kernels.lookup_tables(), reason="the lookup-table path needs x86 AVX-512 VBMI")
 @pytest.mark.parametrize("shape,group", [((384, 1024), 128), ((300, 640), 64), ((129, 384), 32), ((200, 512), 256)])
 @pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
 def test_fp8_to_int4_lookup_tables_give_the_plain_paths_bytes(shape, group, scale_dtype):
@@ -320,10 +338,10 @@ def test_fp8_to_int4_lookup_tables_give_the_plain_paths_bytes(shape, group, scal
     q, s = adversarial_fp8(*shape, seed=sum(shape) + group)
     args = (q, s, (128, 128), torch.bfloat16, group, scale_dtype)
     try:
-        assert kernels.int4_lookup(False) is False
+        assert kernels.lookup_tables(False) is False
         plain = kernels.fp8_block_int4(*args, pack=True)
     finally:
-        assert kernels.int4_lookup(True) is True
+        assert kernels.lookup_tables(True) is True
     got = kernels.fp8_block_int4(*args, pack=True)
     assert plain[4] > 0  # the NaN codes and non-finite scales did reach the kernel
     for a, b in zip((got[0], got[1], got[5]), (plain[0], plain[1], plain[5])):
@@ -332,7 +350,28 @@ def test_fp8_to_int4_lookup_tables_give_the_plain_paths_bytes(shape, group, scal
     assert got[2:4] == pytest.approx(plain[2:4], rel=1e-12, nan_ok=True)
 
 
-@pytest.mark.skipif(not kernels.int4_lookup(), reason="the lookup-table path needs x86 AVX-512 VBMI")
+@pytest.mark.skipif(not kernels.lookup_tables(), reason="the lookup-table path needs x86 AVX-512 VBMI")
+@pytest.mark.parametrize("shape", [(384, 1024), (300, 650), (129, 37), (5, 96)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_decode_lookup_tables_give_the_plain_paths_bytes(shape, threads):
+    """FP8 -> bf16 by lookup tables (on by default where compiled in) against the plain way on adversarial input:
+    every code, NaN codes, block scales negative, zero, subnormal, overflowing, infinite and NaN, ragged block
+    columns (stretches short of 32 codes), row ranges split across threads off the 128-row blocks."""
+    q, s = adversarial_fp8(*shape, seed=sum(shape))
+    args = (q, s, (128, 128), torch.bfloat16)
+    with torch_threads(threads):
+        try:
+            assert kernels.lookup_tables(False) is False
+            plain, plain_bad = kernels.fp8_block_decode(*args)
+        finally:
+            assert kernels.lookup_tables(True) is True
+        got, bad = kernels.fp8_block_decode(*args)
+    assert plain_bad > 0  # the NaN codes and non-finite scales did reach the kernel
+    assert torch.equal(bits(got), bits(plain)) and bad == plain_bad
+    assert torch.equal(bits(got), bits(off(dequantize_fp8_block, q, s, dtype=torch.bfloat16)))
+
+
+@pytest.mark.skipif(not kernels.lookup_tables(), reason="the lookup-table path needs x86 AVX-512 VBMI")
 @pytest.mark.parametrize("negative", [False, True])
 def test_fp8_to_int4_lookup_tables_match_the_torch_path(negative):
     """Finite input through the lookup tables (negative block scales included) against materializing the weight
