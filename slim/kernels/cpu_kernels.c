@@ -379,6 +379,22 @@ static inline void lut_group(const uint8_t *q, int64_t group, const int4_lut *t,
     *noise += hsum_ps(err);
 }
 
+/* The decoded magnitudes of a 128-row block, for the lookup-table paths: w[b * 128 + k] = the bf16 bits of
+ * |value(k) * srow[b]| for magnitude code k, rounded as the plain paths round (0x7FFF for the NaN code k = 127);
+ * where first_bad is not NULL, first_bad[b] = the smallest k whose fp32 product is NaN or infinite (127 for a finite
+ * scale that overflows nothing: the decoded magnitude grows with the code). */
+static void block_magnitudes(const float *srow, int64_t col_blocks, uint16_t *w, uint8_t *first_bad) {
+    for (int64_t b = 0; b < col_blocks; b++) {
+        int first = 127;
+        for (int k = 127; k >= 0; k--) {
+            const float v = fp8_e4m3fn_f32((uint8_t)k) * srow[b];
+            w[b * 128 + k] = (uint16_t)(f32_bf16(v) & 0x7FFFu);
+            if (nonfinite(v)) first = k;
+        }
+        if (first_bad) first_bad[b] = (uint8_t)first;
+    }
+}
+
 /* slim_fp8_block_int4 by lookup, rows [r0, r1) in order (read and written in sequence, as the hardware prefetchers
  * and the page cache's fault-around like it; a block column at a time, the rows 1 row apart, half of the time
  * waited on loads). The tables of a 128-row block: for each block column its decoded magnitudes, and the code
@@ -401,10 +417,7 @@ static int fp8_block_int4_lut(const uint8_t *q, const float *scale, int64_t cols
     for (int64_t rb = r0 - r0 % bm; rb < r1; rb += bm) {
         const int64_t ra = rb > r0 ? rb : r0, rz = rb + bm < r1 ? rb + bm : r1;
         const float *srow = scale + (rb / bm) * scale_cols;
-        for (int64_t b = 0; b < col_blocks; b++) {
-            for (int k = 0; k < 128; k++)
-                w[b * 128 + k] = (uint16_t)(f32_bf16(fp8_e4m3fn_f32((uint8_t)k) * srow[b]) & 0x7FFFu);
-        }
+        block_magnitudes(srow, col_blocks, w, NULL);
         memset(slot, 0, (size_t)col_blocks * 128 * sizeof(int32_t));
         int32_t built = 0;
         for (int64_t r = ra; r < rz; r++) {
@@ -466,16 +479,7 @@ static int fp8_block_decode_lut(const uint8_t *q, const float *scale, int64_t co
     for (int64_t rb = r0 - r0 % bm; rb < r1; rb += bm) {
         const int64_t ra = rb > r0 ? rb : r0, rz = rb + bm < r1 ? rb + bm : r1;
         const float *srow = scale + (rb / bm) * scale_cols;
-        for (int64_t b = 0; b < col_blocks; b++) {
-            int first = 127;
-            for (int k = 126; k >= 0; k--) {
-                const float v = fp8_e4m3fn_f32((uint8_t)k) * srow[b];
-                w[b * 128 + k] = (uint16_t)(f32_bf16(v) & 0x7FFFu);
-                if (nonfinite(v)) first = k;
-            }
-            w[b * 128 + 127] = 0x7FFFu; /* the NaN code: replaced by 0xFFFF below */
-            first_bad[b] = (uint8_t)first;
-        }
+        block_magnitudes(srow, col_blocks, w, first_bad); /* the NaN code's entry is replaced by 0xFFFF below */
         for (int64_t r = ra; r < rz; r++) {
             const uint8_t *qr = q + r * cols;
             uint16_t *orow = out + r * cols;
