@@ -230,6 +230,7 @@ class CheckpointWriter:
         self.checksums: dict[str, str] = {}
         self.shards: list[tuple[str, list[str], int]] = []  # closed: (file name, tensor names, bytes)
         # background writes: one thread, so tensors land in the order they were added
+        self.background = background  # False: add() has written the tensor's bytes when it returns
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="slim-writer") if background else None
         self._jobs: deque[tuple[Future, int]] = deque()
         self._queued: set[str] = set()

@@ -23,7 +23,7 @@ from slim.export import MAX_QUEUED_BYTES
 from slim.formats import FORMATS
 from slim.models.checkpoint import DECODE_CHUNK_BYTES
 from slim.quant.schemes import SCHEMES
-from slim.quantize import STREAM_AHEAD, kernel_path, streamed_int4
+from slim.quantize import STREAM_AHEAD, STREAM_AHEAD_BYTES, kernel_path, streamed_int4
 
 GiB = 2**30
 # Measured-order-of-magnitude fixed costs: CUDA context + allocator slack per GPU rank; Python + torch +
@@ -121,7 +121,7 @@ def plan_memory(cfg: SlimConfig, model, adapter, ignored: set[str]) -> MemoryPla
 
     # calibration off on a CPU with the kernels, from block FP8 (as the pipeline decides): nothing runs a layer, so
     # its block-FP8 weights (every Linear's, as DeepSeek stores them) are never materialized: they go from the mapped
-    # codes to int4 on the kernels' threads, STREAM_AHEAD Linears ahead of the one being written, or to the writer
+    # codes to int4 on the kernels' threads, queued ahead of the one being written (see in_flight), or to the writer
     # a block of rows at a time; the main thread writes (no writer queue). Without the kernels, or from bf16, the
     # layer is materialized.
     streamed = kernel_path(cal.source != "none", hw.device, hw.cpu_kernels) and cfg.model.load_type == "fp8"
@@ -151,10 +151,12 @@ def plan_memory(cfg: SlimConfig, model, adapter, ignored: set[str]) -> MemoryPla
     stored_bytes = 1 if cfg.model.load_type == "fp8" else dtype_bytes  # per weight on disk (FP8 codes or bf16)
     queue = 0 if streamed else write_queue_bytes(layer_params[big] * dtype_bytes)
     in_flight = max(map(in_flight_bytes, targets.values()), default=0)
+    if streamed and fused:  # the one being written; queued ones (at least STREAM_AHEAD, more up to
+        # STREAM_AHEAD_BYTES: KernelQueue); spare outputs kept for reuse (TensorPool, at most STREAM_AHEAD_BYTES)
+        in_flight += max(STREAM_AHEAD * in_flight, STREAM_AHEAD_BYTES) + STREAM_AHEAD_BYTES
     host = {
         "checkpoint pages of one layer (memory-mapped)": layer_params[big] * stored_bytes,
-        # the kernels run STREAM_AHEAD Linears ahead of the one being written; unfused ones are quantized in turn
-        "writer (quantized tensors in flight)": in_flight * (STREAM_AHEAD + 1 if streamed and fused else 1),
+        "writer (quantized tensors in flight)": in_flight,  # unfused ones are quantized in turn
         "writer queue (tensors waiting for the disk)": queue,
         "writer staging buffers (direct I/O)": STAGE_BUFFERS * stage_bytes_for(queue),
         "runtime": HOST_RUNTIME_BYTES,

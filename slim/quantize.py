@@ -24,7 +24,7 @@ from slim.distributed import Dist
 from slim.errors import SlimError
 from slim.export import CheckpointWriter
 from slim.formats.base import check_group_size
-from slim.hostmem import release_free_heap
+from slim.hostmem import TensorPool, release_free_heap
 from slim.models.adapters import ModelAdapter
 from slim.models.checkpoint import BLOCK_SCALE_SUFFIX, DECODE_CHUNK_BYTES, CheckpointReader, nonfinite_error
 from slim.models.materialize import check_shape, materialize, release
@@ -39,10 +39,13 @@ from slim.resume import LayerCommit, ResumeStore
 from slim.targets import ROUTED_EXPERT_RE, Selection, module_kind
 
 log = logging.getLogger(__name__)
-# streamed weights (calibration off, CPU kernels): kernels queued ahead of the Linear being reported and written.
-# 32 small layers, one kernel thread, the main thread writing, five alternating runs: 2 ahead 1.9 s (median),
-# 3 ahead 1.9, 6 ahead 2.0, 1 ahead 2.3 s (2-core VM); each one ahead holds a Linear's int8 codes and packed words.
+# streamed weights (calibration off, CPU kernels): kernels queued ahead of the Linear being reported and written,
+# at least STREAM_AHEAD Linears, more while their results hold at most STREAM_AHEAD_BYTES (KernelQueue). A layer's
+# kernels are queued before its other tensors are written, so the kernel threads work while the main thread writes
+# those. 32 small layers, one kernel thread, six alternating runs (2-core VM): 1.13 s (median) vs 1.47 s with two
+# queued, and only once the other tensors were written. An R1-shaped expert's result is 7.6 MB: two are queued.
 STREAM_AHEAD = 2
+STREAM_AHEAD_BYTES = 16 << 20
 
 
 def kernel_path(calibrate: bool, device_type: str, cpu_kernels: bool | None = None) -> bool:
@@ -168,6 +171,50 @@ def log_expert_coverage(layer: str, observers: dict[str, MinMaxObserver]) -> Non
                  layer, len(tokens), tokens[0], tokens[len(tokens) // 2], tokens[-1], tokens.count(0))
 
 
+class KernelQueue:
+    """Streamed Linears whose kernels are queued (``start(name, mod)`` returns the call that gives the result), in
+    the order they are added, ahead of the one being reported and written: at least :data:`STREAM_AHEAD`, more
+    while the queued results hold at most :data:`STREAM_AHEAD_BYTES` (``nbytes(mod)`` each). So the results a
+    layer holds at once are bounded whatever its width, and a layer of small Linears keeps the kernel threads busy
+    while the main thread writes."""
+
+    def __init__(self, start: Callable[[str, nn.Linear], Callable], nbytes: Callable[[nn.Linear], int]):
+        self._start, self._nbytes = start, nbytes
+        self._todo: deque[tuple[str, nn.Linear]] = deque()
+        self._queued: deque[tuple[str, Callable, int]] = deque()
+        self._names: set[str] = set()  # todo and queued
+        self.held = 0  # bytes of the queued results
+
+    def add(self, name: str, mod: nn.Linear) -> None:
+        if name not in self._names:
+            self._names.add(name)
+            self._todo.append((name, mod))
+            self._fill()
+
+    def _fill(self) -> None:
+        while self._todo:
+            n = self._nbytes(self._todo[0][1])
+            if len(self._queued) >= STREAM_AHEAD and self.held + n > STREAM_AHEAD_BYTES:
+                return
+            name, mod = self._todo.popleft()
+            self._queued.append((name, self._start(name, mod), n))
+            self.held += n
+
+    def take(self, name: str) -> Callable:
+        """The call for ``name``, the oldest one added; the next ones are queued before it is returned."""
+        if not self._queued or self._queued[0][0] != name:
+            raise RuntimeError(f"{name} is not the next streamed Linear queued "
+                               f"({self._queued[0][0] if self._queued else 'none'} is)")
+        _, result, n = self._queued.popleft()
+        self._names.discard(name)
+        self.held -= n
+        self._fill()
+        return result
+
+    def __len__(self) -> int:
+        return len(self._queued) + len(self._todo)
+
+
 class LayerQuantizer:
     """Quantizes the target Linears of one module tree and writes all of its tensors."""
 
@@ -178,6 +225,24 @@ class LayerQuantizer:
         self.group_size, self.weight_observer, self.result = group_size, weight_observer, result
         self.owned, self.writes_rest = owned, writes_rest  # what this rank writes
         self._fused, self._pack = streamed_int4(scheme, fmt, group_size, weight_observer)
+        self._queue = KernelQueue(self._start_streamed, self._result_bytes)
+        self._pool = TensorPool(STREAM_AHEAD_BYTES)  # the kernels' outputs, reused once written
+
+    def start(self, modules: dict[str, nn.Linear], everything: bool = False) -> None:
+        """Queue the kernels of the streamed Linears among ``modules`` (weights left in the checkpoint, see
+        :func:`streamed_params`) that :meth:`quantize` will ask for, as many as :class:`KernelQueue` allows now:
+        they run while the caller writes the layer's other tensors. :meth:`quantize` queues them too."""
+        for name, mod in modules.items():
+            if mod.weight.is_meta and (everything or name in self.owned):
+                self._queue.add(name, mod)
+
+    def _result_bytes(self, mod: nn.Linear) -> int:
+        """What a queued kernel's result holds: the packed words or the int8 codes, and the group scales."""
+        if not self._fused:
+            return 0  # materialized when its result is asked for
+        n = mod.in_features * mod.out_features
+        scale_bytes = (self._scale_dtype or torch.float32).itemsize
+        return (n // 2 if self._pack else n) + n // self.group_size * scale_bytes
 
     def quantize(self, modules: dict[str, nn.Linear], observers: dict[str, MinMaxObserver],
                  static: bool, everything: bool = False) -> dict[str, QuantizedLinear]:
@@ -208,28 +273,22 @@ class LayerQuantizer:
                 output_rel_err=quality.output_rel_err,
             ))
 
-        # streamed weights: the kernels of the next STREAM_AHEAD run on the kernel worker threads while this thread
-        # reports one and writes it (on two cores they overlap); modules still finish in order
-        started: deque[tuple[str, nn.Linear, Callable[[], tuple[QuantizedLinear, Quality]]]] = deque()
-
-        def finish_started(keep: int) -> None:
-            while len(started) > keep:
-                done, done_mod, result = started.popleft()
-                finish(done, done_mod, *result())
-
+        # streamed weights: the queued kernels run on the kernel worker threads while this thread reports one and
+        # writes it (on two cores they overlap); modules finish in order
+        self.start(modules, everything)
         for name, mod in modules.items():
             if name not in self.owned and not everything:
                 continue
             if mod.weight.is_meta:  # left in the checkpoint by materialize (see streamed_params)
-                started.append((name, mod, self._start_streamed(name, mod)))
-                finish_started(keep=STREAM_AHEAD)
+                q, quality = self._queue.take(name)()
+                finish(name, mod, q, quality)
+                if not everything and not self.writer.background:  # written, and nothing else holds it
+                    self._pool.give(q.weight, q.packed, q.weight_scale)
                 continue
-            finish_started(keep=0)
             block = CPU_BLOCK if mod.weight.device.type == "cpu" else None  # devices: whole tensors
             finish(name, mod, *quantize_blockwise(self.scheme, mod.weight, amax.get(name), self.group_size,
                                                   self.weight_observer, self._scale_dtype, observers[name].sample,
                                                   block))
-        finish_started(keep=0)
         return out
 
     @property
@@ -248,7 +307,8 @@ class LayerQuantizer:
         # packed: only the words go to disk, so the int8 codes are not stored (QuantizedLinear.weight is then meta)
         kernel = kernels.fp8_block_int4_submit(fp8, self.reader.raw(wname + BLOCK_SCALE_SUFFIX), self.reader.block,
                                                mod.weight.dtype, self.group_size, self._scale_dtype,
-                                               self._pack, codes=not self._pack) if self._fused else None
+                                               self._pack, codes=not self._pack,
+                                               empty=self._pool.empty) if self._fused else None
 
         def result() -> tuple[QuantizedLinear, Quality]:
             out = None if kernel is None else kernel()
@@ -366,7 +426,9 @@ def quantize_model(
             log_expert_coverage(prefix.rstrip("."), obs)
         else:  # weights only: observers that saw nothing (no input scale, no output error)
             obs, outputs = {n: MinMaxObserver() for n in layer_targets}, []
-        # the rest first: with background writes its bytes go to disk while the targets are quantized
+        # the rest first: with background writes its bytes go to disk while the targets are quantized; streamed
+        # targets' kernels are queued before it, so they run while this thread writes the rest
+        lq.start(layer_targets, everything=propagate)
         lq.write_rest(layer, prefix, set(layer_targets))
         qs = lq.quantize(layer_targets, obs, scheme.static_activations, everything=propagate)
         if propagate:  # layer i+1 sees the quantized layer i

@@ -46,6 +46,7 @@ FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-st
 NATIVE = ["-march=native"]  # tried first; without it where the compiler refuses it
 MAX_GROUP = 4096  # SLIM_MAX_GROUP in cpu_kernels.c
 MIN_ROWS_PER_TASK = 64  # a thread gets at least this many rows (a call costs ~20 us)
+Empty = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]  # allocates a kernel's output: empty(shape, dtype)
 
 _enabled: bool | None = None  # hardware.cpu_kernels
 _build_error = ""  # why the kernels are unavailable, for configure(True)'s message
@@ -163,6 +164,10 @@ def _build() -> Path:
     raise RuntimeError(f"{cc} could not build {SOURCE.name}: {errors[-1]}")
 
 
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
+
+
 @functools.cache
 def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="slim-kernel")
@@ -265,16 +270,18 @@ class _Int4Call:
     rows across the threads (:func:`parallel_rows`) and returns the parts, ``result(parts)`` adds them up:
     (codes, scales, sum w^2, sum error^2, non-finite count), and the packed words as a sixth item where the call
     packs them (``packed``). With ``task`` (the slim_fp8_block_int4 arguments before the rows, in order), ``tasks()``
-    gives the same call as worker-thread tasks (:func:`fp8_block_int4_submit`), their sums the parts."""
+    gives the same call as worker-thread tasks (:func:`fp8_block_int4_submit`), their sums the parts. The outputs
+    come from ``empty(shape, dtype)`` (contiguous CPU tensors; the call writes every element)."""
 
     def __init__(self, rows: int, cols: int, group_size: int, scale_dtype: torch.dtype | None, call: Callable,
-                 packed: bool = False, task: tuple | None = None, codes: bool = True):
-        scale_dtype = scale_dtype or torch.float32
+                 packed: bool = False, task: tuple | None = None, codes: bool = True, empty: Empty | None = None):
+        scale_dtype, empty = scale_dtype or torch.float32, empty or _empty
         self.rows, self.call = rows, call  # call(r0, r1, codes_ptr, packed_ptr, scale_ptr, scale_bf16, sums)
         # without codes (packed only): a meta tensor, their shape and dtype, where the call would have stored them
-        self.codes = torch.empty(rows, cols, dtype=torch.int8, device=None if codes else "meta")
-        self.packed = torch.empty(rows, cols // 8, dtype=torch.int32) if packed else None
-        self.scale = torch.empty(rows, cols // group_size, dtype=scale_dtype)
+        self.codes = empty((rows, cols), torch.int8) if codes else torch.empty(rows, cols, dtype=torch.int8,
+                                                                                 device="meta")
+        self.packed = empty((rows, cols // 8), torch.int32) if packed else None
+        self.scale = empty((rows, cols // group_size), scale_dtype)
         self.args = (_ptr(self.codes) if codes else None, None if self.packed is None else _ptr(self.packed),
                      _ptr(self.scale), int(scale_dtype == torch.bfloat16))
         self.task = task
@@ -313,7 +320,8 @@ def int4_quantize(weight: torch.Tensor, group_size: int, scale_dtype: torch.dtyp
 
 
 def _fp8_block_int4_call(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], weight_dtype: torch.dtype,
-                         group_size: int, scale_dtype: torch.dtype | None, pack: bool, codes: bool) -> _Int4Call | None:
+                         group_size: int, scale_dtype: torch.dtype | None, pack: bool, codes: bool,
+                         empty: Empty | None = None) -> _Int4Call | None:
     if not (codes or pack):
         raise ValueError("codes=False needs pack=True: the call would store nothing")
     if (not q.is_cpu or q.dim() != 2 or q.dtype != torch.float8_e4m3fn
@@ -330,7 +338,7 @@ def _fp8_block_int4_call(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[
                                 sums)
 
     task = (qp, fp, cols, bm, bn, scale_cols, w_bf16, group_size)  # _Task's fields up to r0, in order
-    return _Int4Call(rows, cols, group_size, scale_dtype, call, packed=pack, task=task, codes=codes)
+    return _Int4Call(rows, cols, group_size, scale_dtype, call, packed=pack, task=task, codes=codes, empty=empty)
 
 
 def fp8_block_int4(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], weight_dtype: torch.dtype,
@@ -348,13 +356,15 @@ def fp8_block_int4(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
 
 def fp8_block_int4_submit(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
                           weight_dtype: torch.dtype, group_size: int, scale_dtype: torch.dtype | None,
-                          pack: bool = False, codes: bool = True) -> Callable[[], tuple] | None:
+                          pack: bool = False, codes: bool = True, empty: Empty | None = None
+                          ) -> Callable[[], tuple] | None:
     """:func:`fp8_block_int4` queued for the library's worker threads (``slim_task_submit``: C threads, no GIL, as
     many as :func:`threads`, one task per :func:`row_ranges` range) while the caller goes on; returns the call that
     waits for and gives its result (None where the kernels cannot). Tasks run in the order they were queued. The
-    streamed weight path queues the next two weights' kernels while it reports and writes one.
+    streamed weight path queues the next weights' kernels while it reports and writes one, their outputs from
+    ``empty(shape, dtype)`` (default ``torch.empty``; it reuses written ones).
     Where no worker thread can be started, the kernel runs here before this returns."""
-    call = _fp8_block_int4_call(q, scale_inv, block, weight_dtype, group_size, scale_dtype, pack, codes)
+    call = _fp8_block_int4_call(q, scale_inv, block, weight_dtype, group_size, scale_dtype, pack, codes, empty)
     if call is None:
         return None
     lib, tasks = library(), call.tasks()
