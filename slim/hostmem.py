@@ -83,7 +83,7 @@ class TensorPool:
     back tensors nothing else uses any more. Spares are kept while they hold at most ``limit`` bytes (the others are
     freed). The streamed weight path's kernel outputs, a few per routed expert, come from one pool: with
     ``release_free_heap`` after every layer they would page-fault anew in each layer (32 small layers with 16 MiB of
-    results queued: 204 k page faults, 37 k from the pool, 41-46 k with two Linears queued and no pool)."""
+    results queued: 204 k page faults, 37 k from the pool, 41-48 k with two Linears queued and no pool)."""
 
     def __init__(self, limit: int):
         self.limit, self.spare_bytes = limit, 0
