@@ -282,8 +282,8 @@ class LayerQuantizer:
             if mod.weight.is_meta:  # left in the checkpoint by materialize (see streamed_params)
                 q, quality = self._queue.take(name)()
                 finish(name, mod, q, quality)
-                if not everything and not self.writer.background:  # written, and nothing else holds it
-                    self._pool.give(q.weight, q.packed, q.weight_scale)
+                if self._fused and not everything and not self.writer.background:  # the kernel's outputs,
+                    self._pool.give(q.weight, q.packed, q.weight_scale)  # written, and nothing else holds them
                 continue
             block = CPU_BLOCK if mod.weight.device.type == "cpu" else None  # devices: whole tensors
             finish(name, mod, *quantize_blockwise(self.scheme, mod.weight, amax.get(name), self.group_size,
