@@ -34,6 +34,17 @@ def off(fn, *args, **kwargs):
 
 
 @contextlib.contextmanager
+def lookup_switched(on: bool):
+    """The kernels' lookup-table paths switched ``on`` (or off) inside the block, back as they were after it;
+    yields the state the switch reports."""
+    before = kernels.lookup_tables()
+    try:
+        yield kernels.lookup_tables(on)
+    finally:
+        assert kernels.lookup_tables(before) is before
+
+
+@contextlib.contextmanager
 def torch_threads(n: int):
     before = torch.get_num_threads()
     torch.set_num_threads(n)
@@ -63,12 +74,8 @@ def test_decode_every_code_bit_for_bit(scale, dtype, lookup):
     tables (bf16, where compiled in) and the plain way."""
     codes = torch.arange(256, dtype=torch.uint8).repeat(3, 1).view(FP8_DTYPE)  # [3, 256]: two block columns
     s = torch.tensor([[scale, -scale * 0.75]], dtype=torch.float32)
-    before = kernels.lookup_tables()
-    try:
-        kernels.lookup_tables(lookup)
+    with lookup_switched(lookup):
         got, nonfinite = kernels.fp8_block_decode(codes, s, (128, 128), dtype)
-    finally:
-        kernels.lookup_tables(before)
     want = (codes.float() * s.repeat_interleave(128, 1)).to(dtype)
     assert torch.equal(bits(got), bits(want))
     assert nonfinite == int((~torch.isfinite(want.float())).sum()) >= 6  # the NaN codes at least
@@ -295,14 +302,10 @@ def test_fp8_to_int4_without_codes_gives_the_same_words_scales_and_sums(shape, g
         pytest.skip("the lookup-table path needs x86 AVX-512 VBMI")
     q, s = adversarial_fp8(*shape, seed=7 + group)
     args = (q, s, (128, 128), torch.bfloat16, group, torch.bfloat16)
-    before = kernels.lookup_tables()
-    try:
-        kernels.lookup_tables(lookup)
+    with lookup_switched(lookup):
         want = kernels.fp8_block_int4(*args, pack=True)
         got = [kernels.fp8_block_int4(*args, pack=True, codes=False),
                kernels.fp8_block_int4_submit(*args, pack=True, codes=False)()]
-    finally:
-        kernels.lookup_tables(before)
     assert want[4] > 0  # the NaN codes reached the kernel
     for g in got:
         assert g[0].is_meta and g[0].shape == want[0].shape and g[0].dtype == torch.int8
@@ -337,11 +340,10 @@ def test_fp8_to_int4_lookup_tables_give_the_plain_paths_bytes(shape, group, scal
     codes, scales, packed words and non-finite count, and the same sums up to their order of addition."""
     q, s = adversarial_fp8(*shape, seed=sum(shape) + group)
     args = (q, s, (128, 128), torch.bfloat16, group, scale_dtype)
-    try:
-        assert kernels.lookup_tables(False) is False
+    with lookup_switched(False) as state:
+        assert state is False
         plain = kernels.fp8_block_int4(*args, pack=True)
-    finally:
-        assert kernels.lookup_tables(True) is True
+    assert kernels.lookup_tables() is True
     got = kernels.fp8_block_int4(*args, pack=True)
     assert plain[4] > 0  # the NaN codes and non-finite scales did reach the kernel
     for a, b in zip((got[0], got[1], got[5]), (plain[0], plain[1], plain[5])):
@@ -360,11 +362,10 @@ def test_decode_lookup_tables_give_the_plain_paths_bytes(shape, threads):
     q, s = adversarial_fp8(*shape, seed=sum(shape))
     args = (q, s, (128, 128), torch.bfloat16)
     with torch_threads(threads):
-        try:
-            assert kernels.lookup_tables(False) is False
+        with lookup_switched(False) as state:
+            assert state is False
             plain, plain_bad = kernels.fp8_block_decode(*args)
-        finally:
-            assert kernels.lookup_tables(True) is True
+        assert kernels.lookup_tables() is True
         got, bad = kernels.fp8_block_decode(*args)
     assert plain_bad > 0  # the NaN codes and non-finite scales did reach the kernel
     assert torch.equal(bits(got), bits(plain)) and bad == plain_bad
