@@ -274,8 +274,8 @@ class _Int4Call:
     come from ``empty(shape, dtype)`` (contiguous CPU tensors; the call writes every element)."""
 
     def __init__(self, rows: int, cols: int, group_size: int, scale_dtype: torch.dtype | None, call: Callable,
-                 packed: bool = False, task: tuple | None = None, codes: bool = True, empty: Empty | None = None):
-        scale_dtype, empty = scale_dtype or torch.float32, empty or _empty
+                 packed: bool = False, task: tuple | None = None, codes: bool = True, empty: Empty = _empty):
+        scale_dtype = scale_dtype or torch.float32
         self.rows, self.call = rows, call  # call(r0, r1, codes_ptr, packed_ptr, scale_ptr, scale_bf16, sums)
         # without codes (packed only): a meta tensor, their shape and dtype, where the call would have stored them
         self.codes = empty((rows, cols), torch.int8) if codes else torch.empty(rows, cols, dtype=torch.int8,
@@ -321,7 +321,7 @@ def int4_quantize(weight: torch.Tensor, group_size: int, scale_dtype: torch.dtyp
 
 def _fp8_block_int4_call(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], weight_dtype: torch.dtype,
                          group_size: int, scale_dtype: torch.dtype | None, pack: bool, codes: bool,
-                         empty: Empty | None = None) -> _Int4Call | None:
+                         empty: Empty = _empty) -> _Int4Call | None:
     if not (codes or pack):
         raise ValueError("codes=False needs pack=True: the call would store nothing")
     if (not q.is_cpu or q.dim() != 2 or q.dtype != torch.float8_e4m3fn
@@ -356,7 +356,7 @@ def fp8_block_int4(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
 
 def fp8_block_int4_submit(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
                           weight_dtype: torch.dtype, group_size: int, scale_dtype: torch.dtype | None,
-                          pack: bool = False, codes: bool = True, empty: Empty | None = None
+                          pack: bool = False, codes: bool = True, empty: Empty = _empty
                           ) -> Callable[[], tuple] | None:
     """:func:`fp8_block_int4` queued for the library's worker threads (``slim_task_submit``: C threads, no GIL, as
     many as :func:`threads`, one task per :func:`row_ranges` range) while the caller goes on; returns the call that
