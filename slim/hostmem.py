@@ -1,4 +1,8 @@
-"""Host allocator policy for the layer loop on a CPU (glibc only; elsewhere nothing changes).
+"""Host allocator policy: the one owner of glibcs ``mallopt``/``malloc_trim`` calls (glibc only; elsewhere, and
+under ``SLIM_MALLOPT=0``, nothing changes).
+
+Every run starts with :func:`return_freed_memory_to_os`; the CPU weight path then applies
+:func:`keep_temporaries_in_heap` for its own temporaries.
 
 glibc serves large allocations (128 KiB and up, by default) with pages of their own and returns them to the
 kernel on free. The CPU weight path allocates and frees float32 temporaries of ~1 MB per row block of every
@@ -52,6 +56,16 @@ def keep_temporaries_in_heap() -> bool:
     log.debug("mallopt mmap threshold %d MiB, trim threshold %d MiB: %s", MMAP_THRESHOLD >> 20,
               TRIM_THRESHOLD >> 20, "set" if ok else "refused")
     return ok
+
+
+def return_freed_memory_to_os() -> bool:
+    """Serve allocations of 128 KiB and up with pages of their own, returned to the kernel on free (the same as
+    ``MALLOC_MMAP_THRESHOLD_=131072``): layer-sized tensors allocated and freed over and over would otherwise
+    stay in glibc's heap as RSS that grows with depth. The policy of every run; the CPU weight path then raises
+    the threshold for its own temporaries (:func:`keep_temporaries_in_heap`). False where that is not glibc or
+    ``SLIM_MALLOPT=0`` asks to leave the allocator alone."""
+    libc = _libc()
+    return libc is not None and libc.mallopt(M_MMAP_THRESHOLD, 128 << 10) == 1
 
 
 def release_free_heap() -> None:

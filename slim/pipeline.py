@@ -1,91 +1,46 @@
-"""The stages of a slim run, in order: load -> quantize (calibrate + export) -> evaluate -> track."""
+"""The stages of a slim run, and the modes that compose them (``MODE_RUNNERS``, one entry per ``mode=``).
+
+    quantize      load -> quantize (stream, calibrate, export) -> evaluate (baseline, quantized) -> track
+    eval          load -> evaluate the source checkpoint -> track
+    plan          size the run from config.json alone (``slim.plan``)
+    sensitivity   rank module groups and search an ignore list (``slim.sensitivity``)
+
+Every mode records its run through :class:`slim.run.RunRecord` (stage timings, results.json, W&B, exit code).
+What a run directory may reuse is decided in :mod:`slim.rundir`; the allocator policy lives in :mod:`slim.hostmem`.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import dataclasses
 import errno
 import hashlib
 import json
 import logging
-import os
-import shutil
-import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from slim import __version__, collector, kernels
-from slim.cache import cache_dir
+from slim.baseline import baseline_metrics
 from slim.config import SlimConfig, validate
 from slim.distributed import Dist, init_distributed, shutdown
 from slim.errors import SlimError
-from slim.hostmem import no_gemm_kernel_cache
-from slim.tracking import Tracker, flat_metrics, metric_deltas, peak_memory, results_table, write_results
+from slim.export import finalize_checkpoint
+from slim.hostmem import no_gemm_kernel_cache, return_freed_memory_to_os
+from slim.models.convert import prepare_source
+from slim.run import RunRecord
+from slim.rundir import QUANTIZE_RECORD, atomic_json, eval_key, prepare_output, previous_results, run_fingerprint
+from slim.tracking import flat_metrics, metric_deltas, results_table, write_results
 
 log = logging.getLogger(__name__)
-
-
-class Stages:
-    """Wall seconds per stage, with a log line each."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        start = time.perf_counter()
-        yield
-        self.seconds[name] = round(time.perf_counter() - start, 3)
-        log.info("stage %-15s %7.1f s   peak host RSS %.0f MiB", name, self.seconds[name], peak_memory()["host_rss_mib"])
-
-
-def prepare_source(cfg: SlimConfig) -> Path:
-    """The checkpoint to read; converts ``model.convert_from`` (FP8) into ``model.path`` (bf16) once if needed."""
-    path = Path(cfg.model.path)
-    if not path.exists() and cfg.model.convert_from:
-        from slim.models.convert import convert_fp8_to_bf16
-
-        log.info("converting %s to bf16 into %s (once)", cfg.model.convert_from, path)
-        convert_fp8_to_bf16(cfg.model.convert_from, path)
-    if not (path / "config.json").is_file():
-        raise SlimError(f"model.path={path} is not a checkpoint directory (no config.json); set model.path")
-    return path
 
 
 def _load_tokenizer(path: Path, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-
-
-def run_fingerprint(cfg: SlimConfig, world: int) -> str:
-    """What the exported bytes depend on: the source checkpoint, slim's version and every setting that matters.
-
-    A finished checkpoint or an interrupted export is reused only by a run with the same fingerprint.
-    """
-    src = Path(cfg.model.path)
-    if not (src / "config.json").is_file() and cfg.model.convert_from:
-        src = Path(cfg.model.convert_from)
-    config_file = src / "config.json"
-    payload = {
-        "slim": __version__,
-        "source": str(src.resolve()),
-        "source_config": hashlib.sha256(config_file.read_bytes()).hexdigest() if config_file.is_file() else None,
-        "source_files": sorted((p.name, p.stat().st_size) for p in src.glob("*.safetensors")),
-        "model": {k: getattr(cfg.model, k) for k in ("load_type", "dtype", "copy_mtp", "convert_from")},
-        "scheme": dataclasses.asdict(cfg.scheme),
-        "calibration": dataclasses.asdict(cfg.calibration),
-        "max_shard_mb": cfg.export.max_shard_mb,
-        "checksum": cfg.export.checksum,
-        "world": world,
-        "device": cfg.hardware.device,
-        "seed": cfg.seed,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist: Dist | None = None,
@@ -114,7 +69,7 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
         commit = None
     if commit and commit["stage"] == "written":  # everything was written before the interruption
         log.info("every tensor was already written (commit in %s); finalizing", store.dir)
-        return _finish_export(store.load_written(), out_dir, source, store, dist)
+        return finish_export(store.load_written(), out_dir, source, store, dist)
 
     reader = CheckpointReader(source, load_type=cfg.model.load_type)
     reader.check_load_type()
@@ -171,6 +126,19 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     result.num_samples = 0 if ids is None else int(ids.shape[0])
     shards = [shard for part in dist.gather(writer.close()) for shard in part]  # rank order
     checksums = {k: v for part in dist.gather(writer.checksums) for k, v in part.items()}
+    config = checkpoint_config(cfg, src_config, fmt, scheme, result, ids, source, fingerprint)
+    summary = result.to_dict() | {"checkpoint_bytes": sum(nbytes for _, _, nbytes in shards)}
+    written = {"shards": shards, "checksums": checksums, "algorithm": writer.algorithm, "config": config,
+               "result": summary}
+    if store is not None and dist.is_main:
+        store.commit_written(written)
+    return finish_export(written, out_dir, source, store, dist)
+
+
+def checkpoint_config(cfg: SlimConfig, src_config: dict[str, Any], fmt, scheme, result, ids: torch.Tensor | None,
+                      source: Path, fingerprint: str) -> dict[str, Any]:
+    """The exported ``config.json``: the source's, with the format's ``quantization_config`` and slim's own block
+    (scheme, ignore list, calibration set digest, fingerprint)."""
     config = {k: v for k, v in src_config.items() if k != "quantization_config"}
     config["torch_dtype"] = config["dtype"] = cfg.model.dtype
     config["quantization_config"] = fmt.quantization_config(
@@ -194,18 +162,11 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
         },
         "fallback_input_scales": result.fallbacks,
     }
-    summary = result.to_dict() | {"checkpoint_bytes": sum(nbytes for _, _, nbytes in shards)}
-    written = {"shards": shards, "checksums": checksums, "algorithm": writer.algorithm, "config": config,
-               "result": summary}
-    if store is not None and dist.is_main:
-        store.commit_written(written)
-    return _finish_export(written, out_dir, source, store, dist)
+    return config
 
 
-def _finish_export(written: dict[str, Any], out_dir: Path, source: Path, store, dist: Dist) -> dict[str, Any]:
+def finish_export(written: dict[str, Any], out_dir: Path, source: Path, store, dist: Dist) -> dict[str, Any]:
     """Rank 0 names the shards and writes manifest, index and config last (every rank has closed its shards)."""
-    from slim.export import finalize_checkpoint
-
     dist.barrier()
     if dist.is_main:
         finalize_checkpoint(out_dir, written["shards"], written["config"], source, written["checksums"],
@@ -253,31 +214,10 @@ def plan_stage(cfg: SlimConfig) -> dict[str, Any]:
     return results
 
 
-def return_freed_memory_to_os() -> None:
-    """glibc keeps freed heap blocks for reuse; layer-sized tensors allocated and freed over and over then
-    show up as RSS that grows with depth. Serving allocations above 128 KiB with mmap hands them back to the
-    OS on free (the same as ``MALLOC_MMAP_THRESHOLD_=131072``); elsewhere this does nothing."""
-    if sys.platform != "linux":
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_mmap_threshold = -3  # from malloc.h
-    libc.mallopt(m_mmap_threshold, 128 << 10)
-
-
-def run(cfg: SlimConfig, resolved: dict[str, Any]) -> dict[str, Any]:
-    """Run the configured job in this process (one rank of it under torchrun); returns results.json's content."""
-    validate(cfg)
-    if cfg.mode == "plan":
-        return plan_stage(cfg)
+def _job(cfg: SlimConfig, resolved: dict[str, Any]) -> dict[str, Any]:
+    """mode=quantize and mode=eval: one process per rank under torchrun, a single one otherwise."""
     kernels.configure(cfg.hardware.cpu_kernels)
     no_gemm_kernel_cache()
-    if cfg.mode == "sensitivity":
-        from slim.sensitivity import sensitivity_stage
-
-        return sensitivity_stage(cfg, resolved)
     return_freed_memory_to_os()
     if cfg.hardware.threads:
         torch.set_num_threads(cfg.hardware.threads)
@@ -289,87 +229,50 @@ def run(cfg: SlimConfig, resolved: dict[str, Any]) -> dict[str, Any]:
         shutdown()
 
 
-QUANTIZE_RECORD = "quantize.json"
+def _sensitivity(cfg: SlimConfig, resolved: dict[str, Any]) -> dict[str, Any]:
+    from slim.sensitivity import sensitivity_stage
+
+    kernels.configure(cfg.hardware.cpu_kernels)
+    no_gemm_kernel_cache()
+    return sensitivity_stage(cfg, resolved)
 
 
-def atomic_json(path: Path, obj: Any) -> None:
-    from slim.export import atomic_write_text
-
-    atomic_write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
-
-
-def prepare_output(cfg: SlimConfig, out_dir: Path, fingerprint: str, dist: Dist) -> bool:
-    """Decide what to do with what the run dir already holds. True: its checkpoint is finished and is this run's.
-
-    A finished checkpoint of other settings is never replaced unless ``overwrite=true``; an interrupted export
-    of these settings is resumed (``export.resume``), one of other settings is refused like a finished one.
-    """
-    from slim.resume import ResumeStore
-
-    reusable = False
-    if dist.is_main:
-        run_dir, store = Path(cfg.run_dir), ResumeStore(out_dir, 0, fingerprint)
-        record = run_dir / QUANTIZE_RECORD
-        commit = store.commit_record()
-        if (out_dir / "config.json").is_file():
-            previous = json.loads((out_dir / "config.json").read_text()).get("slim", {}).get("fingerprint")
-            if not cfg.overwrite and (previous != fingerprint or not record.is_file()):
-                raise SlimError(f"{out_dir} already holds a finished checkpoint of other settings; "
-                                "choose another hydra.run.dir or set overwrite=true to replace it")
-            reusable = not cfg.overwrite
-        elif commit and commit["fingerprint"] != fingerprint and not cfg.overwrite:
-            raise SlimError(f"{run_dir} holds an interrupted export of other settings; rerun with the same settings "
-                            "to resume it, or set overwrite=true to start over")
-        if reusable:
-            log.info("%s is already complete for these settings; skipping the quantize stage", out_dir)
-        elif commit and commit["fingerprint"] == fingerprint and cfg.export.resume and not cfg.overwrite:
-            log.info("resuming the interrupted export in %s", out_dir)
-        else:  # nothing usable: start from scratch
-            shutil.rmtree(out_dir, ignore_errors=True)
-            store.clear()
-            record.unlink(missing_ok=True)
-    return bool(dist.gather(reusable)[0])
+MODE_RUNNERS: dict[str, Callable[[SlimConfig, dict[str, Any]], dict[str, Any]]] = {
+    "quantize": _job,
+    "plan": lambda cfg, resolved: plan_stage(cfg),
+    "eval": _job,
+    "sensitivity": _sensitivity,
+}  # keys: slim.config.MODES (validate checks mode against those names before anything is imported)
 
 
-def _baseline_key(cfg: SlimConfig, source: Path) -> str:
-    """The unquantized model's scores depend on the source weights, compute settings, eval settings and tasks."""
-    import lm_eval
-
-    from slim.evaluate import TASKS_DIR
-
-    task_files = sorted(TASKS_DIR.glob("*.yaml")) + sorted((TASKS_DIR.parent / "data").glob("*.jsonl"))
-    payload = {
-        "slim": __version__, "lm_eval": getattr(lm_eval, "__version__", "?"),
-        "source": str(source.resolve()),
-        "source_files": sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in source.glob("*.safetensors")),
-        "model": {k: getattr(cfg.model, k) for k in ("load_type", "dtype")}, "device": cfg.hardware.device,
-        "eval": {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k not in ("name", "baseline", "cache_baseline")},
-        "tasks": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in task_files},
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+def run(cfg: SlimConfig, resolved: dict[str, Any]) -> dict[str, Any]:
+    """Run the configured job in this process (one rank of it under torchrun); returns results.json's content."""
+    validate(cfg)
+    return MODE_RUNNERS[cfg.mode](cfg, resolved)
 
 
-def baseline_metrics(cfg: SlimConfig, source: Path, tokenizer, run_dir: Path) -> tuple[dict, bool]:
-    """The unquantized model's scores, computed once per model and eval settings and reused (``eval.cache_baseline``)."""
-    path = cache_dir() / "baselines" / f"{_baseline_key(cfg, source)}.json"
-    if cfg.eval.cache_baseline and path.is_file():
-        log.info("baseline scores reused from %s", path)
-        return json.loads(path.read_text())["metrics"], True
-    metrics = eval_stage(cfg, source, cfg.model.load_type, tokenizer, run_dir)
-    if cfg.eval.cache_baseline:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_json(path, {"model": str(source), "eval": dataclasses.asdict(cfg.eval), "metrics": metrics})
-    return metrics, False
-
-
-def _previous_results(run_dir: Path, fingerprint: str, eval_key: str) -> dict[str, Any]:
-    """Metrics of an earlier attempt of this very run (same settings), so a rerun skips finished stages."""
-    path = run_dir / "results.json"
-    if not path.is_file():
-        return {}
-    prev = json.loads(path.read_text())
-    same = prev.get("fingerprint") == fingerprint and prev.get("eval_key") == eval_key
-    return prev.get("metrics", {}) if same else {}
+def _evaluate(cfg: SlimConfig, record: RunRecord, source: Path, out_dir: Path, tokenizer,
+              previous: dict[str, Any]) -> None:
+    """The evaluation stages: the unquantized baseline (cached across runs) and the quantized checkpoint, or the
+    source alone in mode=eval; a stage an earlier attempt of this run finished is taken from its results."""
+    results, run_dir = record.results, record.run_dir
+    todo = []
+    if cfg.mode == "quantize" and cfg.eval.baseline:
+        todo.append(("baseline", source))
+    todo.append(("quantized", out_dir) if cfg.mode == "quantize" else ("model", source))
+    for which, target in todo:
+        if which in previous:  # an earlier attempt of this run finished it
+            log.info("eval_%s already done in %s; skipping it", which, run_dir / "results.json")
+            results["metrics"][which] = previous[which]
+            results.setdefault("skipped_stages", []).append(f"eval_{which}")
+            continue
+        with record.stage(f"eval_{which}"):
+            if which == "baseline":
+                results["metrics"][which], results["baseline_cached"] = baseline_metrics(
+                    cfg, source, lambda: eval_stage(cfg, source, cfg.model.load_type, tokenizer, run_dir))
+            else:
+                results["metrics"][which] = eval_stage(cfg, target, cfg.model.load_type, tokenizer, run_dir)
+        record.save()  # a later failure keeps this stage's scores
 
 
 def _run_job(cfg: SlimConfig, resolved: dict[str, Any], dist: Dist) -> dict[str, Any]:
@@ -377,20 +280,15 @@ def _run_job(cfg: SlimConfig, resolved: dict[str, Any], dist: Dist) -> dict[str,
     run_dir.mkdir(parents=True, exist_ok=True)
     out_dir = run_dir / "checkpoint"
     fingerprint = run_fingerprint(cfg, dist.world)
-    eval_key = hashlib.sha256(json.dumps(dataclasses.asdict(cfg.eval), sort_keys=True).encode()).hexdigest()[:16]
+    key = eval_key(cfg)
     done = prepare_output(cfg, out_dir, fingerprint, dist) if cfg.mode == "quantize" else False
-    previous = _previous_results(run_dir, fingerprint, eval_key) if dist.is_main and not cfg.overwrite else {}
+    previous = previous_results(run_dir, fingerprint, key) if dist.is_main and not cfg.overwrite else {}
 
-    stages = Stages()
-    results: dict[str, Any] = {"slim_version": __version__, "mode": cfg.mode, "model": cfg.model.name,
-                               "scheme": cfg.scheme.name, "run_dir": str(run_dir), "world_size": dist.world,
-                               "fingerprint": fingerprint, "eval_key": eval_key, "metrics": {}}
-    logger = cfg.logger if dist.is_main else dataclasses.replace(cfg.logger, mode="disabled")
-    tracker = Tracker(logger, run_dir, resolved, name=f"{cfg.model.name}-{cfg.scheme.name}")
-    exit_code = 1
-    try:
-        with stages("load"):
-            source = prepare_source(cfg) if dist.is_main else Path(cfg.model.path)
+    with RunRecord(cfg, resolved, name=f"{cfg.model.name}-{cfg.scheme.name}", track=dist.is_main,
+                   world_size=dist.world, fingerprint=fingerprint, eval_key=key) as record:
+        results = record.results
+        with record.stage("load"):
+            source = prepare_source(cfg.model) if dist.is_main else Path(cfg.model.path)
             dist.barrier()  # the bf16 conversion (if any) is done once, by rank 0
             tokenizer = _load_tokenizer(source, cfg.model.trust_remote_code)
         if cfg.mode == "quantize":
@@ -398,49 +296,24 @@ def _run_job(cfg: SlimConfig, resolved: dict[str, Any], dist: Dist) -> dict[str,
                 qres = json.loads((run_dir / QUANTIZE_RECORD).read_text())
                 results["skipped_stages"] = ["quantize"]
             else:
-                with stages("quantize"):
+                with record.stage("quantize"):
                     qres = quantize_stage(cfg, source, out_dir, tokenizer, dist, fingerprint)
             results["checkpoint"] = str(out_dir)
             results["checkpoint_bytes"] = qres["checkpoint_bytes"]
             results["quantization"] = {k: qres[k] for k in ("ignored", "fallbacks", "skipped_prefixes", "num_samples")}
-            if not dist.is_main:  # evaluation and records belong to rank 0
-                exit_code = 0
-                return results
-            tracker.modules(qres["modules"])
-            (run_dir / "modules.json").write_text(json.dumps(qres["modules"], indent=1) + "\n")
-        elif not dist.is_main:
-            exit_code = 0
+            if dist.is_main:
+                record.tracker.modules(qres["modules"])
+                (run_dir / "modules.json").write_text(json.dumps(qres["modules"], indent=1) + "\n")
+        if not dist.is_main:  # evaluation and records belong to rank 0
+            record.exit_code = 0
             return results
         if cfg.eval.tasks:
-            todo = []
-            if cfg.mode == "quantize" and cfg.eval.baseline:
-                todo.append(("baseline", source))
-            todo.append(("quantized", out_dir) if cfg.mode == "quantize" else ("model", source))
-            for which, target in todo:
-                if which in previous:  # an earlier attempt of this run finished it
-                    log.info("eval_%s already done in %s; skipping it", which, run_dir / "results.json")
-                    results["metrics"][which] = previous[which]
-                    results.setdefault("skipped_stages", []).append(f"eval_{which}")
-                    continue
-                with stages(f"eval_{which}"):
-                    if which == "baseline":
-                        results["metrics"][which], results["baseline_cached"] = baseline_metrics(
-                            cfg, source, tokenizer, run_dir)
-                    else:
-                        results["metrics"][which] = eval_stage(cfg, target, cfg.model.load_type, tokenizer, run_dir)
-                write_results(run_dir, results)  # a later failure keeps this stage's scores
+            _evaluate(cfg, record, source, out_dir, tokenizer, previous)
         if "baseline" in results["metrics"] and "quantized" in results["metrics"]:
             results["delta"] = metric_deltas(results["metrics"]["baseline"], results["metrics"]["quantized"])
-        results["timings_s"] = stages.seconds
-        results["peak_memory"] = peak_memory()
-        write_results(run_dir, results)
-        tracker.log(flat_metrics(results["metrics"]))
-        tracker.summary({"checkpoint_bytes": results.get("checkpoint_bytes"), **{f"time/{k}": v for k, v in stages.seconds.items()},
-                         **{f"memory/{k}": v for k, v in results["peak_memory"].items()}})
+        record.tracker.log(flat_metrics(results["metrics"]))
+        record.finish({"checkpoint_bytes": results.get("checkpoint_bytes")})
         if results["metrics"]:
             print(results_table(results["metrics"]))
         print(f"results: {run_dir / 'results.json'}" + (f"\ncheckpoint: {out_dir}" if "checkpoint" in results else ""))
-        exit_code = 0
         return results
-    finally:
-        tracker.finish(exit_code)

@@ -91,7 +91,7 @@ class MemoryPlan:
         return "\n".join(rows)
 
 
-def _quantized_bytes(mod: nn.Linear, scheme, group_size: int | None) -> int:
+def quantized_bytes(mod: nn.Linear, scheme, group_size: int | None) -> int:
     n = mod.in_features * mod.out_features
     if scheme.weight_bits == 8:
         return n + 8  # fp8 weight + fp32 weight_scale and input_scale
@@ -130,7 +130,7 @@ def plan_memory(cfg: SlimConfig, model, adapter, ignored: set[str]) -> MemoryPla
 
     def in_flight_bytes(m: nn.Linear) -> int:
         """What one Linear in flight holds: its output, and on the streamed path what it is computed beside."""
-        out, n = _quantized_bytes(m, scheme, cfg.scheme.group_size), m.in_features * m.out_features
+        out, n = quantized_bytes(m, scheme, cfg.scheme.group_size), m.in_features * m.out_features
         if not streamed or (fused and packed):
             return out
         if fused:  # the kernel's int8 codes, a byte per weight, beside the words packed after it
@@ -176,7 +176,7 @@ def plan_memory(cfg: SlimConfig, model, adapter, ignored: set[str]) -> MemoryPla
             host["calibration hidden states (in + out)"] = all_hidden
             hidden_on = "host"
 
-    quantized = sum(_quantized_bytes(m, scheme, cfg.scheme.group_size) for m in targets.values())
+    quantized = sum(quantized_bytes(m, scheme, cfg.scheme.group_size) for m in targets.values())
     other = sum(p.numel() for n, p in model.named_parameters()
                 if not (n.endswith(".weight") and n[: -len(".weight")] in targets)) * dtype_bytes
     plan = MemoryPlan(

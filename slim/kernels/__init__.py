@@ -217,11 +217,15 @@ def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-def _check_block_scale(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> None:
-    """The kernels index the scales by block: a mismatched shape would read out of bounds."""
-    from slim.quant.fp8 import check_block_scale  # slim.quant.fp8 imports this module
-
-    check_block_scale(q, scale_inv, block)
+def check_block_scale(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> None:
+    """``scale_inv`` has one scale per ``block`` of ``q`` (ragged edges included); the error names both shapes.
+    The kernels index the scales by block, so a mismatched shape would read out of bounds; ``slim.quant.fp8``
+    (which sits above this module) checks with the same function."""
+    (rows, cols), (bm, bn) = q.shape, block
+    expected = (-(-rows // bm), -(-cols // bn))
+    if tuple(scale_inv.shape) != expected:
+        raise ValueError(f"weight_scale_inv shape {tuple(scale_inv.shape)} does not match weight {tuple(q.shape)} "
+                         f"with {bm}x{bn} blocks (expected {expected})")
 
 
 def fp8_block_decode(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype,
@@ -233,7 +237,7 @@ def fp8_block_decode(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int,
     if (lib is None or q.device.type != "cpu" or q.dim() != 2 or q.dtype != torch.float8_e4m3fn
             or dtype not in (torch.bfloat16, torch.float32)):
         return None
-    _check_block_scale(q, scale_inv, block)
+    check_block_scale(q, scale_inv, block)
     q = q.contiguous().view(torch.uint8)
     scale = scale_inv.to(torch.float32).contiguous()
     rows, cols = q.shape
@@ -328,7 +332,7 @@ def _fp8_block_int4_call(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[
             or not int4_supported(weight_dtype, group_size, scale_dtype)
             or q.shape[1] % group_size or (pack and group_size % 8)):
         return None
-    _check_block_scale(q, scale_inv, block)
+    check_block_scale(q, scale_inv, block)
     lib, q, scale = library(), q.contiguous(), scale_inv.to(torch.float32).contiguous()  # the same tensors if so
     qp, fp, w_bf16, (rows, cols), (bm, bn) = _ptr(q), _ptr(scale), int(weight_dtype == torch.bfloat16), q.shape, block
     scale_cols = scale.shape[1]

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from slim.config import ModelConfig
+from slim.errors import SlimError
 from slim.export import CheckpointWriter
 from slim.models.checkpoint import CheckpointReader
 
@@ -43,6 +45,17 @@ def convert_fp8_to_bf16(src: str | Path, dst: str | Path, max_shard_bytes: int =
     os.replace(partial, dst)
     log.info("converted %s -> %s (bf16)", src, dst)
     return dst
+
+
+def prepare_source(model: ModelConfig) -> Path:
+    """The checkpoint to read; converts ``model.convert_from`` (FP8) into ``model.path`` (bf16) once if needed."""
+    path = Path(model.path)
+    if not path.exists() and model.convert_from:
+        log.info("converting %s to bf16 into %s (once)", model.convert_from, path)
+        convert_fp8_to_bf16(model.convert_from, path)
+    if not (path / "config.json").is_file():
+        raise SlimError(f"model.path={path} is not a checkpoint directory (no config.json); set model.path")
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:

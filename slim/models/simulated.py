@@ -12,17 +12,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from slim.quant.fp8 import fake_quantize_fp8, fp8_scale
+from slim.quant.fp8 import fake_quantize_input
 from slim.quant.schemes import dequantize_weight
-from slim.quant.stats import absmax
 from slim.quant.types import QuantizedLinear
-
-
-def fake_quantize_input(x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
-    """FP8 quantize-dequantize of a Linear's input: static per-tensor scale, or dynamic per token if None."""
-    if input_scale is not None:
-        return fake_quantize_fp8(x, input_scale.to(x.device))
-    return fake_quantize_fp8(x, fp8_scale(absmax(x, dim=-1, keepdim=True)))
 
 
 class SimQuantLinear(nn.Module):

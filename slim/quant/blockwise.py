@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from slim import kernels
 from slim.quant import int4
+from slim.quant.fp8 import fake_quantize_input
 from slim.quant.schemes import Scheme, dequantize_weight
 from slim.quant.stats import absmax
 from slim.quant.types import QuantizedLinear
@@ -76,8 +77,6 @@ def quantize_blockwise(
     block: int | None = CPU_BLOCK,  # weights per block; None: the whole tensor at once
 ) -> tuple[QuantizedLinear, Quality]:
     """``scheme.quantize(weight.float(), ...)`` and its :class:`Quality`, computed ``block`` weights at a time."""
-    from slim.models.simulated import fake_quantize_input  # simulated imports the numerics, not the reverse
-
     out_features, in_features = weight.shape
     if block is not None and scheme.weight_bits == 4 and weight_observer == "minmax" and out_features:
         fused = _int4_fused(scheme, weight, input_amax, group_size, group_scale_dtype, sample, block)
@@ -116,8 +115,6 @@ def _int4_fused(scheme: Scheme, weight: torch.Tensor, input_amax: torch.Tensor |
                 ) -> tuple[QuantizedLinear, Quality] | None:
     """The int4 minmax path through ``slim.kernels.int4_quantize``; None where the kernel does not apply. The
     output error on ``sample`` is computed as in :func:`quantize_blockwise`, from the kernel's codes."""
-    from slim.models.simulated import fake_quantize_input
-
     out = kernels.int4_quantize(weight, group_size, group_scale_dtype)
     if out is None:
         return None

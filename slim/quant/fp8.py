@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from slim import kernels
-from slim.quant.stats import div_exact
+from slim.kernels import check_block_scale
+from slim.quant.stats import absmax, div_exact
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
@@ -95,15 +96,6 @@ def quantize_fp8_block(
     return q, scale_inv
 
 
-def check_block_scale(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> None:
-    """``scale_inv`` has one scale per ``block`` of ``q`` (ragged edges included); the error names both shapes."""
-    (rows, cols), (bm, bn) = q.shape, block
-    expected = (-(-rows // bm), -(-cols // bn))
-    if tuple(scale_inv.shape) != expected:
-        raise ValueError(f"weight_scale_inv shape {tuple(scale_inv.shape)} does not match weight {tuple(q.shape)} "
-                         f"with {bm}x{bn} blocks (expected {expected})")
-
-
 def dequantize_fp8_block(
     q: torch.Tensor,
     scale_inv: torch.Tensor,
@@ -144,3 +136,10 @@ def dequantize_fp8_block(
         return out
     scale = scale_inv.float().repeat_interleave(bm, 0)[:rows].repeat_interleave(bn, 1)[:, :cols]
     return fp8_to_float32(q).mul_(scale).to(dtype)
+
+
+def fake_quantize_input(x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
+    """FP8 quantize-dequantize of a Linear's input: static per-tensor scale, or dynamic per token if None."""
+    if input_scale is not None:
+        return fake_quantize_fp8(x, input_scale.to(x.device))
+    return fake_quantize_fp8(x, fp8_scale(absmax(x, dim=-1, keepdim=True)))

@@ -74,7 +74,7 @@ def build_groups(linears: dict[str, nn.Linear], layer_prefixes: list[str], kinds
                  group_size: int | None) -> list[Group]:
     """Every Linear in exactly one group; groups of a kind not in ``kinds`` (or that cannot be quantized with
     the group size) have ``candidate=False`` and stay unquantized."""
-    from slim.plan import _quantized_bytes
+    from slim.plan import quantized_bytes
 
     members: dict[tuple[int | None, str | None, str], list[str]] = {}
     for name in linears:
@@ -102,7 +102,7 @@ def build_groups(linears: dict[str, nn.Linear], layer_prefixes: list[str], kinds
         groups.append(Group(
             key=key, kind=kind, layer=layer, pattern=_pattern(where, names, linears), modules=names, params=params,
             kept_bytes=sum(m.weight.numel() * m.weight.element_size() for m in mods),
-            quantized_bytes=0 if bad else sum(_quantized_bytes(m, scheme, group_size) for m in mods),
+            quantized_bytes=0 if bad else sum(quantized_bytes(m, scheme, group_size) for m in mods),
             candidate=candidate, note=note))
     return groups
 

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from slim import __version__
 from slim.calibration.runner import observe, route_all
 from slim.config import SlimConfig
+from slim.run import RunRecord
 from slim.errors import SlimError
 from slim.quant.schemes import SCHEMES
 from slim.sensitivity.groups import KINDS, Group, build_groups, group_row, hydra_override, ignore_patterns
@@ -71,19 +71,12 @@ def _validate(cfg: SlimConfig) -> None:
 
 def sensitivity_stage(cfg: SlimConfig, resolved: dict[str, Any]) -> dict[str, Any]:
     """Rank the candidate groups, search the ignore list, write the reports; returns results.json's content."""
-    from slim.pipeline import Stages
-    from slim.tracking import Tracker, peak_memory, write_results
-
     _validate(cfg)
     if cfg.hardware.threads:
         torch.set_num_threads(cfg.hardware.threads)
     torch.manual_seed(cfg.seed)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    stages = Stages()
-    tracker = Tracker(cfg.logger, run_dir, resolved, name=f"{cfg.model.name}-{cfg.scheme.name}-sensitivity")
-    exit_code = 1
-    try:
+    with RunRecord(cfg, resolved, name=f"{cfg.model.name}-{cfg.scheme.name}-sensitivity", mode="sensitivity") as record:
+        run_dir, stages = record.run_dir, record.stage
         run = _layer_local if cfg.sensitivity.method == "layer_local" else _whole_model
         report = run(cfg, stages, run_dir) | {"timings_s": stages.seconds}
         markdown = to_markdown(report)
@@ -91,27 +84,23 @@ def sensitivity_stage(cfg: SlimConfig, resolved: dict[str, Any]) -> dict[str, An
         (run_dir / "sensitivity.md").write_text(markdown + "\n")
         print(markdown)
         held = report["heldout"]
-        results = {"slim_version": __version__, "mode": "sensitivity", "model": cfg.model.name, "scheme": cfg.scheme.name,
-                   "run_dir": str(run_dir), "metrics": {},
-                   "sensitivity": {k: report[k] for k in ("method", "ignore_layers", "override", "heldout", "bytes")},
-                   "checkpoint_bytes": report["bytes"]["checkpoint"], "timings_s": stages.seconds, "peak_memory": peak_memory()}
+        results = record.results
+        results["sensitivity"] = {k: report[k] for k in ("method", "ignore_layers", "override", "heldout", "bytes")}
+        results["checkpoint_bytes"] = report["bytes"]["checkpoint"]
         if held:
             results["metrics"] = {"baseline": {"heldout": {held["metric"]: held["baseline"]}},
                                   "quantized": {"heldout": {held["metric"]: held["final"]}}}
-        write_results(run_dir, results)
-        tracker.table("sensitivity/ranking", report["ranking"])
+        record.tracker.table("sensitivity/ranking", report["ranking"])
         if report["steps"]:
-            tracker.table("sensitivity/steps", [st | {"kept": ",".join(st["kept"]), "ignore_layers": ",".join(st["ignore_layers"])}
-                                                for st in report["steps"]])
-        tracker.summary({"checkpoint_bytes": report["bytes"]["checkpoint"], **{f"time/{k}": v for k, v in stages.seconds.items()},
-                         **({"sensitivity/baseline": held["baseline"], "sensitivity/final": held["final"]} if held else {})})
+            record.tracker.table("sensitivity/steps", [
+                st | {"kept": ",".join(st["kept"]), "ignore_layers": ",".join(st["ignore_layers"])}
+                for st in report["steps"]])
+        record.finish({"checkpoint_bytes": report["bytes"]["checkpoint"],
+                       **({"sensitivity/baseline": held["baseline"], "sensitivity/final": held["final"]} if held else {})})
         log.info("sensitivity: %.1f s wall (%s)", sum(stages.seconds.values()),
                  ", ".join(f"{k} {v:.1f} s" for k, v in stages.seconds.items()))
         print(f"sensitivity: {run_dir / 'sensitivity.json'}\nresults: {run_dir / 'results.json'}")
-        exit_code = 0
         return results
-    finally:
-        tracker.finish(exit_code)
 
 
 def _setup(cfg: SlimConfig, sim: SimulatedModel, other_bytes: int) -> dict[str, Any]:
@@ -139,11 +128,11 @@ def _whole_model(cfg: SlimConfig, stages, run_dir: Path) -> dict[str, Any]:
     from slim.calibration.data import calibration_tokens
     from slim.models.adapters import adapter_for, build_skeleton, load_config
     from slim.models.loading import DTYPES, load_model
-    from slim.pipeline import prepare_source
+    from slim.models.convert import prepare_source
 
     s = cfg.sensitivity
     with stages("load"):
-        source = prepare_source(cfg)
+        source = prepare_source(cfg.model)
         skeleton, adapter = build_skeleton(load_config(str(source), cfg.model.trust_remote_code), DTYPES[cfg.model.dtype])
         _check_fits(cfg, skeleton, adapter, cfg.calibration.num_samples * cfg.calibration.seq_len)
         del skeleton
@@ -212,11 +201,11 @@ def _layer_local(cfg: SlimConfig, stages, run_dir: Path) -> dict[str, Any]:
     from slim.models.checkpoint import CheckpointReader
     from slim.models.loading import DTYPES
     from slim.models.materialize import materialize, release
-    from slim.pipeline import prepare_source
+    from slim.models.convert import prepare_source
     from slim.quantize import resolve_amax
 
     with stages("load"):
-        source = prepare_source(cfg)
+        source = prepare_source(cfg.model)
         reader = CheckpointReader(source, load_type=cfg.model.load_type)
         reader.check_load_type()
         model, adapter = build_skeleton(load_config(str(source), cfg.model.trust_remote_code), DTYPES[cfg.model.dtype])

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from slim.models.simulated import fake_quantize_input
+from slim.quant.fp8 import fake_quantize_input
 from slim.quant.blockwise import quantize_blockwise
 from slim.quant.schemes import SCHEMES, dequantize_weight
 
