@@ -1,4 +1,4 @@
-"""Host allocator policy: the one owner of glibcs ``mallopt``/``malloc_trim`` calls (glibc only; elsewhere, and
+"""Host allocator policy: the one owner of glibc's ``mallopt``/``malloc_trim`` calls (glibc only; elsewhere, and
 under ``SLIM_MALLOPT=0``, nothing changes).
 
 Every run starts with :func:`return_freed_memory_to_os`; the CPU weight path then applies
@@ -6,8 +6,7 @@ Every run starts with :func:`return_freed_memory_to_os`; the CPU weight path the
 
 glibc serves large allocations (128 KiB and up, by default) with pages of their own and returns them to the
 kernel on free. The CPU weight path allocates and frees float32 temporaries of ~1 MB per row block of every
-weight, so each one page-faults anew: on 3 DeepSeek-R1-shaped layers, 6.6 M page faults and 19.2 s in
-``quantize_model`` without this policy, 0.6 M and 11.2 s with it. ``keep_temporaries_in_heap`` serves
+weight, so each one page-faults anew (experiments/bench/NOTES.md has the measurements). ``keep_temporaries_in_heap`` serves
 allocations up to ``MMAP_THRESHOLD`` from the heap, which keeps up to ``TRIM_THRESHOLD`` free at its top for
 the next block. Heap pages freed below live chunks are not returned by free(), so ``release_free_heap``
 (glibc's ``malloc_trim``), called after each layer, hands them back: peak memory stays one layer at any depth.
