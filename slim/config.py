@@ -23,7 +23,7 @@ SCHEMES = ("fp8_static", "w4a8", "w4a8_dynamic")
 LOAD_TYPES = ("fp8", "bf16")
 MODES = ("quantize", "plan", "eval", "sensitivity")
 FORMAT_NAMES = ("compressed-tensors", "fp8_native")  # slim.formats.FORMATS' keys, without importing the formats
-DTYPES = ("bfloat16", "float16", "float32")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 CALIBRATION_SOURCES = ("embedded", "jsonl", "hf", "none")
 
 
@@ -34,7 +34,9 @@ class ModelConfig:
     load_type: str = "fp8"  # seed: fp8 = DeepSeek 128x128 block-FP8 weights, bf16 = plain floating-point weights
     low_cpu_mem_usage: bool = True  # seed: keep weights on the host, stream one layer at a time
     device_map: str = "cpu"  # seed: where weights wait between layers
-    dtype: str = "bfloat16"  # compute dtype for calibration and evaluation
+    # compute dtype of calibration and evaluation (and the skeleton's); auto: bfloat16 on GPUs and CPUs with native
+    # bf16 matmuls, float32 on other CPUs (slim.models.loading.resolve_dtype)
+    dtype: str = "auto"
     trust_remote_code: bool = False
     convert_from: str | None = None  # fp8 checkpoint converted into `path` (bf16) when `path` is missing
     copy_mtp: bool = False  # copy DeepSeek's multi-token-prediction layer through unquantized

@@ -30,6 +30,7 @@ from slim.errors import SlimError
 from slim.export import finalize_checkpoint
 from slim.hostmem import no_gemm_kernel_cache, return_freed_memory_to_os
 from slim.models.convert import prepare_source
+from slim.models.loading import resolve_dtype, torch_dtype
 from slim.run import RunRecord
 from slim.rundir import QUANTIZE_RECORD, atomic_json, eval_key, prepare_output, previous_results, run_fingerprint
 from slim.tracking import flat_metrics, metric_deltas, results_table, write_results
@@ -55,7 +56,6 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     from slim.hostmem import keep_temporaries_in_heap
     from slim.models.adapters import build_skeleton, load_config
     from slim.models.checkpoint import CheckpointReader
-    from slim.models.loading import DTYPES
     from slim.quant.schemes import SCHEMES
     from slim.plan import GiB, plan_memory
     from slim.quantize import kernel_path, quantize_model
@@ -74,7 +74,8 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     reader = CheckpointReader(source, load_type=cfg.model.load_type)
     reader.check_load_type()
     src_config = reader.config()
-    model, adapter = build_skeleton(load_config(str(source), cfg.model.trust_remote_code), DTYPES[cfg.model.dtype])
+    dtype = torch_dtype(cfg.model.dtype, cfg.hardware.device)
+    model, adapter = build_skeleton(load_config(str(source), cfg.model.trust_remote_code), dtype)
     adapter.open_reader(reader, model.config)
     selection = select_targets(model, cfg.scheme.ignore_layers)
     calibrate = cfg.calibration.source != "none"
@@ -140,7 +141,7 @@ def checkpoint_config(cfg: SlimConfig, src_config: dict[str, Any], fmt, scheme, 
     """The exported ``config.json``: the source's, with the format's ``quantization_config`` and slim's own block
     (scheme, ignore list, calibration set digest, fingerprint)."""
     config = {k: v for k, v in src_config.items() if k != "quantization_config"}
-    config["torch_dtype"] = config["dtype"] = cfg.model.dtype
+    config["torch_dtype"] = config["dtype"] = resolve_dtype(cfg.model.dtype, cfg.hardware.device)
     config["quantization_config"] = fmt.quantization_config(
         scheme.name, result.ignored, cfg.scheme.group_size, not scheme.static_activations
     )
@@ -193,14 +194,14 @@ def eval_stage(cfg: SlimConfig, path: Path, load_type: str, tokenizer, workdir: 
 def plan_stage(cfg: SlimConfig) -> dict[str, Any]:
     """mode=plan: size the run from config.json alone; exit non-zero (SlimError) when it does not fit."""
     from slim.models.adapters import build_skeleton, load_config
-    from slim.models.loading import DTYPES
     from slim.plan import plan_memory
     from slim.targets import select_targets
 
     path = Path(cfg.model.path)
     if not (path / "config.json").is_file():
         raise SlimError(f"model.path={path} has no config.json; mode=plan needs only that file")
-    model, adapter = build_skeleton(load_config(str(path), cfg.model.trust_remote_code), DTYPES[cfg.model.dtype])
+    dtype = torch_dtype(cfg.model.dtype, cfg.hardware.device)
+    model, adapter = build_skeleton(load_config(str(path), cfg.model.trust_remote_code), dtype)
     selection = select_targets(model, cfg.scheme.ignore_layers)
     plan = plan_memory(cfg, model, adapter, selection.ignored)
     print(plan.table())
@@ -248,6 +249,9 @@ MODE_RUNNERS: dict[str, Callable[[SlimConfig, dict[str, Any]], dict[str, Any]]] 
 def run(cfg: SlimConfig, resolved: dict[str, Any]) -> dict[str, Any]:
     """Run the configured job in this process (one rank of it under torchrun); returns results.json's content."""
     validate(cfg)
+    cfg.model.dtype = resolve_dtype(cfg.model.dtype, cfg.hardware.device)
+    if isinstance(resolved.get("model"), dict):
+        resolved["model"]["dtype"] = cfg.model.dtype  # what W&B and the records show
     return MODE_RUNNERS[cfg.mode](cfg, resolved)
 
 

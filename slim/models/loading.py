@@ -22,6 +22,30 @@ from slim.models.simulated import SimQuantLinear, swap_in
 log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# CPU kernel capabilities (torch.backends.cpu.get_cpu_capability()) whose bf16 matmuls run on native bf16 or
+# AVX-512 units; elsewhere (AVX2, NEON without bf16, ...) a bf16 matmul is converted element by element and runs
+# several times slower than float32 (see experiments/bench/NOTES.md)
+NATIVE_BF16_CAPABILITIES = ("AVX512", "AVX512_BF16", "AMX", "SVE256", "SVE")
+
+
+def resolve_dtype(name: str, device: str) -> str:
+    """``model.dtype``: an explicit dtype as given; ``auto`` is bfloat16 on GPUs and on CPUs with native bf16 (or
+    AVX-512) matmuls, float32 on other CPUs. The resolved dtype is the skeleton's, so it is the compute dtype of
+    calibration and evaluation, the dtype block-FP8 weights are decoded into, and ``config.json``'s dtype."""
+    if name != "auto":
+        return name
+    if not device.startswith("cpu"):
+        return "bfloat16"
+    capability = torch.backends.cpu.get_cpu_capability()
+    dtype = "bfloat16" if capability.startswith(NATIVE_BF16_CAPABILITIES) else "float32"
+    log.info("model.dtype=auto: computing in %s (CPU capability %s%s)", dtype, capability,
+             "" if dtype == "bfloat16" else ": no native bf16 matmul; model.dtype=bfloat16 forces bf16")
+    return dtype
+
+
+def torch_dtype(name: str, device: str) -> torch.dtype:
+    """The torch dtype of ``model.dtype`` (``auto`` resolved for ``device``)."""
+    return DTYPES[resolve_dtype(name, device)]
 
 
 def load_model(path: str, load_type: str = "bf16", dtype: str = "bfloat16", trust_remote_code: bool = False,
@@ -30,7 +54,7 @@ def load_model(path: str, load_type: str = "bf16", dtype: str = "bfloat16", trus
     from slim.formats import detect_format, quantized_modules
 
     config = load_config(path, trust_remote_code)
-    model, adapter = build_skeleton(config, DTYPES[dtype])
+    model, adapter = build_skeleton(config, torch_dtype(dtype, device))
     qcfg = getattr(config, "quantization_config", None)
     try:
         fmt = detect_format(qcfg if isinstance(qcfg, dict) else None)
@@ -43,7 +67,7 @@ def load_model(path: str, load_type: str = "bf16", dtype: str = "bfloat16", trus
     else:
         for name, tensor_names in quantized_modules(reader.names(), fmt).items():
             q = fmt.read(name, {n: reader.raw(n) for n in tensor_names})
-            bias = reader.get(name + ".bias", DTYPES[dtype]) if name + ".bias" in reader else None
+            bias = reader.get(name + ".bias", model.dtype) if name + ".bias" in reader else None
             swap_in(model, name, SimQuantLinear(q, bias))
     materialize_rest(model, reader, device)
     model.to(device)

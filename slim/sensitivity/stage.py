@@ -127,13 +127,14 @@ def _whole_model(cfg: SlimConfig, stages, run_dir: Path) -> dict[str, Any]:
 
     from slim.calibration.data import calibration_tokens
     from slim.models.adapters import adapter_for, build_skeleton, load_config
-    from slim.models.loading import DTYPES, load_model
+    from slim.models.loading import load_model, torch_dtype
     from slim.models.convert import prepare_source
 
     s = cfg.sensitivity
     with stages("load"):
         source = prepare_source(cfg.model)
-        skeleton, adapter = build_skeleton(load_config(str(source), cfg.model.trust_remote_code), DTYPES[cfg.model.dtype])
+        skeleton, adapter = build_skeleton(load_config(str(source), cfg.model.trust_remote_code),
+                                           torch_dtype(cfg.model.dtype, cfg.hardware.device))
         _check_fits(cfg, skeleton, adapter, cfg.calibration.num_samples * cfg.calibration.seq_len)
         del skeleton
         tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=cfg.model.trust_remote_code)
@@ -199,7 +200,7 @@ def _layer_local(cfg: SlimConfig, stages, run_dir: Path) -> dict[str, Any]:
     from slim.calibration.data import calibration_tokens
     from slim.models.adapters import build_skeleton, load_config
     from slim.models.checkpoint import CheckpointReader
-    from slim.models.loading import DTYPES
+    from slim.models.loading import torch_dtype
     from slim.models.materialize import materialize, release
     from slim.models.convert import prepare_source
     from slim.quantize import resolve_amax
@@ -208,7 +209,8 @@ def _layer_local(cfg: SlimConfig, stages, run_dir: Path) -> dict[str, Any]:
         source = prepare_source(cfg.model)
         reader = CheckpointReader(source, load_type=cfg.model.load_type)
         reader.check_load_type()
-        model, adapter = build_skeleton(load_config(str(source), cfg.model.trust_remote_code), DTYPES[cfg.model.dtype])
+        model, adapter = build_skeleton(load_config(str(source), cfg.model.trust_remote_code),
+                                        torch_dtype(cfg.model.dtype, cfg.hardware.device))
         adapter.open_reader(reader, model.config)
         tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=cfg.model.trust_remote_code)
     device = torch.device(cfg.hardware.device)
