@@ -19,7 +19,6 @@ from slim.errors import SlimError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
-SCHEMES = ("fp8_static", "w4a8", "w4a8_dynamic")
 LOAD_TYPES = ("fp8", "bf16")
 MODES = ("quantize", "plan", "eval", "sensitivity")
 FORMAT_NAMES = ("compressed-tensors", "fp8_native")  # slim.formats.FORMATS' keys, without importing the formats
@@ -43,6 +42,18 @@ class ModelConfig:
 
 
 @dataclass
+class QuantArgsConfig:
+    """One side of a scheme (weights or input activations): the fields of compressed-tensors' ``QuantizationArgs``
+    that slim reads. A weights block takes its group size from ``scheme.group_size``."""
+
+    type: str = "float"  # float | int
+    num_bits: int = 8
+    strategy: str = "tensor"  # tensor | group (weights); tensor | token (activations)
+    dynamic: bool = False  # activations: scales computed per token at run time instead of calibrated
+    symmetric: bool = True
+
+
+@dataclass
 class SchemeConfig:
     name: str = MISSING  # seed: quantization.name
     bits: int = 8  # seed: quantization.bits (weight bits)
@@ -55,6 +66,9 @@ class SchemeConfig:
     weight_observer: str = "minmax"
     activation_observer: str = "minmax"
     format: str = "compressed-tensors"
+    # what the scheme does, as data (slim.quant.schemes.scheme_from_config); null: the built-in preset of `name`
+    weights: QuantArgsConfig | None = None
+    input_activations: QuantArgsConfig | None = None  # null with weights set: weight-only
 
 
 @dataclass
@@ -181,6 +195,8 @@ def register_configs() -> None:
         cs.store(group=group, name=f"base_{group}", node=node)
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", lambda name: str(ASSETS / name))
+    if not OmegaConf.has_resolver("strategy"):  # scheme.quant_method (seed key) -> QuantizationArgs strategy
+        OmegaConf.register_new_resolver("strategy", lambda method: str(method).removeprefix("per-"))
 
 
 def _choice(value: Any, valid: tuple[str, ...], key: str) -> None:
@@ -188,12 +204,29 @@ def _choice(value: Any, valid: tuple[str, ...], key: str) -> None:
         raise SlimError(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
 
 
+def _scheme(s: SchemeConfig):
+    """The scheme the config describes; its errors name the keys to fix."""
+    from slim.quant.schemes import scheme_from_config
+
+    try:
+        scheme = scheme_from_config(s)
+    except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
+        reason = str(exc).splitlines()[0].removeprefix(f"scheme {s.name}: ")
+        raise SlimError(f"scheme={s.name}: {reason} (set scheme.weights / "
+                        "scheme.input_activations, or scheme.bits / scheme.quant_method)") from None
+    if s.weights is not None and s.bits != scheme.weight_bits:
+        raise SlimError(f"scheme.bits={s.bits} but scheme.weights.num_bits={scheme.weight_bits}: set them alike")
+    if (s.quant_method == "per-group") != scheme.per_group:
+        raise SlimError(f"scheme={s.name} quantizes weights {'per group' if scheme.per_group else 'per tensor'}: "
+                        f"set scheme.quant_method={'per-group' if scheme.per_group else 'per-tensor'}")
+    return scheme
+
+
 def validate(cfg: SlimConfig) -> SlimConfig:
     """Cross-field checks. Raises SlimError naming the key and the fix."""
     _choice(cfg.mode, MODES, "mode")
     _choice(cfg.model.load_type, LOAD_TYPES, "model.load_type")
     _choice(cfg.model.dtype, DTYPES, "model.dtype")
-    _choice(cfg.scheme.name, SCHEMES, "scheme.name")
     _choice(cfg.scheme.quant_method, ("per-tensor", "per-group"), "scheme.quant_method")
     _choice(cfg.calibration.source, CALIBRATION_SOURCES, "calibration.source")
     _choice(cfg.calibration.propagate, ("unquantized", "quantized"), "calibration.propagate")
@@ -213,8 +246,7 @@ def validate(cfg: SlimConfig) -> SlimConfig:
             raise SlimError(f"scheme.quant_method=per-group needs a positive scheme.group_size (got {s.group_size})")
     elif s.group_size is not None:
         raise SlimError("scheme.group_size is only used with scheme.quant_method=per-group; set it to null")
-    if s.name == "fp8_static" and (s.bits != 8 or s.quant_method != "per-tensor"):
-        raise SlimError("fp8_static quantizes weights to 8 bits per-tensor: set scheme.bits=8 scheme.quant_method=per-tensor")
+    scheme = _scheme(s)
     if cfg.model.low_cpu_mem_usage and not s.low_memory:
         raise SlimError("model.low_cpu_mem_usage=true runs with weights on the host, which needs "
                         "scheme.low_memory=true (or set model.low_cpu_mem_usage=false)")
@@ -227,10 +259,10 @@ def validate(cfg: SlimConfig) -> SlimConfig:
         raise SlimError("export.max_shard_mb and export.commit_every must be positive")
     c = cfg.calibration
     if c.source == "none":
-        from slim.quant.schemes import SCHEMES as SPECS
+        from slim.quant.schemes import SCHEMES as PRESETS
 
-        if SPECS[s.name].static_activations:
-            dynamic = [n for n, spec in SPECS.items() if not spec.static_activations]
+        if scheme.static_activations:
+            dynamic = [n for n, spec in PRESETS.items() if not spec.static_activations]
             raise SlimError(
                 f"scheme={s.name} stores static activation scales, which come from calibration: choose "
                 f"calibration=embedded (or jsonl/hf), or a dynamic-activation scheme: {', '.join(dynamic)}")

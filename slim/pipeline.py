@@ -56,7 +56,7 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     from slim.hostmem import keep_temporaries_in_heap
     from slim.models.adapters import build_skeleton, load_config
     from slim.models.checkpoint import CheckpointReader
-    from slim.quant.schemes import SCHEMES
+    from slim.quant.schemes import scheme_from_config
     from slim.plan import GiB, plan_memory
     from slim.quantize import kernel_path, quantize_model
     from slim.resume import ResumeStore
@@ -96,7 +96,7 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
         ids = None
         log.info("calibration off (calibration=none): weights only, no forward pass; activations are "
                  "quantized per token at run time")
-    scheme = SCHEMES[cfg.scheme.name]
+    scheme = scheme_from_config(cfg.scheme)
     fmt = FORMATS[cfg.scheme.format]  # a known name: validate checked it
     # calibration off on a CPU with the kernels: they do the work, torch only small ops (see torch_single_threaded)
     on_kernels = kernel_path(ids is not None, dist.device.type)
@@ -143,7 +143,7 @@ def checkpoint_config(cfg: SlimConfig, src_config: dict[str, Any], fmt, scheme, 
     config = {k: v for k, v in src_config.items() if k != "quantization_config"}
     config["torch_dtype"] = config["dtype"] = resolve_dtype(cfg.model.dtype, cfg.hardware.device)
     config["quantization_config"] = fmt.quantization_config(
-        scheme.name, result.ignored, cfg.scheme.group_size, not scheme.static_activations
+        scheme, result.ignored, cfg.scheme.group_size, not scheme.static_activations
     )
     config["slim"] = {
         "version": __version__,

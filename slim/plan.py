@@ -22,7 +22,7 @@ from slim.directio import STAGE_BUFFERS, stage_bytes_for
 from slim.export import MAX_QUEUED_BYTES
 from slim.formats import FORMATS
 from slim.models.checkpoint import DECODE_CHUNK_BYTES
-from slim.quant.schemes import SCHEMES
+from slim.quant.schemes import scheme_from_config
 from slim.quantize import STREAM_AHEAD, STREAM_AHEAD_BYTES, kernel_path, streamed_int4
 
 GiB = 2**30
@@ -104,7 +104,7 @@ def plan_memory(cfg: SlimConfig, model, adapter, ignored: set[str]) -> MemoryPla
     hw, cal, conf = cfg.hardware, cfg.calibration, model.config
     world = hw.nodes * hw.procs_per_node
     dtype_bytes = torch.finfo(model.dtype).bits // 8
-    scheme = SCHEMES[cfg.scheme.name]
+    scheme = scheme_from_config(cfg.scheme)
     layers = adapter.layers(model)
     layer_params = [sum(p.numel() for p in layer.parameters()) for layer in layers]
     big = max(range(len(layers)), key=layer_params.__getitem__)

@@ -23,20 +23,22 @@ ROUTER_IGNORE = "re:.*mlp.gate$"
 
 
 def dynamic_twin(spec: Scheme) -> Scheme | None:
-    """The scheme with the same weights and the other activation mode (w4a8 <-> w4a8_dynamic), if any."""
+    """The preset with the same kind of weights and the other activation mode (w4a8 <-> w4a8_dynamic), if any."""
     return next(
-        (s for s in SCHEMES.values() if (s.weight_bits, s.per_group) == (spec.weight_bits, spec.per_group)
-         and s.static_activations != spec.static_activations),
+        (s for s in SCHEMES.values() if s.handler == spec.handler and s.static_activations != spec.static_activations),
         None,
     )
 
 
-def resolve_scheme(scheme: str, dynamic_activations: bool | None = None) -> Scheme:
-    """Look ``scheme`` up in ``slim.quant.schemes.SCHEMES``; ``dynamic_activations=True`` turns ``w4a8``
-    into ``w4a8_dynamic`` (and False the reverse)."""
-    if scheme not in SCHEMES:
+def resolve_scheme(scheme: str | Scheme, dynamic_activations: bool | None = None) -> Scheme:
+    """A :class:`Scheme` as given, or a preset looked up in ``slim.quant.schemes.SCHEMES`` by name;
+    ``dynamic_activations=True`` turns ``w4a8`` into ``w4a8_dynamic`` (and False the reverse)."""
+    if isinstance(scheme, Scheme):
+        spec = scheme
+    elif scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; valid schemes: {', '.join(SCHEMES)}")
-    spec = SCHEMES[scheme]
+    else:
+        spec = SCHEMES[scheme]
     if dynamic_activations is None or dynamic_activations != spec.static_activations:
         return spec
     twin = dynamic_twin(spec)
@@ -45,7 +47,7 @@ def resolve_scheme(scheme: str, dynamic_activations: bool | None = None) -> Sche
     static = [s.name for s in SCHEMES.values() if s.static_activations]
     dynamic = [s.name for s in SCHEMES.values() if not s.static_activations]
     raise ValueError(
-        f"scheme {scheme!r} has {'static' if spec.static_activations else 'dynamic'} activations but "
+        f"scheme {spec.name!r} has {'static' if spec.static_activations else 'dynamic'} activations but "
         f"dynamic_activations={dynamic_activations}; static-activation schemes: {', '.join(static)}; "
         f"dynamic-activation schemes: {', '.join(dynamic)}"
     )
@@ -77,13 +79,13 @@ def check_module_name(module_name: str) -> None:
         )
 
 
-def check_quantized(module_name: str, q: QuantizedLinear, scheme: str, group_size: int | None = None) -> None:
+def check_quantized(module_name: str, q: QuantizedLinear, scheme: str | Scheme, group_size: int | None = None) -> None:
     """Fail with the fix when ``q`` does not hold what ``scheme`` stores (bits, groups, input_scale)."""
     spec = resolve_scheme(scheme)
     if q.weight_bits != spec.weight_bits:
         raise ValueError(
-            f"{module_name} is quantized to {q.weight_bits}-bit weights but scheme {scheme} stores "
-            f"{spec.weight_bits}-bit weights; quantize it with {scheme} or add it to ignore_layers"
+            f"{module_name} is quantized to {q.weight_bits}-bit weights but scheme {spec.name} stores "
+            f"{spec.weight_bits}-bit weights; quantize it with {spec.name} or add it to ignore_layers"
         )
     if spec.per_group and group_size is not None and q.group_size != group_size:
         raise ValueError(
@@ -92,13 +94,13 @@ def check_quantized(module_name: str, q: QuantizedLinear, scheme: str, group_siz
         )
     if not spec.static_activations and q.input_scale is not None:
         raise ValueError(
-            f"{module_name} carries a static input_scale but {scheme} computes activation scales per token "
+            f"{module_name} carries a static input_scale but {spec.name} computes activation scales per token "
             "at run time (vLLM has no parameter to load it into); pass input_scale=None"
         )
     if spec.static_activations and q.input_scale is None:
         twin = dynamic_twin(spec)
         raise ValueError(
-            f"{module_name} has no input_scale but {scheme} uses a static per-tensor FP8 activation scale; "
+            f"{module_name} has no input_scale but {spec.name} uses a static per-tensor FP8 activation scale; "
             "calibrate it (experts with no routed token take their layer's max, see calibration)"
             + (f" or use scheme {twin.name}" if twin else "")
         )

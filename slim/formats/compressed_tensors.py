@@ -48,6 +48,7 @@ from slim.formats.base import (
 )
 from slim.formats.fp8_tensors import dequantize_fp8_linear, fp8_tensors, read_fp8
 from slim.quant.int4 import INT4_MAX, INT4_MIN
+from slim.quant.schemes import weight_key
 from slim.quant.types import QuantizedLinear
 
 
@@ -68,29 +69,6 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous().view(torch.int32)
 
 
-def _fp8_weights(group_size: int | None) -> QuantizationArgs:
-    """FP8 e4m3 weights, one static symmetric scale per tensor (preset ``FP8``'s weights)."""
-    return QuantizationArgs(
-        num_bits=8,
-        type=QuantizationType.FLOAT,
-        strategy=QuantizationStrategy.TENSOR,
-        symmetric=True,
-        dynamic=False,
-    )
-
-
-def _int4_weights(group_size: int | None) -> QuantizationArgs:
-    """int4 symmetric weights, one static scale per ``group_size`` input columns (preset ``W4AFP8``'s)."""
-    return QuantizationArgs(
-        num_bits=4,
-        type=QuantizationType.INT,
-        strategy=QuantizationStrategy.GROUP,
-        group_size=group_size,
-        symmetric=True,
-        dynamic=False,
-    )
-
-
 def _fp8_activations(dynamic: bool) -> QuantizationArgs:
     """FP8 e4m3 activations: static per-tensor (``input_scale``) or dynamic per-token."""
     return QuantizationArgs(
@@ -102,14 +80,21 @@ def _fp8_activations(dynamic: bool) -> QuantizationArgs:
     )
 
 
-# weight_bits -> (weight QuantizationArgs factory, compressed-tensors format of those weights)
-_WEIGHTS: dict[int, tuple[Callable[[int | None], QuantizationArgs], CompressionFormat]] = {
-    8: (_fp8_weights, CompressionFormat.float_quantized),
-    # Set explicitly: compressed-tensors' own inference (``infer_module_format``) would pick
-    # ``int-quantized`` (unpacked int8) for int weights with FP8 activations, but vLLM's W4A8-FP8
-    # scheme loads ``weight_packed`` (``CompressedTensorsW4A8Fp8.create_weights``).
-    4: (_int4_weights, CompressionFormat.pack_quantized),
+# weight handler (slim.quant.schemes.WEIGHT_HANDLERS' key) -> compressed-tensors format of those weights. Set
+# explicitly: compressed-tensors' own inference (``infer_module_format``) would pick ``int-quantized`` (unpacked int8)
+# for int weights with FP8 activations, but vLLM's W4A8-FP8 scheme loads ``weight_packed``
+# (``CompressedTensorsW4A8Fp8.create_weights``).
+_WEIGHT_FORMATS: dict[tuple[str, str, int], CompressionFormat] = {
+    ("float", "tensor", 8): CompressionFormat.float_quantized,
+    ("int", "group", 4): CompressionFormat.pack_quantized,
 }
+
+
+def _weights(spec: Scheme, group_size: int | None) -> QuantizationArgs:
+    """The scheme's weight args as one config group states them (``group_size`` only for grouped weights)."""
+    w = spec.weights
+    return QuantizationArgs(num_bits=w.num_bits, type=w.type, strategy=w.strategy, symmetric=w.symmetric,
+                            dynamic=False, **({"group_size": group_size} if spec.per_group else {}))
 
 
 class CompressedTensorsFormat:
@@ -123,8 +108,9 @@ class CompressedTensorsFormat:
         self.group_scale_dtype = group_scale_dtype
         self.targets = list(targets)
 
-    def supports(self, scheme: str) -> bool:
-        return scheme in SCHEMES
+    def supports(self, scheme: str | Scheme) -> bool:
+        """Every weight handler slim has (FP8 per tensor, int4 per group) with static or dynamic activations."""
+        return isinstance(scheme, Scheme) or scheme in SCHEMES
 
     # ---- tensors ---------------------------------------------------------------------------------
     def tensors(self, module_name: str, q: QuantizedLinear) -> dict[str, torch.Tensor]:
@@ -225,22 +211,21 @@ class CompressedTensorsFormat:
 
     # ---- config ----------------------------------------------------------------------------------
     def scheme(
-        self, scheme: str, group_size: int | None = None, dynamic_activations: bool | None = None
+        self, scheme: str | Scheme, group_size: int | None = None, dynamic_activations: bool | None = None
     ) -> QuantizationScheme:
         """The compressed-tensors ``QuantizationScheme`` (one config group) for a slim scheme."""
         spec = resolve_scheme(scheme, dynamic_activations)
         _check_group_arg(spec, group_size)
-        weights, fmt = _WEIGHTS[spec.weight_bits]
         return QuantizationScheme(
             targets=self.targets,
-            weights=weights(group_size),
+            weights=_weights(spec, group_size),
             input_activations=_fp8_activations(not spec.static_activations),
-            format=fmt,
+            format=_WEIGHT_FORMATS[weight_key(spec.weights)],
         )
 
     def quantization_config(
         self,
-        scheme: str,
+        scheme: str | Scheme,
         ignore: Sequence[str],
         group_size: int | None = None,
         dynamic_activations: bool | None = None,

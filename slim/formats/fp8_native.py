@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from slim.formats.base import dedupe, resolve_scheme
+from slim.formats.base import SCHEMES, Scheme, dedupe, resolve_scheme
 from slim.formats.fp8_tensors import FP8_SUFFIXES, dequantize_fp8_linear, fp8_tensors, read_fp8
 from slim.quant.types import QuantizedLinear
 
@@ -34,8 +34,10 @@ class Fp8NativeFormat:
     group_scale_dtype: torch.dtype | None = None
     packs_int4 = False  # FP8 only
 
-    def supports(self, scheme: str) -> bool:
-        return scheme == "fp8_static"
+    def supports(self, scheme: str | Scheme) -> bool:
+        """FP8 per-tensor weights with static per-tensor FP8 activations (what ``fp8_static`` describes)."""
+        spec = resolve_scheme(scheme) if isinstance(scheme, Scheme) or scheme in SCHEMES else None
+        return spec is not None and spec.handler == SCHEMES["fp8_static"].handler and spec.static_activations
 
     def tensors(self, module_name: str, q: QuantizedLinear) -> dict[str, torch.Tensor]:
         if q.weight_bits != 8:
@@ -58,7 +60,7 @@ class Fp8NativeFormat:
 
     def quantization_config(
         self,
-        scheme: str,
+        scheme: str | Scheme,
         ignore: Sequence[str],
         group_size: int | None = None,
         dynamic_activations: bool | None = None,
@@ -69,7 +71,7 @@ class Fp8NativeFormat:
         (no regexes), and resolves fused layers (``qkv_proj``) through their unfused shard names.
         """
         spec = resolve_scheme(scheme, dynamic_activations)
-        if not self.supports(spec.name):
+        if not self.supports(spec):
             raise ValueError(
                 f"format {self.name} stores fp8_static only, not {spec.name}; use format=compressed-tensors"
             )

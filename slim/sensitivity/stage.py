@@ -17,7 +17,7 @@ from slim.calibration.runner import observe, route_all
 from slim.config import SlimConfig
 from slim.run import RunRecord
 from slim.errors import SlimError
-from slim.quant.schemes import SCHEMES
+from slim.quant.schemes import scheme_from_config
 from slim.sensitivity.groups import KINDS, Group, build_groups, group_row, hydra_override, ignore_patterns
 from slim.sensitivity.report import to_markdown
 from slim.sensitivity.search import checkpoint_sizes, greedy_search, heldout_metric, reference_row
@@ -140,7 +140,8 @@ def _whole_model(cfg: SlimConfig, stages, run_dir: Path) -> dict[str, Any]:
         tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=cfg.model.trust_remote_code)
         model = load_model(str(source), load_type=cfg.model.load_type, dtype=cfg.model.dtype,
                            trust_remote_code=cfg.model.trust_remote_code, device=cfg.hardware.device)
-    sim = SimulatedModel(model, adapter_for(model.config), SCHEMES[cfg.scheme.name], cfg, torch.device(cfg.hardware.device))
+    sim = SimulatedModel(model, adapter_for(model.config), scheme_from_config(cfg.scheme), cfg,
+                         torch.device(cfg.hardware.device))
     weights = {id(m.weight) for m in sim.linears.values()}
     ctx = _setup(cfg, sim, sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in weights))
     groups, other_bytes, report = ctx["groups"], ctx["other_bytes"], ctx["report"]
@@ -214,7 +215,7 @@ def _layer_local(cfg: SlimConfig, stages, run_dir: Path) -> dict[str, Any]:
         adapter.open_reader(reader, model.config)
         tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=cfg.model.trust_remote_code)
     device = torch.device(cfg.hardware.device)
-    sim = SimulatedModel(model, adapter, SCHEMES[cfg.scheme.name], cfg, device)
+    sim = SimulatedModel(model, adapter, scheme_from_config(cfg.scheme), cfg, device)
     weights = {id(m.weight) for m in sim.linears.values()}
     ctx = _setup(cfg, sim, sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in weights))
     groups, other_bytes, report = ctx["groups"], ctx["other_bytes"], ctx["report"]
