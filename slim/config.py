@@ -72,6 +72,13 @@ class SchemeConfig:
 
 
 @dataclass
+class AlgorithmConfig:
+    """The per-layer step between observing a layer and quantizing it (slim.algorithms.ALGORITHMS)."""
+
+    name: str = "rtn"
+
+
+@dataclass
 class HardwareConfig:
     name: str = MISSING
     nodes: int = 1
@@ -168,6 +175,7 @@ class SensitivityConfig:
 class SlimConfig:
     model: ModelConfig = MISSING
     scheme: SchemeConfig = MISSING
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     hardware: HardwareConfig = MISSING
     calibration: CalibrationConfig = MISSING
     eval: EvalConfig = MISSING
@@ -187,6 +195,7 @@ def register_configs() -> None:
     for group, node in (
         ("model", ModelConfig),
         ("scheme", SchemeConfig),
+        ("algorithm", AlgorithmConfig),
         ("hardware", HardwareConfig),
         ("calibration", CalibrationConfig),
         ("eval", EvalConfig),
@@ -239,6 +248,9 @@ def validate(cfg: SlimConfig) -> SlimConfig:
 
     _choice(cfg.scheme.weight_observer, tuple(WEIGHT_OBSERVERS), "scheme.weight_observer")
     _choice(cfg.scheme.activation_observer, tuple(ACTIVATION_OBSERVERS), "scheme.activation_observer")
+    from slim.algorithms import ALGORITHMS
+
+    _choice(cfg.algorithm.name, tuple(ALGORITHMS), "algorithm")
     _choice(cfg.scheme.format, FORMAT_NAMES, "scheme.format")  # before mode=plan, which counts by format
     s = cfg.scheme
     if s.quant_method == "per-group":

@@ -58,7 +58,9 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     from slim.models.checkpoint import CheckpointReader
     from slim.quant.schemes import scheme_from_config
     from slim.plan import GiB, plan_memory
-    from slim.quantize import kernel_path, quantize_model
+    from slim.algorithms import ALGORITHMS
+    from slim.layer_loop import quantize_model
+    from slim.quantize import kernel_path
     from slim.resume import ResumeStore
     from slim.targets import select_targets
 
@@ -117,7 +119,7 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
             result = quantize_model(model=model, adapter=adapter, reader=reader, writer=writer, fmt=fmt,
                                     scheme=scheme, input_ids=None if ids is None else dist.shard(ids), cfg=cfg,
                                     device=dist.device, selection=selection, dist=dist, store=store, start=start,
-                                    hidden_device=hidden_device)
+                                    hidden_device=hidden_device, algorithm=ALGORITHMS[cfg.algorithm.name]())
     except BaseException as exc:
         writer.abandon()  # close the open shard file; the last commit point still describes it
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -152,6 +154,7 @@ def checkpoint_config(cfg: SlimConfig, src_config: dict[str, Any], fmt, scheme, 
         "group_size": cfg.scheme.group_size,
         "ignore_layers": list(cfg.scheme.ignore_layers),
         "weight_observer": cfg.scheme.weight_observer,
+        "algorithm": cfg.algorithm.name,
         "source": str(source),
         "source_load_type": cfg.model.load_type,
         "calibration": None if ids is None else {

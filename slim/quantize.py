@@ -1,42 +1,31 @@
-"""The quantize stage: stream the model layer by layer, calibrate, quantize, and hand tensors to the writer.
-
-Per decoder layer: materialize its weights from the checkpoint, run the calibration hidden states through it
-with input observers on its target Linears, quantize those Linears, write every tensor of the layer, free the
-layer, move on. Peak memory = one layer + the calibration hidden states, whatever the model's depth.
+"""Quantizing one layer's target Linears and writing all of its tensors (:class:`LayerQuantizer`), the kernel queue
+of the streamed CPU weight path, and the per-module records. The loop over layers is :mod:`slim.layer_loop`.
 """
 
 from __future__ import annotations
 
 import logging
-import statistics
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from slim import kernels
-from slim.calibration.runner import LayerRunner, observe, route_all
-from slim.distributed import Dist
 from slim.errors import SlimError
 from slim.export import CheckpointWriter
 from slim.formats.base import check_group_size
-from slim.hostmem import TensorPool, release_free_heap
-from slim.models.adapters import ModelAdapter
+from slim.hostmem import TensorPool
 from slim.models.checkpoint import BLOCK_SCALE_SUFFIX, DECODE_CHUNK_BYTES, CheckpointReader, nonfinite_error
-from slim.models.materialize import check_shape, materialize, release
-from slim.models.simulated import SimQuantLinear, swap_in
+from slim.models.materialize import check_shape
 from slim.quant.blockwise import CPU_BLOCK, Quality, quantize_blockwise
 from slim.quant.fp8 import FP8_DTYPE
-from slim.quant.observers import ACTIVATION_OBSERVERS, MinMaxObserver
+from slim.quant.observers import MinMaxObserver
 from slim.quant.schemes import Scheme
 from slim.quant.stats import all_finite
 from slim.quant.types import QuantizedLinear
-from slim.resume import LayerCommit, ResumeStore
-from slim.targets import ROUTED_EXPERT_RE, Selection, module_kind
+from slim.targets import ROUTED_EXPERT_RE, module_kind
 
 log = logging.getLogger(__name__)
 # streamed weights (calibration off, CPU kernels): kernels queued ahead of the Linear being reported and written,
@@ -130,19 +119,6 @@ def resolve_amax(observers: dict[str, MinMaxObserver]) -> tuple[dict[str, torch.
     return amax, fallback
 
 
-def group_by_prefix(modules: dict[str, nn.Linear], prefixes: set[str]) -> dict[str, dict[str, nn.Linear]]:
-    """{prefix: {name: module}} for the names that start with one of ``prefixes`` (each ends with a dot);
-    one pass over the names, not one per layer (DeepSeek-R1 has ~45k expert projections in 61 layers)."""
-    out: dict[str, dict[str, nn.Linear]] = {}
-    for name, mod in modules.items():
-        cut = name.find(".")
-        while cut != -1 and name[: cut + 1] not in prefixes:
-            cut = name.find(".", cut + 1)
-        if cut != -1:
-            out.setdefault(name[: cut + 1], {})[name] = mod
-    return out
-
-
 def streamed_params(module: nn.Module, prefix: str, reader: CheckpointReader) -> frozenset[str]:
     """The parameters of ``module`` stored as block FP8, which a run with calibration off leaves in the checkpoint
     (materialize's ``skip``): quantized targets go from the FP8 codes to int4 in one pass
@@ -161,14 +137,6 @@ def streamed_int4(scheme: Scheme, fmt, group_size: int | None, weight_observer: 
     when its result is asked for. ``mode=plan`` counts the bytes in flight from the same answer."""
     fused = scheme.weight_bits == 4 and weight_observer == "minmax"
     return fused, fused and fmt.packs_int4 and group_size % 8 == 0
-
-
-def log_expert_coverage(layer: str, observers: dict[str, MinMaxObserver]) -> None:
-    """One line per MoE layer: calibration tokens per routed expert (min/median/max), experts without any."""
-    tokens = sorted(o.tokens for n, o in observers.items() if ".experts." in n and n.endswith("gate_proj"))
-    if tokens:
-        log.info("%s: %d routed experts, tokens per expert min %d / median %d / max %d, %d without tokens",
-                 layer, len(tokens), tokens[0], tokens[len(tokens) // 2], tokens[-1], tokens.count(0))
 
 
 class KernelQueue:
@@ -345,146 +313,3 @@ class LayerQuantizer:
                 if raw.dtype != FP8_DTYPE:  # copy the stored bytes; block-FP8 ones stay dequantized
                     tensor = raw
             self.writer.add(name, tensor)
-
-
-def quantize_model(
-    *, model, adapter: ModelAdapter, reader: CheckpointReader, writer: CheckpointWriter, fmt, scheme: Scheme,
-    input_ids: torch.Tensor, cfg, device: torch.device, selection: Selection, dist: Dist | None = None,
-    store: ResumeStore | None = None, start: LayerCommit | None = None, hidden_device: torch.device | None = None,
-) -> QuantizeResult:
-    """Stream, calibrate, quantize and write the whole model. ``cfg`` is the full SlimConfig.
-
-    ``input_ids=None`` is calibration off: no forward pass, weights only (dynamic-activation schemes).
-    With several ranks, ``input_ids`` is this rank's slice of the calibration set; observers are merged
-    across ranks before any scale is computed, and each rank writes the quantized modules it owns.
-    With ``store``, a commit point is saved every ``cfg.export.commit_every`` layers; ``start`` continues
-    after such a commit (its writer state, module reports and hidden states). ``hidden_device``: where the
-    calibration hidden states wait between layers (default ``device``; the host when the plan finds they do
-    not fit on the device).
-    """
-    dist = dist or Dist()
-    calibrate = input_ids is not None
-    if not calibrate and scheme.static_activations:
-        raise SlimError(f"{scheme.name} needs static activation scales: calibrate (calibration=embedded) or "
-                        "choose a dynamic-activation scheme")
-    result = QuantizeResult(num_samples=int(input_ids.shape[0]) if calibrate else 0)
-    targets = selection.targets
-    for pattern, names in selection.matches.items():
-        log.info("ignore_layers %r matched %d module(s): %s", pattern, len(names), names[0] + (" ..." if len(names) > 1 else ""))
-    if scheme.per_group:
-        check_group_sizes(targets, cfg.scheme.group_size)
-    result.ignored, result.ignore_matches = sorted(selection.ignored), selection.matches
-    owned = {n for i, n in enumerate(sorted(targets)) if dist.owns(i)}
-    lq = LayerQuantizer(scheme, fmt, writer, reader, cfg.scheme.group_size, cfg.scheme.weight_observer, result,
-                        owned, writes_rest=dist.is_main)
-    propagate = calibrate and cfg.calibration.propagate == "quantized"
-    hidden_device = hidden_device or device
-    runner = LayerRunner(model, device, hidden_device)
-    bs = cfg.calibration.batch_size
-
-    layers = adapter.layers(model)
-    by_layer = group_by_prefix(targets, {adapter.layer_prefix(i) for i in range(len(layers))})
-    if start is None:
-        head = adapter.head_modules(model)
-        for prefix, mod in head.items():
-            materialize(mod, prefix, reader, device)
-        hidden = runner.embed(input_ids, bs) if calibrate else []
-        for prefix, mod in head.items():
-            lq.write_rest(mod, prefix, set())
-            release(mod)
-        first = 0
-    else:
-        writer.restore(start.writer)
-        result.modules = [ModuleReport(**m) for m in start.modules]
-        hidden, first = start.hidden, start.layer + 1
-        log.info("resuming after layer %d of %d (commit in %s)", start.layer, len(layers), store.dir)
-    if calibrate:
-        where = "in host memory" if hidden_device.type == "cpu" else f"on {hidden_device}"
-        if hidden_device != device:
-            where += f" (they do not fit on {device}; each batch visits it for its forward pass)"
-        log.info("calibration hidden states: %d samples x %d tokens x %d, %.1f MiB, kept %s between layers",
-                 input_ids.shape[0], input_ids.shape[1], hidden[0].shape[-1],
-                 sum(h.numel() * h.element_size() for h in hidden) / 2**20, where)
-
-    # calibration off on a CPU with the kernels: nothing runs a layer, so its block-FP8 weights are never
-    # materialized (the torch path decodes whole tensors: in pieces on the writer thread it only contends)
-    stream = kernel_path(calibrate, device.type)
-    progress = tqdm(range(first, len(layers)), desc="quantize layers", unit="layer", leave=False,
-                    initial=first, total=len(layers))
-    for i in progress:
-        t0 = time.perf_counter()
-        layer = layers[i]
-        prefix = adapter.layer_prefix(i)
-        layer_targets = by_layer.get(prefix, {})
-        streamed = streamed_params(layer, prefix, reader) if stream else frozenset()
-        materialize(layer, prefix, reader, device, skip=streamed)
-        if calibrate:
-            with observe(layer_targets, cfg.scheme.activation_observer) as obs, \
-                    route_all(layer, cfg.calibration.route_all_experts):
-                outputs = runner.forward(layer, hidden, prefix.rstrip("."))
-            dist.reduce_observers(obs)
-            log_expert_coverage(prefix.rstrip("."), obs)
-        else:  # weights only: observers that saw nothing (no input scale, no output error)
-            obs, outputs = {n: MinMaxObserver() for n in layer_targets}, []
-        # the rest first: with background writes its bytes go to disk while the targets are quantized; streamed
-        # targets' kernels are queued before it, so they run while this thread writes the rest
-        lq.start(layer_targets, everything=propagate)
-        lq.write_rest(layer, prefix, set(layer_targets))
-        qs = lq.quantize(layer_targets, obs, scheme.static_activations, everything=propagate)
-        if propagate:  # layer i+1 sees the quantized layer i
-            originals = {n: swap_in(model, n, SimQuantLinear(q, layer_targets[n].bias)) for n, q in qs.items()}
-            outputs = runner.forward(layer, hidden, prefix.rstrip("."))
-            for n, m in originals.items():
-                swap_in(model, n, m)
-        hidden = outputs
-        del qs, outputs
-        release(layer)
-        reader.close()
-        writer.maybe_flush()  # waits for the layer's queued writes, whose tensors are then freed too
-        if device.type == "cpu":
-            release_free_heap()  # the layer's freed heap pages go back: memory stays one layer at any depth
-        if store is not None and ((i + 1) % cfg.export.commit_every == 0 or i == len(layers) - 1):
-            # vars(): the reports are flat; asdict's deep copies took 0.6 s of 32 small layers' commits
-            store.save_layer(i, writer.state(), [vars(m) for m in result.modules], hidden)
-            dist.barrier()  # every rank's part is on disk before the commit names this layer
-            if dist.is_main:
-                store.commit(i)
-        result.layer_seconds[prefix.rstrip(".")] = round(time.perf_counter() - t0, 4)
-
-    if result.layer_seconds:
-        secs = list(result.layer_seconds.values())
-        log.info("%d decoder layers in %.1f s (median %.2f s per layer)", len(secs), sum(secs), statistics.median(secs))
-    tail = adapter.tail_modules(model)
-    for prefix, mod in tail.items():
-        materialize(mod, prefix, reader, device)
-    tail_targets = {n: m for n, m in targets.items() if any(n + "." == p or n.startswith(p) for p in tail)}
-    if tail_targets and not calibrate:
-        lq.quantize(tail_targets, {n: MinMaxObserver() for n in tail_targets}, static=False)
-    elif tail_targets:  # lm_head when a user chose to quantize it: its input is the final-norm output
-        with torch.no_grad():
-            normed = [model.model.norm(h.to(device)) for h in hidden]
-        obs = {n: ACTIVATION_OBSERVERS[cfg.scheme.activation_observer]() for n in tail_targets}
-        for n in tail_targets:
-            for h in normed:
-                obs[n].update(h)
-        dist.reduce_observers(obs)
-        lq.quantize(tail_targets, obs, scheme.static_activations)
-    for prefix, mod in tail.items():
-        lq.write_rest(mod, prefix, set(tail_targets))
-        release(mod)
-
-    for p in adapter.extra_layer_prefixes(model.config):
-        extra = [n for n in reader.names() if n.startswith(p) and not reader.is_aux(n)]
-        if not extra:
-            continue
-        if cfg.model.copy_mtp and dist.is_main:
-            log.info("copying %s* through unquantized (%d tensors, model.copy_mtp=true)", p, len(extra))
-            for n in extra:
-                writer.add(n, reader.passthrough(n, model.dtype))
-        else:
-            log.info("skipping %s* (multi-token-prediction layer, not part of the main model; "
-                     "model.copy_mtp=true copies it)", p)
-            result.skipped_prefixes.append(p)
-    order = {n: i for i, n in enumerate(sorted(targets))}
-    result.modules = sorted((m for part in dist.gather(result.modules) for m in part), key=lambda m: order[m.name])
-    return result

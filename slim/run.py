@@ -51,6 +51,7 @@ class RunRecord:
         self.stage = Stages()
         self.results: dict[str, Any] = {"slim_version": __version__, "mode": mode or cfg.mode,
                                         "model": cfg.model.name, "scheme": cfg.scheme.name,
+                                        "algorithm": cfg.algorithm.name,
                                         "run_dir": str(self.run_dir), **fields, "metrics": {}}
         logger = cfg.logger if track else dataclasses.replace(cfg.logger, mode="disabled")
         self.tracker = Tracker(logger, self.run_dir, resolved, name=name)

@@ -20,7 +20,7 @@ the dtype cannot hold exactly: quantizers round ``s_g`` to ``group_scale_dtype``
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import compressed_tensors
 import torch
