@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from slim import checksum
+from slim.errors import SlimError
 from slim.directio import LOCAL_FILESYSTEMS, STAGE_BYTES, filesystem_type, open_direct, stage_bytes_for
 
 log = logging.getLogger(__name__)
@@ -373,6 +374,21 @@ class CheckpointWriter:
         return finalize_checkpoint(self.out_dir, self.close(), config, source_dir, self.checksums, self.algorithm)
 
 
+def copied_files(source_dir: str | Path) -> list[Path]:
+    """The source files a checkpoint carries over (``COPY_PATTERNS``): each must be a regular file in the model
+    directory itself. A symbolic link is refused, since it could carry any file the user can read (a private key
+    named tokenizer.json) into a checkpoint that is then shared."""
+    out = []
+    for pattern in COPY_PATTERNS:
+        for src in sorted(Path(source_dir).glob(pattern)):
+            if src.is_symlink() or not src.is_file():
+                raise SlimError(f"{src} is {'a symbolic link' if src.is_symlink() else 'not a regular file'}; slim "
+                                "copies only regular files from the model directory into a checkpoint: replace it "
+                                f"with the file itself (cp --remove-destination \"$(readlink -f {src})\" {src})")
+            out.append(src)
+    return out
+
+
 def final_shard_names(shards: list[tuple[str, list[str], int]]) -> list[str]:
     return [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
 
@@ -392,9 +408,8 @@ def finalize_checkpoint(out_dir: str | Path, shards: list[tuple[str, list[str], 
         elif not (out_dir / final).exists():
             raise FileNotFoundError(f"shard {fname} of this export is missing from {out_dir}")
         weight_map.update({name: final for name in names})
-    for pattern in COPY_PATTERNS:
-        for src in Path(source_dir).glob(pattern):
-            shutil.copy2(src, out_dir / src.name)
+    for src in copied_files(source_dir):
+        shutil.copyfile(src, out_dir / src.name, follow_symlinks=False)
     total = sum(nbytes for _, _, nbytes in shards)
     manifest = {"format": "slim-manifest-1", "algorithm": algorithm,
                 "files": {final: {"bytes": (out_dir / final).stat().st_size} for final in final_shard_names(shards)},

@@ -27,7 +27,7 @@ from slim.baseline import baseline_metrics
 from slim.config import SlimConfig, validate
 from slim.distributed import Dist, init_distributed, shutdown
 from slim.errors import SlimError
-from slim.export import finalize_checkpoint
+from slim.export import copied_files, finalize_checkpoint
 from slim.hostmem import no_gemm_kernel_cache, return_freed_memory_to_os
 from slim.models.convert import prepare_source
 from slim.models.loading import resolve_dtype, torch_dtype
@@ -36,6 +36,21 @@ from slim.rundir import QUANTIZE_RECORD, atomic_json, eval_key, prepare_output, 
 from slim.tracking import flat_metrics, metric_deltas, results_table, write_results
 
 log = logging.getLogger(__name__)
+
+
+def check_source(cfg: SlimConfig) -> None:
+    """Every source shard's header against its file (headers only), before any heavy work: a truncated or
+    corrupt shard is named with all others at once, not found after hours of quantizing the layers before it."""
+    from slim.models.adapters import check_architecture
+    from slim.models.checkpoint import CheckpointReader
+
+    path = Path(cfg.model.path)
+    if not (path / "config.json").is_file() and cfg.model.convert_from:
+        path = Path(cfg.model.convert_from)  # converted once, by the load stage
+    if (path / "config.json").is_file():
+        check_architecture(path)  # before transformers reads anything of it (remote code)
+        CheckpointReader(path, load_type=cfg.model.load_type).check_shards()
+        copied_files(path)  # the tokenizer files the checkpoint will carry: regular files only
 
 
 def _load_tokenizer(path: Path, trust_remote_code: bool):
@@ -286,6 +301,7 @@ def _run_job(cfg: SlimConfig, resolved: dict[str, Any], dist: Dist) -> dict[str,
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     out_dir = run_dir / "checkpoint"
+    check_source(cfg)  # before the fingerprint, which is taken only from a source that reads whole
     fingerprint = run_fingerprint(cfg, dist.world)
     key = eval_key(cfg)
     done = prepare_output(cfg, out_dir, fingerprint, dist) if cfg.mode == "quantize" else False

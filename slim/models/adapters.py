@@ -112,12 +112,20 @@ def adapter_for(config: PretrainedConfig) -> ModelAdapter:
         ) from None
 
 
-def load_config(path: str, trust_remote_code: bool = False) -> PretrainedConfig:
+def check_architecture(path: str | Path) -> None:
+    """Refuse, from config.json's text alone, a checkpoint that ships model code for an architecture slim does not
+    support: before transformers reads the config or the tokenizer (either would import that code when
+    ``trust_remote_code`` is on)."""
     raw = json.loads((Path(path) / "config.json").read_text())
-    if raw.get("auto_map") and not trust_remote_code and raw.get("model_type") not in ADAPTERS:
-        raise SlimError(f"{path} ships its own model code (auto_map in config.json); slim does not run it unless "
-                        "you set model.trust_remote_code=true, and then only for an architecture it supports: "
+    if raw.get("auto_map") and raw.get("model_type") not in ADAPTERS:
+        raise SlimError(f"{path} ships its own model code (auto_map in config.json) for model_type "
+                        f"{raw.get('model_type')!r}, which slim does not support; slim runs remote code "
+                        "(model.trust_remote_code=true) only for an architecture it supports: "
                         + ", ".join(sorted(ADAPTERS)))
+
+
+def load_config(path: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    check_architecture(path)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as exc:

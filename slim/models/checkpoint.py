@@ -125,6 +125,9 @@ class CheckpointReader:
         if (self.path / INDEX).is_file():
             weight_map = json.loads((self.path / INDEX).read_text())["weight_map"]
             for shard in sorted(set(weight_map.values())):
+                if Path(shard).name != shard or shard in (".", ".."):  # absolute, ../ or nested: outside this dir
+                    raise SlimError(f"{self.path / INDEX} names shard {shard!r}, which is not a file name in "
+                                    f"{self.path}; slim reads shards from the checkpoint directory only: fix the index")
                 if not (self.path / shard).is_file():
                     raise SlimError(f"{self.path / INDEX} names shard {shard}, which is missing; re-download it")
             return weight_map
@@ -133,11 +136,33 @@ class CheckpointReader:
             pickles = sorted(p.name for p in self.path.glob("*.bin")) + sorted(p.name for p in self.path.glob("*.pt"))
             hint = f" (found {', '.join(pickles)}: pickle files are never loaded; convert them to safetensors)" if pickles else ""
             raise SlimError(f"no safetensors weights in {self.path}{hint}")
-        weight_map = {}
+        weight_map, broken = {}, []
         for shard in shards:
-            with safe_open(shard, framework="pt") as f:
-                weight_map.update({name: shard.name for name in f.keys()})
+            try:
+                with safe_open(shard, framework="pt") as f:
+                    weight_map.update({name: shard.name for name in f.keys()})
+            except Exception as exc:  # safetensors raises its own error types for truncated headers
+                broken.append(f"{shard}: {exc}")
+        if broken:
+            raise SlimError(f"{len(broken)} source shard(s) cannot be read: " + "; ".join(broken)
+                            + " (the files are truncated or corrupt: re-download or repair them)")
         return weight_map
+
+    def check_shards(self) -> None:
+        """Read every shard's header and check each file against it (offsets within the file, sizes that match),
+        headers only; one error names every broken file. Run before any heavy work, so that a truncated late
+        shard is found before the first layer is quantized."""
+        broken = []
+        for name in sorted(set(self.weight_map.values())):
+            if name in self._shards:
+                continue
+            try:
+                self._shards[name] = Shard(self.path / name)
+            except SlimError as exc:
+                broken.append(str(exc).removeprefix("cannot read "))
+        if broken:
+            raise SlimError(f"{len(broken)} source shard(s) cannot be read: " + "; ".join(broken)
+                            + " (re-download or repair them, then rerun the same command)")
 
     def _shard(self, name: str) -> Shard:
         if name in self._open:
