@@ -22,7 +22,8 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 SCHEMES = ("fp8_static", "w4a8", "w4a8_dynamic")
 LOAD_TYPES = ("fp8", "bf16")
 MODES = ("quantize", "plan", "eval", "sensitivity")
-FORMAT_NAMES = ("compressed-tensors", "fp8_native")  # slim.formats.FORMATS' keys, without importing the formats
+MOE_INPUT_SCALES = ("auto", "expert", "layer_max")  # export.moe_input_scale
+FORMAT_NAMES = ("compressed-tensors", "fp8_native", "w4afp8")  # slim.formats.FORMATS' keys, without importing the formats
 DTYPES = ("bfloat16", "float16", "float32")
 CALIBRATION_SOURCES = ("embedded", "jsonl", "hf", "none")
 
@@ -124,6 +125,10 @@ class ExportConfig:
     # shards around the page cache (O_DIRECT): null = on local disk filesystems (ext4, xfs, ...), else buffered
     direct_io: bool | None = None
     checksum: str = "xxh3_128"  # digest of every tensor in slim_manifest.json: xxh3_128 (fast) | sha256
+    # routed experts' static input scales: expert (each its own) | layer_max (each MoE layer's max over its experts,
+    # what the engines apply; modules.json keeps each expert's observed amax) | auto (layer_max for format w4afp8,
+    # expert for the others)
+    moe_input_scale: str = "auto"
 
 
 @dataclass
@@ -205,7 +210,12 @@ def validate(cfg: SlimConfig) -> SlimConfig:
     _choice(cfg.scheme.weight_observer, tuple(WEIGHT_OBSERVERS), "scheme.weight_observer")
     _choice(cfg.scheme.activation_observer, tuple(ACTIVATION_OBSERVERS), "scheme.activation_observer")
     _choice(cfg.scheme.format, FORMAT_NAMES, "scheme.format")  # before mode=plan, which counts by format
+    _choice(cfg.export.moe_input_scale, MOE_INPUT_SCALES, "export.moe_input_scale")
     s = cfg.scheme
+    if s.format == "w4afp8" and (s.name != "w4a8" or s.group_size != 128):
+        raise SlimError(f"scheme.format=w4afp8 (SGLang/TensorRT-LLM static W4A8) stores scheme w4a8 with group_size "
+                        f"128 only, got scheme={s.name} group_size={s.group_size}; set scheme=w4a8 "
+                        "scheme.group_size=128, or scheme.format=compressed-tensors")
     if s.quant_method == "per-group":
         if not s.group_size or s.group_size <= 0:
             raise SlimError(f"scheme.quant_method=per-group needs a positive scheme.group_size (got {s.group_size})")

@@ -81,6 +81,8 @@ def run_fingerprint(cfg: SlimConfig, world: int) -> str:
         "calibration": dataclasses.asdict(cfg.calibration),
         "max_shard_mb": cfg.export.max_shard_mb,
         "checksum": cfg.export.checksum,
+        # only when set: the fingerprints (and config.json bytes) of runs that leave it alone stay as they were
+        **({"moe_input_scale": cfg.export.moe_input_scale} if cfg.export.moe_input_scale != "auto" else {}),
         "world": world,
         "device": cfg.hardware.device,
         "seed": cfg.seed,
@@ -122,6 +124,7 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     model, adapter = build_skeleton(load_config(str(source), cfg.model.trust_remote_code), DTYPES[cfg.model.dtype])
     adapter.open_reader(reader, model.config)
     selection = select_targets(model, cfg.scheme.ignore_layers)
+    check_format(cfg, FORMATS[cfg.scheme.format], model, selection)
     calibrate = cfg.calibration.source != "none"
     if calibrate:
         check_seq_len(cfg.calibration, getattr(model.config, "max_position_embeddings", None))
@@ -196,10 +199,22 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     }
     summary = result.to_dict() | {"checkpoint_bytes": sum(nbytes for _, _, nbytes in shards)}
     written = {"shards": shards, "checksums": checksums, "algorithm": writer.algorithm, "config": config,
-               "result": summary}
+               "result": summary, "extra_files": fmt.extra_files(config) if hasattr(fmt, "extra_files") else {}}
     if store is not None and dist.is_main:
         store.commit_written(written)
     return _finish_export(written, out_dir, source, store, dist)
+
+
+def check_format(cfg: SlimConfig, fmt, model, selection) -> None:
+    """A format that cannot express this model or setting refuses it here, before anything is read or written."""
+    check = getattr(fmt, "check_model", None)
+    if check is None:
+        return
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        check(model.config, linears, selection.targets, cfg.scheme.group_size, cfg.model.copy_mtp)
+    except ValueError as exc:
+        raise SlimError(str(exc)) from None
 
 
 def _finish_export(written: dict[str, Any], out_dir: Path, source: Path, store, dist: Dist) -> dict[str, Any]:
@@ -208,6 +223,8 @@ def _finish_export(written: dict[str, Any], out_dir: Path, source: Path, store, 
 
     dist.barrier()
     if dist.is_main:
+        for fname, obj in written.get("extra_files", {}).items():  # the format's other config files, before config.json
+            atomic_json(out_dir / fname, obj)
         finalize_checkpoint(out_dir, written["shards"], written["config"], source, written["checksums"],
                             written["algorithm"])
         atomic_json(out_dir.parent / QUANTIZE_RECORD, written["result"])

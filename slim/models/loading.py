@@ -41,7 +41,9 @@ def load_model(path: str, load_type: str = "bf16", dtype: str = "bfloat16", trus
     if fmt is None:
         reader.check_load_type()
     else:
-        for name, tensor_names in quantized_modules(reader.names(), fmt).items():
+        own = getattr(fmt, "quantized_modules", None)  # formats whose quantized modules are not marked by weight_scale
+        modules = own(reader.names()) if own is not None else quantized_modules(reader.names(), fmt)
+        for name, tensor_names in modules.items():
             q = fmt.read(name, {n: reader.raw(n) for n in tensor_names})
             bias = reader.get(name + ".bias", DTYPES[dtype]) if name + ".bias" in reader else None
             swap_in(model, name, SimQuantLinear(q, bias))
