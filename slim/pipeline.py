@@ -258,6 +258,9 @@ def plan_stage(cfg: SlimConfig) -> dict[str, Any]:
         raise SlimError(f"model.path={path} has no config.json; mode=plan needs only that file")
     model, adapter = build_skeleton(load_config(str(path), cfg.model.trust_remote_code), DTYPES[cfg.model.dtype])
     selection = select_targets(model, cfg.scheme.ignore_layers)
+    from slim.formats import FORMATS
+
+    check_format(cfg, FORMATS[cfg.scheme.format], model, selection)
     plan = plan_memory(cfg, model, adapter, selection.ignored)
     print(plan.table())
     run_dir = Path(cfg.run_dir)

@@ -76,6 +76,7 @@ class W4AFp8Format:
     group_scale_dtype: torch.dtype | None = torch.bfloat16  # see module docstring: both engines cast to bf16
     input_scale_dtype: torch.dtype | None = INPUT_SCALE_DTYPE
     packs_int4 = False  # nibble pairs, not compressed-tensors' int32 words
+    engine_only_config = True  # transformers has no "w4afp8" quantizer: slim's reader drops it from the loaded config
 
     def supports(self, scheme: str) -> bool:
         return scheme == "w4a8"

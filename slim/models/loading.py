@@ -47,6 +47,8 @@ def load_model(path: str, load_type: str = "bf16", dtype: str = "bfloat16", trus
             q = fmt.read(name, {n: reader.raw(n) for n in tensor_names})
             bias = reader.get(name + ".bias", DTYPES[dtype]) if name + ".bias" in reader else None
             swap_in(model, name, SimQuantLinear(q, bias))
+        if getattr(fmt, "engine_only_config", False):  # a layout transformers (and lm-eval's HFLM, which parses
+            del model.config.quantization_config  # model.config.quantization_config) does not know: slim simulates it
     materialize_rest(model, reader, device)
     model.to(device)
     return model
