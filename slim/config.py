@@ -23,7 +23,8 @@ SCHEMES = ("fp8_static", "w4a8", "w4a8_dynamic")
 LOAD_TYPES = ("fp8", "bf16")
 MODES = ("quantize", "plan", "eval", "sensitivity")
 MOE_INPUT_SCALES = ("auto", "expert", "layer_max")  # export.moe_input_scale
-FORMAT_NAMES = ("compressed-tensors", "fp8_native", "w4afp8")  # slim.formats.FORMATS' keys, without importing the formats
+# slim.formats.FORMATS' keys, without importing the formats
+FORMAT_NAMES = ("compressed-tensors", "fp8_native", "w4afp8")
 DTYPES = ("bfloat16", "float16", "float32")
 CALIBRATION_SOURCES = ("embedded", "jsonl", "hf", "none")
 

@@ -107,7 +107,8 @@ def checkpoint_bytes(cfg: SlimConfig, model, targets: dict[str, nn.Linear], dtyp
     scheme = SCHEMES[cfg.scheme.name]
     quantized = sum(own_quantized(m.out_features, m.in_features) if own_quantized is not None
                     else _quantized_bytes(m, scheme, cfg.scheme.group_size) for m in targets.values())
-    rest = ((n, p) for n, p in model.named_parameters() if not (n.endswith(".weight") and n[: -len(".weight")] in targets))
+    rest = ((n, p) for n, p in model.named_parameters()
+            if not (n.endswith(".weight") and n[: -len(".weight")] in targets))
     if own_rest is None:
         return quantized + sum(p.numel() for _, p in rest) * dtype_bytes
     return quantized + sum(own_rest(n, tuple(p.shape), dtype_bytes) for n, p in rest)
@@ -194,7 +195,8 @@ def plan_memory(cfg: SlimConfig, model, adapter, ignored: set[str]) -> MemoryPla
         model=cfg.model.name, hardware=hw.name, world_size=world, parameters=sum(p.numel() for p in model.parameters()),
         largest_layer=adapter.layer_prefix(big).rstrip("."), largest_layer_params=layer_params[big],
         device_bytes=device, host_bytes=host, device_capacity=int(hw.device_memory_gb * GiB),
-        host_capacity_per_rank=int(hw.host_memory_gb * GiB / hw.procs_per_node), checkpoint_bytes=checkpoint_bytes(cfg, model, targets, dtype_bytes),
+        host_capacity_per_rank=int(hw.host_memory_gb * GiB / hw.procs_per_node),
+        checkpoint_bytes=checkpoint_bytes(cfg, model, targets, dtype_bytes),
         hidden_states_on=hidden_on, write_queue_bytes=queue,
     )
     if device and plan.device_total > USABLE_FRACTION * plan.device_capacity:

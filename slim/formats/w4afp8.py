@@ -222,7 +222,8 @@ class W4AFp8Format:
                     layers[f"{prefix}.mlp.{n}"] = fp8_block
         return {
             "hf_quant_config.json": {"quantization": {"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": None}},
-            "quant_cfg.json": {"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": None, "quantized_layers": layers},
+            "quant_cfg.json": {"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": None,
+                               "quantized_layers": layers},
         }
 
     # ---- what it cannot express --------------------------------------------------------------------
@@ -243,8 +244,8 @@ class W4AFp8Format:
         experts = {n for n in linears if EXPERT_RE.match(n)}
         left = sorted(experts - targets)
         if left:
-            raise ValueError(f"format w4afp8 needs every routed expert int4, but scheme.ignore_layers leaves {len(left)} "
-                             f"unquantized (e.g. {left[0]}); remove the pattern that matches them")
+            raise ValueError(f"format w4afp8 needs every routed expert int4, but scheme.ignore_layers leaves "
+                             f"{len(left)} unquantized (e.g. {left[0]}); remove the pattern that matches them")
         extra = sorted(targets - experts)
         if extra:
             raise ValueError(f"format w4afp8 writes int4 for routed experts only and block FP8 for the other decoder "

@@ -140,7 +140,8 @@ def test_fp8_block_tensors_are_the_source_bytes(fp8_run, embedded_model_path):
             for n in (name, name + "_scale_inv"):
                 a, b = got[n], src.raw(n)
                 assert a.dtype == b.dtype and a.shape == b.shape
-                assert a.contiguous().view(torch.uint8).numpy().tobytes() == b.contiguous().view(torch.uint8).numpy().tobytes(), n
+                assert a.contiguous().view(torch.uint8).numpy().tobytes() == \
+                    b.contiguous().view(torch.uint8).numpy().tobytes(), n
             compared += 1
     assert compared >= 20  # attention, shared experts, the dense layer
 
