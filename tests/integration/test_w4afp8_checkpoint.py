@@ -18,6 +18,7 @@ Each rule names the file it is restated from (read, not imported; see docs/w4afp
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -260,3 +261,21 @@ def test_refuses_an_ignore_list_that_makes_attention_int4(tmp_path):
     assert proc.returncode == 2
     assert "routed experts only" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "r" / "checkpoint" / "config.json").exists()
+
+
+def test_sweep_over_formats_plans_r1_in_both_layouts(tmp_path):
+    """``-m scheme.format=compressed-tensors,w4afp8`` on DeepSeek-R1's config.json (mode=plan needs nothing else)."""
+    from slim.config import ASSETS
+
+    sweep = tmp_path / "sweep"
+    proc = slim_main("-m", "mode=plan", "model=deepseek_r1", f"model.path={ASSETS / 'configs' / 'deepseek_r1'}",
+                     "hardware=h20x8", "scheme=w4a8", "scheme.format=compressed-tensors,w4afp8", "logger=none",
+                     f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sizes = {}
+    for results in sweep.rglob("results.json"):  # job dirs are named by their overrides (the path's slashes nest)
+        name = re.search(r"scheme\.format=([^,]+)", results.parent.name)[1]
+        sizes[name] = json.loads(results.read_text())["plan"]["checkpoint_bytes"]
+    assert set(sizes) == {"compressed-tensors", "w4afp8"}
+    # block-FP8 attention/shared/dense (half of bf16) outweighs fp32 group scales (twice bf16) on R1
+    assert sizes["w4afp8"] < sizes["compressed-tensors"]
