@@ -279,3 +279,40 @@ def test_sweep_over_formats_plans_r1_in_both_layouts(tmp_path):
     assert set(sizes) == {"compressed-tensors", "w4afp8"}
     # block-FP8 attention/shared/dense (half of bf16) outweighs fp32 group scales (twice bf16) on R1
     assert sizes["w4afp8"] < sizes["compressed-tensors"]
+
+
+def run_quantize(src, out, *overrides):
+    """quantize_stage in this process, on a random DeepSeek-V3 in R1's layout (tests/conftest.py)."""
+    from conftest import compose_config
+    from transformers import AutoTokenizer
+
+    from slim.pipeline import quantize_stage
+
+    cfg = compose_config(f"model.path={src}", "eval=none", "logger=none", "calibration.num_samples=8",
+                         "calibration.seq_len=64", "scheme=w4a8", *overrides)
+    return quantize_stage(cfg, src, out, AutoTokenizer.from_pretrained(str(src)))
+
+
+def test_moe_input_scale_expert_keeps_each_experts_scale(random_deepseek, tmp_path):
+    res = run_quantize(random_deepseek, tmp_path / "ckpt", "scheme.format=w4afp8", "export.moe_input_scale=expert")
+    got = read_all(tmp_path / "ckpt")
+    amax = {m["name"]: m["input_amax"] for m in res["modules"]}
+    w1 = []
+    for e in range(8):
+        base = f"model.layers.1.mlp.experts.{e}"
+        assert torch.equal(got[f"{base}.w1.input_scale"], got[f"{base}.w3.input_scale"])
+        want = fp8_scale(representable_amax(torch.tensor([amax[f"{base}.gate_proj"]]), torch.bfloat16))
+        assert torch.equal(got[f"{base}.w1.input_scale"], want)
+        w1.append(float(got[f"{base}.w1.input_scale"]))
+    assert len(set(w1)) > 1
+
+
+def test_moe_input_scale_layer_max_for_compressed_tensors(random_deepseek, tmp_path):
+    res = run_quantize(random_deepseek, tmp_path / "ckpt", "export.moe_input_scale=layer_max")
+    got = read_all(tmp_path / "ckpt")
+    amax = {m["name"]: m["input_amax"] for m in res["modules"]}
+    for proj, peers in (("gate_proj", ("gate_proj", "up_proj")), ("up_proj", ("gate_proj", "up_proj")),
+                        ("down_proj", ("down_proj",))):
+        scales = {float(got[f"model.layers.1.mlp.experts.{e}.{proj}.input_scale"]) for e in range(8)}
+        top = max(amax[f"model.layers.1.mlp.experts.{e}.{p}"] for e in range(8) for p in peers)
+        assert scales == {float(fp8_scale(torch.tensor([top])))}  # fp32 scales, no bf16 rounding in this format
