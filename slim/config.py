@@ -21,7 +21,9 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 
 LOAD_TYPES = ("fp8", "bf16")
 MODES = ("quantize", "plan", "eval", "sensitivity")
-FORMAT_NAMES = ("compressed-tensors", "fp8_native")  # slim.formats.FORMATS' keys, without importing the formats
+MOE_INPUT_SCALES = ("auto", "expert", "layer_max")  # export.moe_input_scale
+# slim.formats.FORMATS' keys, without importing the formats
+FORMAT_NAMES = ("compressed-tensors", "fp8_native", "w4afp8")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 CALIBRATION_SOURCES = ("embedded", "jsonl", "hf", "none")
 
@@ -147,6 +149,10 @@ class ExportConfig:
     # shards around the page cache (O_DIRECT): null = on local disk filesystems (ext4, xfs, ...), else buffered
     direct_io: bool | None = None
     checksum: str = "xxh3_128"  # digest of every tensor in slim_manifest.json: xxh3_128 (fast) | sha256
+    # routed experts' static input scales: expert (each its own) | layer_max (each MoE layer's max over its experts,
+    # what the engines apply; modules.json keeps each expert's observed amax) | auto (layer_max for format w4afp8,
+    # expert for the others)
+    moe_input_scale: str = "auto"
 
 
 @dataclass
@@ -252,6 +258,7 @@ def validate(cfg: SlimConfig) -> SlimConfig:
 
     _choice(cfg.algorithm.name, tuple(ALGORITHMS), "algorithm")
     _choice(cfg.scheme.format, FORMAT_NAMES, "scheme.format")  # before mode=plan, which counts by format
+    _choice(cfg.export.moe_input_scale, MOE_INPUT_SCALES, "export.moe_input_scale")
     s = cfg.scheme
     if s.quant_method == "per-group":
         if not s.group_size or s.group_size <= 0:
@@ -259,6 +266,11 @@ def validate(cfg: SlimConfig) -> SlimConfig:
     elif s.group_size is not None:
         raise SlimError("scheme.group_size is only used with scheme.quant_method=per-group; set it to null")
     scheme = _scheme(s)
+    if s.format == "w4afp8" and not (scheme.per_group and scheme.weight_bits == 4 and scheme.static_activations
+                                     and s.group_size == 128):
+        raise SlimError(f"scheme.format=w4afp8 (SGLang/TensorRT-LLM static W4A8) stores int4 group-128 weights with "
+                        f"static FP8 activations (scheme w4a8) only, got scheme={s.name} group_size={s.group_size}; "
+                        "set scheme=w4a8 scheme.group_size=128, or scheme.format=compressed-tensors")
     if cfg.model.low_cpu_mem_usage and not s.low_memory:
         raise SlimError("model.low_cpu_mem_usage=true runs with weights on the host, which needs "
                         "scheme.low_memory=true (or set model.low_cpu_mem_usage=false)")

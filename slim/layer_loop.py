@@ -31,6 +31,7 @@ from slim.models.adapters import ModelAdapter
 from slim.models.checkpoint import CheckpointReader
 from slim.models.materialize import materialize, release
 from slim.models.simulated import SimQuantLinear, swap_in
+from slim.quant.input_scales import resolve_mode
 from slim.quant.observers import ACTIVATION_OBSERVERS, MinMaxObserver
 from slim.quant.schemes import Scheme
 from slim.quantize import (
@@ -85,6 +86,7 @@ class LayerLoop:
         owned = {n for i, n in enumerate(sorted(self.targets)) if dist.owns(i)}
         self.lq = LayerQuantizer(scheme, fmt, writer, reader, cfg.scheme.group_size, cfg.scheme.weight_observer,
                                  self.result, owned, writes_rest=dist.is_main)
+        self.lq.moe_input_scale = resolve_mode(cfg.export.moe_input_scale, getattr(fmt, "name", ""))
         self.propagate_quantized = self.calibrate and cfg.calibration.propagate == "quantized"
         self.runner = LayerRunner(model, device, hidden_device)
         self.layers = adapter.layers(model)

@@ -28,6 +28,7 @@ from slim.config import SlimConfig, validate
 from slim.distributed import Dist, init_distributed, shutdown
 from slim.errors import SlimError
 from slim.export import copied_files, finalize_checkpoint
+from slim.formats import FORMATS
 from slim.hostmem import no_gemm_kernel_cache, return_freed_memory_to_os
 from slim.models.convert import prepare_source
 from slim.models.loading import resolve_dtype, torch_dtype
@@ -67,7 +68,6 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     """
     from slim.calibration.data import calibration_tokens, check_seq_len
     from slim.export import CheckpointWriter
-    from slim.formats import FORMATS
     from slim.hostmem import keep_temporaries_in_heap
     from slim.models.adapters import build_skeleton, load_config
     from slim.models.checkpoint import CheckpointReader
@@ -95,6 +95,7 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     model, adapter = build_skeleton(load_config(str(source), cfg.model.trust_remote_code), dtype)
     adapter.open_reader(reader, model.config)
     selection = select_targets(model, cfg.scheme.ignore_layers)
+    check_format(cfg, FORMATS[cfg.scheme.format], model, selection)
     calibrate = cfg.calibration.source != "none"
     if calibrate:
         check_seq_len(cfg.calibration, getattr(model.config, "max_position_embeddings", None))
@@ -147,7 +148,7 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     config = checkpoint_config(cfg, src_config, fmt, scheme, result, ids, source, fingerprint)
     summary = result.to_dict() | {"checkpoint_bytes": sum(nbytes for _, _, nbytes in shards)}
     written = {"shards": shards, "checksums": checksums, "algorithm": writer.algorithm, "config": config,
-               "result": summary}
+               "result": summary, "extra_files": fmt.extra_files(config) if hasattr(fmt, "extra_files") else {}}
     if store is not None and dist.is_main:
         store.commit_written(written)
     return finish_export(written, out_dir, source, store, dist)
@@ -184,10 +185,24 @@ def checkpoint_config(cfg: SlimConfig, src_config: dict[str, Any], fmt, scheme, 
     return config
 
 
+def check_format(cfg: SlimConfig, fmt, model, selection) -> None:
+    """A format that cannot express this model or setting refuses it here, before anything is read or written."""
+    check = getattr(fmt, "check_model", None)
+    if check is None:
+        return
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        check(model.config, linears, selection.targets, cfg.scheme.group_size, cfg.model.copy_mtp)
+    except ValueError as exc:
+        raise SlimError(str(exc)) from None
+
+
 def finish_export(written: dict[str, Any], out_dir: Path, source: Path, store, dist: Dist) -> dict[str, Any]:
     """Rank 0 names the shards and writes manifest, index and config last (every rank has closed its shards)."""
     dist.barrier()
     if dist.is_main:
+        for fname, obj in written.get("extra_files", {}).items():  # the format's other config files, before config.json
+            atomic_json(out_dir / fname, obj)
         finalize_checkpoint(out_dir, written["shards"], written["config"], source, written["checksums"],
                             written["algorithm"])
         atomic_json(out_dir.parent / QUANTIZE_RECORD, written["result"])
@@ -221,6 +236,7 @@ def plan_stage(cfg: SlimConfig) -> dict[str, Any]:
     dtype = torch_dtype(cfg.model.dtype, cfg.hardware.device)
     model, adapter = build_skeleton(load_config(str(path), cfg.model.trust_remote_code), dtype)
     selection = select_targets(model, cfg.scheme.ignore_layers)
+    check_format(cfg, FORMATS[cfg.scheme.format], model, selection)
     plan = plan_memory(cfg, model, adapter, selection.ignored)
     print(plan.table())
     run_dir = Path(cfg.run_dir)

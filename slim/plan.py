@@ -99,6 +99,21 @@ def quantized_bytes(mod: nn.Linear, scheme, group_size: int | None) -> int:
     return n // 2 + groups * 2 + 16  # packed int4 + bf16 group scales + shape + input_scale
 
 
+def checkpoint_bytes(cfg: SlimConfig, model, targets: dict[str, nn.Linear], dtype_bytes: int) -> int:
+    """Bytes of the exported checkpoint's tensors: quantized targets in the format's layout, the rest in the model
+    dtype, or as the format stores them (w4afp8: int4 experts with fp32 group scales, other Linears block FP8)."""
+    fmt = FORMATS[cfg.scheme.format]
+    own_rest, own_quantized = getattr(fmt, "rest_nbytes", None), getattr(fmt, "quantized_nbytes", None)
+    scheme = scheme_from_config(cfg.scheme)
+    quantized = sum(own_quantized(m.out_features, m.in_features) if own_quantized is not None
+                    else quantized_bytes(m, scheme, cfg.scheme.group_size) for m in targets.values())
+    rest = ((n, p) for n, p in model.named_parameters()
+            if not (n.endswith(".weight") and n[: -len(".weight")] in targets))
+    if own_rest is None:
+        return quantized + sum(p.numel() for _, p in rest) * dtype_bytes
+    return quantized + sum(own_rest(n, tuple(p.shape), dtype_bytes) for n, p in rest)
+
+
 def plan_memory(cfg: SlimConfig, model, adapter, ignored: set[str]) -> MemoryPlan:
     """Per-rank device and host bytes for ``cfg`` on ``model`` (a meta skeleton)."""
     hw, cal, conf = cfg.hardware, cfg.calibration, model.config
@@ -176,14 +191,12 @@ def plan_memory(cfg: SlimConfig, model, adapter, ignored: set[str]) -> MemoryPla
             host["calibration hidden states (in + out)"] = all_hidden
             hidden_on = "host"
 
-    quantized = sum(quantized_bytes(m, scheme, cfg.scheme.group_size) for m in targets.values())
-    other = sum(p.numel() for n, p in model.named_parameters()
-                if not (n.endswith(".weight") and n[: -len(".weight")] in targets)) * dtype_bytes
     plan = MemoryPlan(
         model=cfg.model.name, hardware=hw.name, world_size=world, parameters=sum(p.numel() for p in model.parameters()),
         largest_layer=adapter.layer_prefix(big).rstrip("."), largest_layer_params=layer_params[big],
         device_bytes=device, host_bytes=host, device_capacity=int(hw.device_memory_gb * GiB),
-        host_capacity_per_rank=int(hw.host_memory_gb * GiB / hw.procs_per_node), checkpoint_bytes=quantized + other,
+        host_capacity_per_rank=int(hw.host_memory_gb * GiB / hw.procs_per_node),
+        checkpoint_bytes=checkpoint_bytes(cfg, model, targets, dtype_bytes),
         hidden_states_on=hidden_on, write_queue_bytes=queue,
     )
     if device and plan.device_total > USABLE_FRACTION * plan.device_capacity:

@@ -21,6 +21,7 @@ from slim.models.checkpoint import BLOCK_SCALE_SUFFIX, DECODE_CHUNK_BYTES, Check
 from slim.models.materialize import check_shape
 from slim.quant.blockwise import CPU_BLOCK, Quality, quantize_blockwise
 from slim.quant.fp8 import FP8_DTYPE
+from slim.quant.input_scales import merge_input_amax
 from slim.quant.observers import MinMaxObserver
 from slim.quant.schemes import Scheme
 from slim.quant.stats import all_finite
@@ -195,6 +196,10 @@ class LayerQuantizer:
         self._fused, self._pack = streamed_int4(scheme, fmt, group_size, weight_observer)
         self._queue = KernelQueue(self._start_streamed, self._result_bytes)
         self._pool = TensorPool(STREAM_AHEAD_BYTES)  # the kernels' outputs, reused once written
+        # routed experts' input scales: expert | layer_max (export.moe_input_scale, resolved by quantize_model), and
+        # the dtype the format stores them in exactly (None: fp32)
+        self.moe_input_scale = "expert"
+        self._input_scale_dtype = getattr(fmt, "input_scale_dtype", None)
 
     def start(self, modules: dict[str, nn.Linear], everything: bool = False) -> None:
         """Queue the kernels of the streamed Linears among ``modules`` (weights left in the checkpoint, see
@@ -218,6 +223,8 @@ class LayerQuantizer:
         them and returns their QuantizedLinears; otherwise each is dropped once written (a layer's int4/FP8
         codes are a byte per weight: keeping them would add half a bf16 layer to the peak)."""
         amax, fallback = resolve_amax(observers) if static else ({}, set())
+        # what the scales are computed from; ``amax`` (each module's observed value) goes to modules.json
+        scale_amax = merge_input_amax(amax, self.moe_input_scale, self._input_scale_dtype) if amax else amax
         if fallback:
             log.warning("%d expert projection(s) saw no calibration token, e.g. %s; used the max over their "
                         "layer's experts", len(fallback), min(fallback))
@@ -254,7 +261,7 @@ class LayerQuantizer:
                     self._pool.give(q.weight, q.packed, q.weight_scale)  # written, and nothing else holds them
                 continue
             block = CPU_BLOCK if mod.weight.device.type == "cpu" else None  # devices: whole tensors
-            finish(name, mod, *quantize_blockwise(self.scheme, mod.weight, amax.get(name), self.group_size,
+            finish(name, mod, *quantize_blockwise(self.scheme, mod.weight, scale_amax.get(name), self.group_size,
                                                   self.weight_observer, self._scale_dtype, observers[name].sample,
                                                   block))
         return out
@@ -299,9 +306,13 @@ class LayerQuantizer:
         """Every other tensor of ``module``: bit-exact from the source unless it was block-FP8 (then dequantized)."""
         if not self.writes_rest:
             return
+        own_layout = getattr(self.fmt, "rest_tensors", None)  # formats that store unquantized Linears their way
         for local, tensor in module.state_dict().items():
             name = prefix + local
             if name.endswith(".weight") and name[: -len(".weight")] in quantized:
+                continue
+            if own_layout is not None and (tensors := own_layout(name, tensor, self.reader)) is not None:
+                self.writer.add_all(tensors)
                 continue
             if tensor.is_meta:  # left in the checkpoint as block FP8: decoded a block of rows at a time
                 check_shape(name, tuple(self.reader.raw(name).shape), tuple(tensor.shape))

@@ -52,6 +52,8 @@ def run_fingerprint(cfg: SlimConfig, world: int) -> str:
         "calibration": dataclasses.asdict(cfg.calibration),
         "max_shard_mb": cfg.export.max_shard_mb,
         "checksum": cfg.export.checksum,
+        # only when set: the fingerprints (and config.json bytes) of runs that leave it alone stay as they were
+        **({"moe_input_scale": cfg.export.moe_input_scale} if cfg.export.moe_input_scale != "auto" else {}),
         "world": world,
         "device": cfg.hardware.device,
         "seed": cfg.seed,

@@ -106,7 +106,8 @@ read -r SCHEME QMETHOD QFORMAT <<<"$QUANT"
 if [[ "$SCHEME" == "w4a8" ]]; then
     die "this checkpoint is scheme=w4a8 (int4 weights + static per-tensor FP8 activations): vLLM has no kernel for it.
 Re-quantize with scheme=w4a8_dynamic (int4 weights, group 128, dynamic per-token FP8 activations) to serve it,
-or evaluate it with slim (eval.backend=hf)."
+serve static W4A8 with SGLang or TensorRT-LLM (export scheme.format=w4afp8, then experiments/deploy/run_sglang.sh
+or run_trtllm.sh), or evaluate it with slim (eval.backend=hf)."
 fi
 
 # --- devices and parallelism ----------------------------------------------------------------------------

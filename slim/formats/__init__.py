@@ -2,10 +2,12 @@
 
     FORMATS["compressed-tensors"]  default; fp8_static (float-quantized), w4a8 / w4a8_dynamic (pack-quantized)
     FORMATS["fp8_native"]          vLLM/DeepSeek ``quant_method: fp8``, per-tensor static; fp8_static only
+    FORMATS["w4afp8"]              DeepSeek W4AFP8 (SGLang, TensorRT-LLM): int4 experts + block-FP8 rest; w4a8 only
 
 Which W4A8 to pick: vLLM serves int4 weights with FP8 activations only when the activations are
 *dynamic per-token* (``w4a8_dynamic``: Hopper, group_size 128). ``w4a8`` (static per-tensor FP8
-activations, the seed's scheme) is written faithfully and read back by slim, but no vLLM scheme loads it.
+activations, the seed's scheme) has no vLLM scheme in compressed-tensors; ``format=w4afp8`` writes it in the
+layout SGLang and TensorRT-LLM serve (``slim.formats.w4afp8``, docs/w4afp8.md).
 ``slim.formats.vllm_rules`` restates vLLM's selection rules so this can be checked without a GPU.
 """
 
@@ -22,12 +24,14 @@ from slim.formats.base import (
 )
 from slim.formats.compressed_tensors import CompressedTensorsFormat
 from slim.formats.fp8_native import Fp8NativeFormat
+from slim.formats.w4afp8 import W4AFp8Format
 
 DEFAULT_FORMAT = "compressed-tensors"
 
 FORMATS: dict[str, Format] = {
     "compressed-tensors": CompressedTensorsFormat(),
     "fp8_native": Fp8NativeFormat(),
+    "w4afp8": W4AFp8Format(),
 }
 
 
@@ -43,8 +47,10 @@ def detect_format(quantization_config: dict | None) -> Format | None:
         return FORMATS["compressed-tensors"]
     if method == "fp8":
         return FORMATS["fp8_native"] if quantization_config.get("weight_block_size") is None else None
+    if method == "w4afp8":
+        return FORMATS["w4afp8"]
     raise ValueError(
-        f"quantization_config.quant_method={method!r}: slim reads compressed-tensors and fp8 checkpoints"
+        f"quantization_config.quant_method={method!r}: slim reads compressed-tensors, fp8 and w4afp8 checkpoints"
     )
 
 
@@ -63,6 +69,7 @@ __all__ = [
     "CompressedTensorsFormat",
     "Format",
     "Fp8NativeFormat",
+    "W4AFp8Format",
     "check_group_size",
     "check_quantized",
     "detect_format",

@@ -25,6 +25,7 @@ R1_QUANTIZATION_CONFIG = {
 }
 # Linear weights stored as block FP8 in R1: everything inside the decoder layers except the router.
 _FP8_WEIGHT = re.compile(r"^model\.layers\.\d+\..*_proj(_with_mqa)?\.weight$")
+FP8_WEIGHT_RE = _FP8_WEIGHT  # public: the W4AFP8 format writes the same Linears as block FP8
 
 
 def split_experts(state: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -65,10 +65,14 @@ def load_model(path: str, load_type: str = "bf16", dtype: str = "bfloat16", trus
     if fmt is None:
         reader.check_load_type()
     else:
-        for name, tensor_names in quantized_modules(reader.names(), fmt).items():
+        own = getattr(fmt, "quantized_modules", None)  # formats whose quantized modules are not marked by weight_scale
+        modules = own(reader.names()) if own is not None else quantized_modules(reader.names(), fmt)
+        for name, tensor_names in modules.items():
             q = fmt.read(name, {n: reader.raw(n) for n in tensor_names})
             bias = reader.get(name + ".bias", model.dtype) if name + ".bias" in reader else None
             swap_in(model, name, SimQuantLinear(q, bias))
+        if getattr(fmt, "engine_only_config", False):  # a layout transformers (and lm-eval's HFLM, which parses
+            del model.config.quantization_config  # model.config.quantization_config) does not know: slim simulates it
     materialize_rest(model, reader, device)
     model.to(device)
     return model

@@ -36,6 +36,7 @@ COMMON = ["eval=none", "logger=none", "calibration.num_samples=8", "calibration.
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme,overrides", [
     ("fp8_static", COMMON), ("w4a8", COMMON),
+    ("w4a8", COMMON + ["scheme.format=w4afp8"]),  # layer-max input scales: the same whatever the ranks saw
     ("w4a8_dynamic", ["eval=none", "logger=none", "calibration=none"]),  # calibration off: weights only
 ])
 def test_two_ranks_bit_identical_to_one(tmp_path, scheme, overrides):

@@ -60,11 +60,11 @@ def assert_same(a: QuantizedLinear, b: QuantizedLinear) -> None:
 
 
 # ---- registry -------------------------------------------------------------------------------------
-def test_registry_holds_both_formats_and_names_choices_on_error():
-    assert set(FORMATS) == {"compressed-tensors", "fp8_native"}
+def test_registry_holds_every_format_and_names_choices_on_error():
+    assert set(FORMATS) == {"compressed-tensors", "fp8_native", "w4afp8"}
     assert all(isinstance(f, Format) for f in FORMATS.values())
     assert get_format("fp8_native") is NATIVE
-    with pytest.raises(ValueError, match="compressed-tensors, fp8_native"):
+    with pytest.raises(ValueError, match="compressed-tensors, fp8_native, w4afp8"):
         get_format("gguf")
 
 

@@ -167,7 +167,7 @@ def test_detect_format_tells_slim_layouts_from_the_deepseek_source():
     assert detect_format({"quant_method": "fp8", "weight_block_size": None}) is NATIVE
     deepseek = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
     assert detect_format(deepseek) is None and detect_format(None) is None
-    with pytest.raises(ValueError, match="compressed-tensors and fp8"):
+    with pytest.raises(ValueError, match="compressed-tensors, fp8 and w4afp8"):
         detect_format({"quant_method": "gptq"})
 
 

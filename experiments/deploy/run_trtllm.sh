@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Serve a static W4A8 checkpoint (scheme=w4a8 scheme.format=w4afp8) with TensorRT-LLM's PyTorch backend
+# (trtllm-serve, OpenAI-compatible). TensorRT-LLM reads hf_quant_config.json (MIXED_PRECISION) and quant_cfg.json
+# (W4A8_AWQ experts, FP8_BLOCK_SCALES the rest), which slim writes beside config.json.
+#
+#   experiments/deploy/run_trtllm.sh CHECKPOINT [options] [-- extra trtllm-serve arguments]
+#
+# One node, 8 GPUs (Hopper, or Ada for the MoE kernels), experts whole per GPU:
+#   experiments/deploy/run_trtllm.sh outputs/.../checkpoint --tp 8 --ep 8 --host 0.0.0.0
+# Two nodes x 8 GPUs: one MPI job of 16 ranks, started on node 0 (the checkpoint path the same on both nodes):
+#   experiments/deploy/run_trtllm.sh CKPT --tp 16 --ep 16 --launcher "mpirun -np 16 -H NODE0:8,NODE1:8" --host 0.0.0.0
+#   (under SLURM: --launcher "srun -N 2 --ntasks-per-node 8 --mpi=pmix")
+#
+# What it refuses, and why, is in experiments/deploy/w4afp8_check.py and docs/w4afp8.md.
+set -euo pipefail
+
+usage() {
+    sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+    echo; cat <<'EOF'
+Options:
+  --tp N              tensor parallel size over all ranks (default: the GPUs visible on this node)
+  --ep N              expert parallel size (default: --tp)
+  --launcher "CMD"    multi-node MPI launcher prefix; trtllm-llmapi-launch then starts trtllm-serve on every rank
+  --host HOST         address the API listens on (default 127.0.0.1)
+  --port PORT         API port (default 8000)
+  --trtllm-serve CMD  the trtllm-serve executable (default: trtllm-serve on PATH)
+  --dry-run           check the inputs, print the command and exit
+  -h, --help          this text
+EOF
+}
+
+die() { echo "run_trtllm.sh: error: $*" >&2; exit 2; }
+need_value() { [[ $# -ge 2 && -n "$2" && "$2" != --* ]] || die "$1 needs a value (see --help)"; }
+need_int() { [[ "$2" =~ ^[0-9]+$ && "$2" -ge "${3:-1}" ]] || die "$1 must be an integer >= ${3:-1}, got '$2'"; }
+
+[[ $# -ge 1 ]] || { usage >&2; exit 2; }
+case "$1" in -h|--help) usage; exit 0 ;; esac
+CKPT="$1"; shift
+[[ "$CKPT" != -* ]] || die "the first argument is the checkpoint directory, got '$CKPT' (see --help)"
+
+TP="" EP="" LAUNCHER="" HOST=127.0.0.1 PORT=8000 SERVE=trtllm-serve DRY=0 EXTRA=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --tp) need_value "$@"; need_int "$1" "$2"; TP="$2"; shift 2 ;;
+        --ep) need_value "$@"; need_int "$1" "$2"; EP="$2"; shift 2 ;;
+        --launcher) need_value "$@"; LAUNCHER="$2"; shift 2 ;;
+        --host) need_value "$@"; HOST="$2"; shift 2 ;;
+        --port) need_value "$@"; need_int "$1" "$2"; PORT="$2"; shift 2 ;;
+        --trtllm-serve) need_value "$@"; SERVE="$2"; shift 2 ;;
+        --dry-run) DRY=1; shift ;;
+        -h|--help) usage; exit 0 ;;
+        --) shift; EXTRA=("$@"); break ;;
+        *) die "unknown option '$1' (trtllm-serve's own arguments go after '--'; see --help)" ;;
+    esac
+done
+
+[[ -d "$CKPT" ]] || die "checkpoint directory '$CKPT' does not exist"
+CKPT="$(cd "$CKPT" && pwd)"
+[[ -f "$CKPT/config.json" ]] || die "'$CKPT' has no config.json: pass the checkpoint directory slim exported (RUN_DIR/checkpoint)"
+compgen -G "$CKPT/*.safetensors" >/dev/null || die "'$CKPT' has no *.safetensors weights (an unfinished export?)"
+
+GPUS=0 CAP=""
+if [[ -n "${CUDA_VISIBLE_DEVICES+x}" ]]; then
+    [[ -z "$CUDA_VISIBLE_DEVICES" ]] || GPUS=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c .)
+elif command -v nvidia-smi >/dev/null 2>&1; then
+    GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+fi
+if command -v nvidia-smi >/dev/null 2>&1; then
+    CAP="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d ' ' || true)"
+fi
+if [[ -z "$TP" ]]; then TP=$(( GPUS > 0 ? GPUS : 1 )); fi
+if [[ -z "$EP" ]]; then EP="$TP"; fi
+if [[ -z "$LAUNCHER" && "$GPUS" -gt 0 && "$TP" -gt "$GPUS" ]]; then
+    die "--tp $TP needs $TP GPUs but this node shows $GPUS: span nodes with --launcher (see --help)"
+fi
+
+CHECK=("$(command -v python3 || echo python)" "$(dirname "$0")/w4afp8_check.py" "$CKPT" --engine trtllm --tp "$TP" --ep "$EP")
+[[ -z "$CAP" ]] || CHECK+=(--capability "$CAP")
+SUMMARY="$("${CHECK[@]}" 2>&1)" || die "$SUMMARY"
+[[ -n "$CAP" ]] || echo "run_trtllm.sh: warning: no nvidia-smi here, GPU capability not checked (TensorRT-LLM's W4AFP8 MoE runs on SM89/SM90)" >&2
+
+CMD=()
+if [[ -n "$LAUNCHER" ]]; then read -r -a CMD <<<"$LAUNCHER"; CMD+=(trtllm-llmapi-launch); fi
+CMD+=("$SERVE" serve "$CKPT" --backend pytorch --tp_size "$TP" --ep_size "$EP" --host "$HOST" --port "$PORT" "${EXTRA[@]}")
+
+echo "run_trtllm.sh: $SUMMARY"
+echo "run_trtllm.sh: API at http://$HOST:$PORT/v1 once every rank is up"
+printf 'run_trtllm.sh: running:'; printf ' %q' "${CMD[@]}"; printf '\n'
+[[ "$DRY" -eq 0 ]] || exit 0
+exec "${CMD[@]}"
