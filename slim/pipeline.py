@@ -160,6 +160,9 @@ def checkpoint_config(cfg: SlimConfig, src_config: dict[str, Any], fmt, scheme, 
     (scheme, ignore list, calibration set digest, fingerprint)."""
     config = {k: v for k, v in src_config.items() if k != "quantization_config"}
     config["torch_dtype"] = config["dtype"] = resolve_dtype(cfg.model.dtype, cfg.hardware.device)
+    if config.get("tie_word_embeddings") and any(m.name == "lm_head" for m in result.modules):
+        config["tie_word_embeddings"] = False  # its quantized tensors are its own now
+        log.info("lm_head is quantized: the checkpoint unties it from the embedding (tie_word_embeddings=false)")
     config["quantization_config"] = fmt.quantization_config(
         scheme, result.ignored, cfg.scheme.group_size, not scheme.static_activations
     )

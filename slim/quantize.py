@@ -311,6 +311,8 @@ class LayerQuantizer:
             name = prefix + local
             if name.endswith(".weight") and name[: -len(".weight")] in quantized:
                 continue
+            if name in self.reader.aliases:  # a tied copy (tie_word_embeddings): stored once, as in the source
+                continue
             if own_layout is not None and (tensors := own_layout(name, tensor, self.reader)) is not None:
                 self.writer.add_all(tensors)
                 continue

@@ -1,5 +1,6 @@
 """A dense Llama-style decoder (random tiny config from transformers) quantizes and round-trips too."""
 
+import json
 import shutil
 
 import pytest
@@ -78,3 +79,21 @@ def test_tied_embeddings_are_read_from_the_embedding(tmp_path, embedded_model_pa
     quantize_stage(cfg, src, tmp_path / "ckpt", AutoTokenizer.from_pretrained(str(src)))
     model = load_model(str(tmp_path / "ckpt"))
     assert torch.equal(model.lm_head.weight, ref.model.embed_tokens.weight)
+    names = set()
+    for shard in (tmp_path / "ckpt").glob("*.safetensors"):
+        with safe_open(shard, framework="pt") as f:
+            names |= set(f.keys())
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names  # stays tied: stored once
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+def test_a_quantized_lm_head_is_untied(tmp_path, embedded_model_path):
+    src, ref = save_llama(tmp_path / "tied", embedded_model_path, tie=True)
+    cfg = compose_config(f"model.path={src}", "model.load_type=bf16", "scheme.ignore_layers=[]", "eval=none",
+                         "logger=none", "calibration.num_samples=4", "calibration.seq_len=64")
+    quantize_stage(cfg, src, tmp_path / "ckpt", AutoTokenizer.from_pretrained(str(src)))
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    model = load_model(str(tmp_path / "ckpt"))
+    assert isinstance(model.lm_head, SimQuantLinear)
+    assert model.lm_head.q.weight.dtype == torch.float8_e4m3fn
