@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 # streamed weights (calibration off, CPU kernels): kernels queued ahead of the Linear being reported and written,
 # at least STREAM_AHEAD Linears, more while their results hold at most STREAM_AHEAD_BYTES (KernelQueue). A layer's
 # kernels are queued before its other tensors are written, so the kernel threads work while the main thread writes
-# those. 32 small layers, one kernel thread, six alternating runs (2-core VM): 1.13 s (median) vs 1.47 s with two
-# queued, and only once the other tensors were written. An R1-shaped expert's result is 7.6 MB: two are queued.
+# those (queuing them only afterwards left the kernel threads idle meanwhile). The byte bound keeps many small
+# experts in flight and only the minimum of large ones (an R1 expert's packed result is several MB).
 STREAM_AHEAD = 2
 STREAM_AHEAD_BYTES = 16 << 20
 
@@ -444,7 +444,7 @@ def quantize_model(
         if device.type == "cpu":
             release_free_heap()  # the layer's freed heap pages go back: memory stays one layer at any depth
         if store is not None and ((i + 1) % cfg.export.commit_every == 0 or i == len(layers) - 1):
-            # vars(): the reports are flat; asdict's deep copies took 0.6 s of 32 small layers' commits
+            # vars(): the reports are flat, so asdict's deep copies would only cost time at every commit
             store.save_layer(i, writer.state(), [vars(m) for m in result.modules], hidden)
             dist.barrier()  # every rank's part is on disk before the commit names this layer
             if dist.is_main:
