@@ -1,11 +1,11 @@
 """Python's cyclic garbage collector around the two places where it costs seconds and finds nothing.
 
-A full collection walks every tracked object. A model skeleton has many: ~0.5 M objects for the small
-synthetic model (with the imports), 1.5 M for DeepSeek-R1 (61 layers of 256 experts), where one full
-collection took 0.25 s and 0.67 s on a 2-core VM. Neither place makes reference cycles worth collecting:
+A full collection walks every tracked object, and a model skeleton has many: hundreds of thousands for a small
+model (with the imports), over a million for DeepSeek-R1 (61 layers of 256 experts), so every full collection
+costs a noticeable pause. Neither place makes reference cycles worth collecting:
 
-- ``paused()`` while a skeleton is built: its allocations trigger collections that free nothing; building
-  R1's skeleton took 8.2 s with the collector on, 4.6 s with it paused.
+- ``paused()`` while a skeleton is built: its allocations trigger collections that free nothing, and that
+  repeated walking would be a large share of the build time.
 - ``long_lived_frozen()`` around the layer loop: the skeleton and the imported modules live for the whole loop,
   so they are moved out of the collector's generations (``gc.freeze``) and its full collections walk only
   what the loop allocates. Refcounting still frees frozen objects that die; only cycles among them wait

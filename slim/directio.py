@@ -2,23 +2,21 @@
 
 A checkpoint is written once and not read back by the writer, so the page cache only costs: every buffered
 ``write`` copies the bytes into freshly allocated cache pages, and where fresh pages are expensive (a virtual
-machine whose host backs guest memory lazily) that copy was most of the export's time. On the 2-core VM slim is
-developed on, 2 GiB of zeros took 3.5-17.9 s through buffered ``dd`` and 1.0-1.6 s with ``oflag=direct``; a
-4-layer R1-shaped export spent 53% of its CPU samples in the kernel's page-cache copy (perf).
+machine whose host backs guest memory lazily) that copy can be most of an export's time (the measurements are in
+``experiments/bench/NOTES.md``).
 
-Bytes are gathered in page-aligned staging buffers (a ring of :data:`STAGE_BUFFERS`) and written in whole
-aligned blocks. A full buffer is queued at once to an I/O thread (``os.pwrite`` releases the GIL), which writes
-the queued buffers back to back, while the caller fills the next one: a direct write mostly waits for the disk
-(``dd oflag=direct`` here: 0.49 s of CPU in 1.5 s), so the shard writer decodes, copies and hashes the next
-bytes meanwhile. Queuing a buffer as soon as it is full (rather than after the previous write returned) keeps the
-disk busy across the threads' wake-ups: with two buffers handed over one at a time, the I/O thread idled
-0.5 ms between 1 MiB writes of ~0.9 ms on this VM. ``sync()`` writes everything gathered so far
-(the last, partial block padded with zeros); ``close()`` cuts the file back to its true length. Where the
-filesystem refuses ``O_DIRECT`` (tmpfs, some network filesystems, platforms without it), :func:`open_direct`
-returns ``None`` and callers write buffered as before. The file's bytes are the same either way. A filesystem
-that accepts the flag but refuses the writes fails the export with an error naming ``export.direct_io=false``.
-By default (``export.direct_io=null``) the shard writer uses it on local disk filesystems only
-(:data:`LOCAL_FILESYSTEMS`, :func:`filesystem_type`).
+Bytes are gathered in page-aligned staging buffers (a ring of :data:`STAGE_BUFFERS`) and written in whole aligned
+blocks. A full buffer is queued at once to an I/O thread (``os.pwrite`` releases the GIL), which writes the queued
+buffers back to back, while the caller fills the next one: a direct write mostly waits for the disk, so the shard
+writer decodes, copies and hashes the next bytes meanwhile. Queuing a buffer as soon as it is full (rather than
+after the previous write returned) keeps the disk busy across the threads' wake-ups: handed over one at a time, the
+I/O thread would idle between writes while the caller's thread is scheduled. ``sync()`` writes everything gathered
+so far (the last, partial block padded with zeros); ``close()`` cuts the file back to its true length. Where the
+filesystem refuses ``O_DIRECT`` (tmpfs, some network filesystems, platforms without it), :func:`open_direct` returns
+``None`` and callers write buffered as before. The file's bytes are the same either way. A filesystem that accepts
+the flag but refuses the writes fails the export with an error naming ``export.direct_io=false``. By default
+(``export.direct_io=null``) the shard writer uses it on local disk filesystems only (:data:`LOCAL_FILESYSTEMS`,
+:func:`filesystem_type`).
 """
 
 from __future__ import annotations
@@ -52,8 +50,7 @@ def _io_thread() -> ThreadPoolExecutor:
 def stage_bytes_for(queue_bytes: int) -> int:
     """Staging buffer size for a writer that may hold ``queue_bytes`` of queued tensors: 1/32 of it, from
     :data:`STAGE_BYTES` (1 MiB) to :data:`MAX_STAGE_BYTES` (4 MiB), so the ring is at most 1/8 of the queue
-    beyond its smallest size. Bigger writes mean fewer hand-overs per byte: six R1-shaped layers (a 136 MiB
-    queue) took 3.75-4.11 s with 4 MiB buffers, 3.55-4.81 s with 1 MiB (three alternating runs; 2-core VM)."""
+    beyond its smallest size. Bigger writes mean fewer hand-overs per byte where the queue is deep."""
     return min(MAX_STAGE_BYTES, max(STAGE_BYTES, _align_down(queue_bytes // 32)))
 
 

@@ -79,7 +79,7 @@ def evaluate(model, tokenizer, cfg: EvalConfig, workdir: Path) -> dict[str, dict
     from lm_eval.models.huggingface import HFLM
 
     # softmax_dtype=float32: lm-eval otherwise sums log-probs in the model dtype, and bf16 sums round to
-    # multiples of 8-16 nats per document, hiding every quantization effect below ~1%.
+    # multiples of several nats per document, coarser than the effects quantization has.
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, device=str(model.device),
               softmax_dtype=torch.float32)
     return run_tasks(lm, cfg, workdir)

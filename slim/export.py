@@ -6,7 +6,7 @@ spaces, which the safetensors format allows), then the file is renamed. A file w
 always whole, and memory stays one tensor, however large a shard is.
 
 Shard data is written with ``O_DIRECT`` on local disk filesystems (``slim.directio``; ``export.direct_io``):
-the page cache is skipped, which on R1-shaped layers on a 2-core VM took most of the export's kernel time.
+the page cache is skipped, since copying a write-once checkpoint into fresh cache pages only costs.
 
 Every tensor's bytes are hashed as they are written (``slim.checksum``, ``export.checksum``: XXH3-128 by
 default). With ``sha256`` a piece of 1 MiB or more is hashed on a helper thread while it is written (hashlib
@@ -76,7 +76,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     not keep the tensor alive: hold the tensor while the view is used."""
     if tensor.is_cpu and tensor.is_contiguous():
         # straight from its address: a quantized Linear writes three small tensors, and detach, reshape, view
-        # and numpy (a new object each) were a fifth of the shard writer's time per tensor on small layers
+        # and numpy (a new object each) would be a large share of the shard writer's time per small tensor
         return memoryview((ctypes.c_ubyte * tensor.nbytes).from_address(tensor.data_ptr())).cast("B")
     t = tensor.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(t.view(torch.uint8).numpy())
@@ -95,8 +95,8 @@ def _hash_beside(hasher: checksum.Hasher, buf: memoryview) -> Future:
 
 def _entry_json(name: str, entry: dict) -> str:
     """``json.dumps(name) + ":" + json.dumps(entry, separators=(",", ":"))`` for a header entry (dtype, shape,
-    data_offsets), built directly: it is measured for every tensor written, and two ``json.dumps`` calls per
-    entry were a third of the writer thread's time per tensor on small layers."""
+    data_offsets), built directly: it runs for every tensor written, and two ``json.dumps`` calls per entry
+    would be a large share of the writer thread's time per small tensor."""
     shape = ",".join(map(str, entry["shape"]))
     start, end = entry["data_offsets"]
     return (f'{encode_basestring_ascii(name)}:{{"dtype":{encode_basestring_ascii(entry["dtype"])},'

@@ -6,7 +6,8 @@ Every run starts with :func:`return_freed_memory_to_os`; the CPU weight path the
 
 glibc serves large allocations (128 KiB and up, by default) with pages of their own and returns them to the
 kernel on free. The CPU weight path allocates and frees float32 temporaries of ~1 MB per row block of every
-weight, so each one page-faults anew (experiments/bench/NOTES.md has the measurements). ``keep_temporaries_in_heap`` serves
+weight, so each one page-faults anew, and those faults would be a large share of ``quantize_model``'s time on
+R1-sized layers. ``keep_temporaries_in_heap`` serves
 allocations up to ``MMAP_THRESHOLD`` from the heap, which keeps up to ``TRIM_THRESHOLD`` free at its top for
 the next block. Heap pages freed below live chunks are not returned by free(), so ``release_free_heap``
 (glibc's ``malloc_trim``), called after each layer, hands them back: peak memory stays one layer at any depth.
@@ -81,12 +82,11 @@ IDEEP_CACHE = "LRU_CACHE_CAPACITY"
 def no_gemm_kernel_cache() -> None:
     """torch's CPU matmuls keep what they build for every GEMM shape in two caches of up to 1024 entries:
     oneDNN's kernels (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``) and, for bf16, ideep's primitives around them
-    (``LRU_CACHE_CAPACITY``, ~0.4 MiB each here). Calibrating routed experts gives every expert of every layer
-    its own token count, so both grow with depth: 400 bf16 matmuls of distinct shapes held 156 MiB in ideep's
-    cache, 1.5 MiB with it at 1; 32 small DeepSeek layers (fp8_static, 4 x 64 tokens) peaked at 786-797 MiB
-    with both, 736-737 MiB without oneDNN's, 653-657 MiB without either, no slower. oneDNN's is turned off and
-    ideep's kept to one entry unless the environment sets them (ideep's at 0 crashed torch 2.13 here: a
-    segmentation fault at the first bf16 matmul). Both are read at the first matmul, so call this before any."""
+    (``LRU_CACHE_CAPACITY``). Calibrating routed experts gives every expert of every layer its own token count,
+    so both would grow with depth, against the rule that peak memory stays one layer; the kernels are rebuilt
+    instead, which costs no measurable time. oneDNN's is turned off and ideep's kept to one entry unless the
+    environment sets them (ideep's at 0 crashes torch 2.13 with a segmentation fault at the first bf16 matmul).
+    Both are read at the first matmul, so call this before any."""
     os.environ.setdefault(ONEDNN_CACHE, "0")
     os.environ.setdefault(IDEEP_CACHE, "1")
 
@@ -95,8 +95,8 @@ class TensorPool:
     """Spare tensors for reuse, by shape and dtype: ``empty`` hands out a spare one or a new one, ``give`` takes
     back tensors nothing else uses any more. Spares are kept while they hold at most ``limit`` bytes (the others are
     freed). The streamed weight path's kernel outputs, a few per routed expert, come from one pool: with
-    ``release_free_heap`` after every layer they would page-fault anew in each layer (32 small layers with 16 MiB of
-    results queued: 204 k page faults, 37 k from the pool, 41-48 k with two Linears queued and no pool)."""
+    ``release_free_heap`` after every layer they would page-fault anew in each layer; reused, they are faulted in
+    once."""
 
     def __init__(self, limit: int):
         self.limit, self.spare_bytes = limit, 0

@@ -194,7 +194,7 @@ class LayerLoop:
             release_free_heap()  # the layer's freed heap pages go back: memory stays one layer at any depth
         last = i == len(self.layers) - 1
         if self.store is not None and ((i + 1) % self.cfg.export.commit_every == 0 or last):
-            # vars(): the reports are flat, no deep copies
+            # vars(): the reports are flat, so asdict's deep copies would only cost time at every commit
             self.store.save_layer(i, self.writer.state(), [vars(m) for m in self.result.modules], self.hidden)
             self.dist.barrier()  # every rank's part is on disk before the commit names this layer
             if self.dist.is_main:

@@ -38,9 +38,8 @@ def write_queue_bytes(layer_bytes: int) -> int:
     """How far the writer thread may lag behind the quantizer (where one runs: not on the streamed CPU path,
     whose main thread writes while the kernels' threads quantize), in bytes of queued tensors: an eighth of the
     largest layer (in the model dtype), at least the writer's default (16 MiB), at most 256 MiB. Enough to hold
-    a layer's quantized experts while its unquantized tensors go to disk, so quantizing and writing overlap: on
-    R1-shaped layers (1 GiB) 128 MiB took 0.73-0.77 s per layer to 0.63 s (2 CPU cores; 16 MiB: the quantizer
-    waited)."""
+    a layer's quantized experts while its unquantized tensors go to disk, so quantizing and writing overlap
+    (with only the minimum queued, the quantizer waits for the disk on large layers)."""
     return min(256 * MiB, max(MAX_QUEUED_BYTES, layer_bytes // 8))
 
 

@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 # streamed weights (calibration off, CPU kernels): kernels queued ahead of the Linear being reported and written,
 # at least STREAM_AHEAD Linears, more while their results hold at most STREAM_AHEAD_BYTES (KernelQueue). A layer's
 # kernels are queued before its other tensors are written, so the kernel threads work while the main thread writes
-# those. 32 small layers, one kernel thread, six alternating runs (2-core VM): 1.13 s (median) vs 1.47 s with two
-# queued, and only once the other tensors were written. An R1-shaped expert's result is 7.6 MB: two are queued.
+# those (queuing them only afterwards left the kernel threads idle meanwhile). The byte bound keeps many small
+# experts in flight and only the minimum of large ones (an R1 expert's packed result is several MB).
 STREAM_AHEAD = 2
 STREAM_AHEAD_BYTES = 16 << 20
 

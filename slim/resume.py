@@ -5,7 +5,7 @@ writer's state (closed shards, the open shard's committed length and header entr
 per-module reports, and its slice of the calibration hidden states. The first three go into the rank's journal
 (``rankNNN-journal.jsonl``), one line per commit point holding only what is new since the line before (the open
 shard's header entries too, while it is the same file), so a commit costs the same at layer 60 as at layer 1 (with
-the open shard whole in every line, 32 small layers in one shard spent 0.6 s encoding JSON). Once every rank has
+the open shard whole in every line, the JSON to encode would grow with every layer of the shard). Once every rank has
 saved, rank 0 writes ``commit.json``; a rerun of the same command reads it, folds the journal up to that layer (and
 cuts off any line after it), truncates the open shard back to the committed length and continues with the next
 layer. Everything is deterministic, so the finished checkpoint is byte-identical to that of an uninterrupted run. A

@@ -1,6 +1,6 @@
 """A small pure-python restatement of how vLLM decides to serve our configs (no vLLM import).
 
-Restated from vLLM's source (github.com/vllm-project/vllm, main as of 2026) so that tests, and the
+Restated from vLLM's source (github.com/vllm-project/vllm, main branch) so that tests, and the
 exporter's warnings, can say what vLLM will do with a ``quantization_config`` without a GPU:
 
 - ``vllm/model_executor/layers/quantization/compressed_tensors/compressed_tensors.py``:

@@ -45,7 +45,7 @@ ABI = 7  # SLIM_KERNELS_ABI in cpu_kernels.c
 FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=c11", "-pthread"]
 NATIVE = ["-march=native"]  # tried first; without it where the compiler refuses it
 MAX_GROUP = 4096  # SLIM_MAX_GROUP in cpu_kernels.c
-MIN_ROWS_PER_TASK = 64  # a thread gets at least this many rows (a call costs ~20 us)
+MIN_ROWS_PER_TASK = 64  # a thread gets at least this many rows (each call has a fixed cost to amortize)
 Empty = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]  # allocates a kernel's output: empty(shape, dtype)
 
 _enabled: bool | None = None  # hardware.cpu_kernels
@@ -113,7 +113,7 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 def lookup_tables(on: bool | None = None) -> bool:
     """Whether :func:`fp8_block_int4` and :func:`fp8_block_decode` (to bf16) use their lookup-table paths (compiled
-    in on x86 CPUs with AVX-512 VBMI; the same bytes and counts as the plain ones, several times faster); ``on``
+    in on x86 CPUs with AVX-512 VBMI; the same bytes and counts as the plain ones, and faster); ``on``
     switches them for this process (the tests compare the two paths)."""
     lib = library()
     return lib is not None and bool(lib.slim_lut(-1 if on is None else int(on)))
@@ -183,7 +183,7 @@ def torch_single_threaded():
     """Within: torch runs on one thread, the kernels keep torch's thread count. For the streamed weight path
     (calibration off), where the kernels do the work and torch only small ops: between those, torch's OpenMP
     threads spin waiting for the next parallel region and take the CPU the kernels and the writer need (with
-    ``OMP_WAIT_POLICY=ACTIVE`` a 4-layer R1-shaped run took 12 CPU seconds instead of 7)."""
+    ``OMP_WAIT_POLICY=ACTIVE`` they spin all the longer)."""
     global _threads
     n, before = torch.get_num_threads(), _threads
     _threads = n

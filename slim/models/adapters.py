@@ -139,7 +139,7 @@ def build_skeleton(config: PretrainedConfig, dtype: torch.dtype) -> tuple[PreTra
     that must stay fp32 (rotary ``inv_freq``, DeepSeek's router correction bias).
     """
     adapter = adapter_for(config)
-    with collector.paused():  # ~1.5 M objects for DeepSeek-R1 and no garbage: collections only cost (slim.collector)
+    with collector.paused():  # DeepSeek-R1's: over a million objects, no garbage (slim.collector)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.eval().requires_grad_(False)

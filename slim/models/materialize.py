@@ -47,7 +47,7 @@ def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, device
 def release(module: nn.Module) -> None:
     """Drop the module's tensors (back to the meta device) so their memory is freed: what ``module.to("meta")``
     does, touching only the tensors that are not meta already (on the streamed path that is a layer's norms and
-    router; ``to`` walked every expert's Linear, 0.1 s of 32 small layers)."""
+    router; ``to`` would walk every expert's Linear in every layer)."""
     for sub in module.modules():
         for name, param in sub._parameters.items():
             if param is not None and not param.is_meta:

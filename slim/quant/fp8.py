@@ -34,7 +34,7 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def fp8_to_float32(q: torch.Tensor) -> torch.Tensor:
     """``q.float()`` for float8_e4m3fn, bit for bit, NaN codes included. On a CPU the codes are decoded by
-    :func:`_fp8_over_256` (several times faster than torch's element-wise cast there). Always a new tensor
+    :func:`_fp8_over_256` (a table lookup, cheaper than torch's element-wise cast there). Always a new tensor
     (callers scale it in place), also for input that is not FP8."""
     if q.dtype != FP8_DTYPE:
         return q.to(torch.float32, copy=True)
