@@ -25,6 +25,8 @@ MODES = ("quantize", "plan", "eval", "sensitivity")
 FORMAT_NAMES = ("compressed-tensors", "fp8_native")  # slim.formats.FORMATS' keys, without importing the formats
 DTYPES = ("bfloat16", "float16", "float32")
 CALIBRATION_SOURCES = ("embedded", "jsonl", "hf", "none")
+EVAL_BACKENDS = ("hf", "streamed", "vllm")  # slim.evaluate.BACKENDS' keys
+NUMERICS = ("auto", "checkpoint", "vllm", "sglang")  # slim.models.numerics.NUMERICS_CHOICES
 
 
 @dataclass
@@ -91,7 +93,15 @@ class CalibrationConfig:
 class EvalConfig:
     name: str = MISSING
     tasks: list[str] = field(default_factory=list)
-    backend: str = "hf"  # hf: in-process lm-eval on the simulated-quantization model (CPU or GPU); vllm: see below
+    # hf: the whole model in this process (simulated quantization, CPU or GPU), models that fit one host;
+    # streamed: every request walks the model one decoder layer at a time (slim.evaluate_streamed), any size;
+    # vllm: see below
+    backend: str = "hf"
+    # the scales the scores compute with: auto (the engine that serves the checkpoint's layout) | checkpoint (as
+    # written) | vllm | sglang (slim.models.numerics)
+    numerics: str = "auto"
+    hidden_states: str = "auto"  # streamed: where requests' hidden states wait, auto | device | host | disk
+    spill_dir: str | None = None  # streamed, hidden_states on disk: a local directory (default: <run dir>/eval_spill)
     batch_size: int = 8
     limit: float | None = None
     num_fewshot: int | None = None
@@ -196,7 +206,9 @@ def validate(cfg: SlimConfig) -> SlimConfig:
     _choice(cfg.calibration.source, CALIBRATION_SOURCES, "calibration.source")
     _choice(cfg.calibration.propagate, ("unquantized", "quantized"), "calibration.propagate")
     _choice(cfg.logger.mode, ("offline", "online", "disabled"), "logger.mode")
-    _choice(cfg.eval.backend, ("hf", "vllm"), "eval.backend")
+    _choice(cfg.eval.backend, EVAL_BACKENDS, "eval.backend")
+    _choice(cfg.eval.numerics, NUMERICS, "eval.numerics")
+    _choice(cfg.eval.hidden_states, ("auto", "device", "host", "disk"), "eval.hidden_states")
     from slim.checksum import ALGORITHMS
 
     _choice(cfg.export.checksum, ALGORITHMS, "export.checksum")

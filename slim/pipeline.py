@@ -217,16 +217,17 @@ def _finish_export(written: dict[str, Any], out_dir: Path, source: Path, store, 
 
 
 def eval_stage(cfg: SlimConfig, path: Path, load_type: str, tokenizer, workdir: Path) -> dict:
-    """Score a checkpoint directory with the configured backend (hf: loaded by slim; vllm: served by vLLM)."""
-    from slim.evaluate import evaluate_checkpoint
-    from slim.models.loading import load_model
+    """Score a checkpoint directory with the configured backend (slim.evaluate.BACKENDS) and numerics."""
+    from slim.evaluate import evaluate_checkpoint, model_settings
 
-    def load(p: Path):
-        return load_model(str(p), load_type=load_type, dtype=cfg.model.dtype,
-                          trust_remote_code=cfg.model.trust_remote_code, device=cfg.hardware.device)
+    return evaluate_checkpoint(path, cfg.eval, workdir, tokenizer=tokenizer,
+                               model=model_settings(cfg, path, load_type))
 
-    return evaluate_checkpoint(path, cfg.eval, workdir, tokenizer=tokenizer, load=load,
-                               trust_remote_code=cfg.model.trust_remote_code)
+
+def checkpoint_numerics(eval_cfg, path: Path) -> str:
+    from slim.evaluate import numerics_for
+
+    return numerics_for(eval_cfg, path)
 
 
 def plan_stage(cfg: SlimConfig) -> dict[str, Any]:
@@ -428,6 +429,8 @@ def _run_job(cfg: SlimConfig, resolved: dict[str, Any], dist: Dist) -> dict[str,
                             cfg, source, tokenizer, run_dir)
                     else:
                         results["metrics"][which] = eval_stage(cfg, target, cfg.model.load_type, tokenizer, run_dir)
+                results.setdefault("eval", {"backend": cfg.eval.backend, "numerics": {}})["numerics"][which] = \
+                    checkpoint_numerics(cfg.eval, target)
                 write_results(run_dir, results)  # a later failure keeps this stage's scores
         if "baseline" in results["metrics"] and "quantized" in results["metrics"]:
             results["delta"] = metric_deltas(results["metrics"]["baseline"], results["metrics"]["quantized"])
