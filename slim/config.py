@@ -40,6 +40,9 @@ class ModelConfig:
     trust_remote_code: bool = False
     convert_from: str | None = None  # fp8 checkpoint converted into `path` (bf16) when `path` is missing
     copy_mtp: bool = False  # copy DeepSeek's multi-token-prediction layer through unquantized
+    # the evaluation backend this model's presets pick (eval=embedded/standard read it: backend: ${model.eval_backend});
+    # streamed for models no single host holds (deepseek_r1*), hf otherwise
+    eval_backend: str = "hf"
 
 
 @dataclass
@@ -197,7 +200,16 @@ def _choice(value: Any, valid: tuple[str, ...], key: str) -> None:
 
 
 def validate(cfg: SlimConfig) -> SlimConfig:
-    """Cross-field checks. Raises SlimError naming the key and the fix."""
+    """Cross-field checks, then the evaluation settings (slim.eval_checks: before anything is loaded).
+    Raises SlimError naming the key and the fix."""
+    _validate_fields(cfg)
+    from slim.eval_checks import check_eval
+
+    check_eval(cfg)
+    return cfg
+
+
+def _validate_fields(cfg: SlimConfig) -> SlimConfig:
     _choice(cfg.mode, MODES, "mode")
     _choice(cfg.model.load_type, LOAD_TYPES, "model.load_type")
     _choice(cfg.model.dtype, DTYPES, "model.dtype")
