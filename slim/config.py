@@ -43,6 +43,8 @@ class ModelConfig:
     # the evaluation backend this model's presets pick (eval=embedded/standard read it: backend: ${model.eval_backend});
     # streamed for models no single host holds (deepseek_r1*), hf otherwise
     eval_backend: str = "hf"
+    # slim/assets/configs/<name>/config.json: what mode=plan sizes when model.path has no config.json yet
+    shipped_config: str | None = None
 
 
 @dataclass
