@@ -51,13 +51,14 @@ def eval_plan(cfg, model: nn.Module, adapter) -> tuple[dict[str, int], str, list
         return need, "", problems, notes
     requests = int(e.limit) if e.limit and e.limit >= 1 else ASSUMED_REQUESTS
     tokens = len(e.tasks) * requests * min(ASSUMED_TOKENS, max_len)  # rank 0 evaluates every request
-    hidden = tokens * conf.hidden_size * dtype_bytes
-    layer = max(sum(p.numel() for p in layer.parameters()) for layer in adapter.layers(model)) * dtype_bytes
-    where = choose_store(e.hidden_states, hidden, torch.device(hw.device), int(device_cap), int(host_cap))
-    need = {"largest decoder layer (compute dtype)": layer, "logits (one batch)": logits,
-            f"request hidden states ({where})": hidden, "runtime": RUNTIME_BYTES}
+    layer = max(sum(p.numel() for p in layer.parameters()) for layer in adapter.layers(model))
+    need, where = streamed_eval_bytes(conf, layer, dtype_bytes, e.batch_size, tokens, max_len, e.hidden_states,
+                                      hw.device, int(device_cap), int(host_cap))
+    hidden, layer, logits = need[f"request hidden states ({where})"], need["largest decoder layer (compute dtype)"], \
+        need["logits (one batch)"]
     notes.append(f"eval: {len(e.tasks)} task(s) x {requests} requests x {min(ASSUMED_TOKENS, max_len)} tokens "
                  f"assumed; hidden states on the {where}")
+    logits += need["forward activations (one batch)"]
     on_device = layer + logits + (hidden if where == "device" else 0)
     if device_cap and on_device > 0.95 * device_cap:
         problems.append(f"the streamed evaluation needs {on_device / GiB:.1f} GiB per device: lower eval.batch_size")
@@ -66,6 +67,22 @@ def eval_plan(cfg, model: nn.Module, adapter) -> tuple[dict[str, int], str, list
         problems.append(f"the streamed evaluation needs {on_host / GiB:.1f} GiB host memory per rank: set "
                         "eval.hidden_states=disk")
     return need, where, problems, notes
+
+
+def streamed_eval_bytes(conf, layer_params: int, dtype_bytes: int, batch_size: int, tokens: int, max_len: int,
+                        hidden_states: str = "auto", device: str = "cpu", device_cap: int = 0,
+                        host_cap: int = 0) -> tuple[dict[str, int], str]:
+    """(bytes by component, where hidden states wait) of the streamed backend scoring ``tokens`` request tokens,
+    batches of ``batch_size`` up to ``max_len`` tokens, on a model whose largest layer has ``layer_params``."""
+    hidden = tokens * conf.hidden_size * dtype_bytes
+    where = choose_store(hidden_states, hidden, torch.device(device), device_cap, host_cap)
+    batch_tokens = batch_size * max_len
+    inter = max(getattr(conf, "intermediate_size", 0),
+                getattr(conf, "moe_intermediate_size", 0) * (getattr(conf, "num_experts_per_tok", 1) or 1))
+    return {"largest decoder layer (compute dtype)": layer_params * dtype_bytes,
+            "logits (one batch)": batch_tokens * conf.vocab_size * (dtype_bytes + 4),
+            "forward activations (one batch)": batch_tokens * (4 * inter * dtype_bytes + 4 * conf.hidden_size * 4),
+            f"request hidden states ({where})": hidden, "runtime": RUNTIME_BYTES}, where
 
 
 def vllm_layouts(conf, scheme: str, gpus: int) -> list[str]:
