@@ -70,15 +70,15 @@ def _output_type(entry) -> str | None:
 
 
 def check_tasks(cfg) -> None:
-    from slim.eval_tasks import TASKS_DIR, shipped_task_names
-
     import yaml
 
+    from slim.eval_tasks import TASKS_DIR
+
     tasks = list(cfg.eval.tasks)
-    shipped = {yaml.safe_load(p.read_text()).get("task"): yaml.safe_load(p.read_text()).get("output_type")
-               for p in TASKS_DIR.glob("*.yaml")}
+    specs = [yaml.safe_load(p.read_text()) for p in TASKS_DIR.glob("*.yaml")]
+    shipped = {spec.get("task"): spec.get("output_type") for spec in specs}
     output_types = {t: shipped[t] for t in tasks if t in shipped}
-    rest = [t for t in tasks if t not in shipped_task_names()]
+    rest = [t for t in tasks if t not in shipped]
     if rest:
         from lm_eval.tasks import TaskManager
 

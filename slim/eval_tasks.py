@@ -71,21 +71,3 @@ def run_tasks(model, cfg: EvalConfig, workdir: Path, **model_kwargs) -> dict[str
     )
     return flatten_results(out["results"])
 
-
-def shipped_task_names() -> set[str]:
-    """The names of the tasks in ``slim/assets/tasks`` (their ``task:`` keys)."""
-    return {yaml.safe_load(p.read_text()).get("task", p.stem) for p in TASKS_DIR.glob("*.yaml")}
-
-
-def unknown_tasks(tasks: list[str]) -> list[str]:
-    """Task names that neither the shipped tasks nor lm-eval's own index (offline, no dataset read) know.
-
-    lm-eval's index is built only when a name is not a shipped task (building it takes seconds)."""
-    rest = [t for t in tasks if t not in shipped_task_names()]
-    if not rest:
-        return []
-    from lm_eval.tasks import TaskManager
-
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    known = set(TaskManager(include_path=str(TASKS_DIR)).all_tasks)
-    return [t for t in rest if t not in known]

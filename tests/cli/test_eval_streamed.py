@@ -12,7 +12,8 @@ import pytest
 
 def slim_main(*args, cwd, env=None, timeout=900):
     full_env = {**os.environ, "OMP_NUM_THREADS": "2", "WANDB_SILENT": "true", **(env or {})}
-    full_env.pop("SLIM_VLLM_PYTHON", None) if env is None or "SLIM_VLLM_PYTHON" not in env else None
+    if "SLIM_VLLM_PYTHON" not in (env or {}):  # the vLLM environment only where a test sets it
+        full_env.pop("SLIM_VLLM_PYTHON", None)
     return subprocess.run([sys.executable, "-m", "slim.main", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
