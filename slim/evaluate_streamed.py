@@ -217,8 +217,8 @@ class StreamedLM(TemplateLM):
         self.stats.append({"requests": sum(len(b.chunk) for b in batches), "batches": len(batches),
                            "tokens": tokens, "hidden_bytes": nbytes, "hidden_states_on": where,
                            "seconds": round(time.perf_counter() - start, 3)})
-        log.info("streamed %d batches (%d tokens) through %d layers, hidden states on %s (%.1f MiB)",
-                 len(batches), tokens, len(layers), where, nbytes / 2**20)
+        log.info("streamed %d batches (%d tokens, largest batch %d) through %d layers, hidden states on %s (%.1f MiB)",
+                 len(batches), tokens, max(b * t for b, t, _ in shapes), len(layers), where, nbytes / 2**20)
         return store
 
 

@@ -52,7 +52,7 @@ def eval_plan(cfg, model: nn.Module, adapter) -> tuple[dict[str, int], str, list
     requests = int(e.limit) if e.limit and e.limit >= 1 else ASSUMED_REQUESTS
     tokens = len(e.tasks) * requests * min(ASSUMED_TOKENS, max_len)  # rank 0 evaluates every request
     layer = max(sum(p.numel() for p in layer.parameters()) for layer in adapter.layers(model))
-    need, where = streamed_eval_bytes(conf, layer, dtype_bytes, e.batch_size, tokens, max_len, e.hidden_states,
+    need, where = streamed_eval_bytes(conf, layer, dtype_bytes, e.batch_size * max_len, tokens, e.hidden_states,
                                       hw.device, int(device_cap), int(host_cap))
     hidden, layer, logits = need[f"request hidden states ({where})"], need["largest decoder layer (compute dtype)"], \
         need["logits (one batch)"]
@@ -69,14 +69,14 @@ def eval_plan(cfg, model: nn.Module, adapter) -> tuple[dict[str, int], str, list
     return need, where, problems, notes
 
 
-def streamed_eval_bytes(conf, layer_params: int, dtype_bytes: int, batch_size: int, tokens: int, max_len: int,
+def streamed_eval_bytes(conf, layer_params: int, dtype_bytes: int, batch_tokens: int, tokens: int,
                         hidden_states: str = "auto", device: str = "cpu", device_cap: int = 0,
                         host_cap: int = 0) -> tuple[dict[str, int], str]:
-    """(bytes by component, where hidden states wait) of the streamed backend scoring ``tokens`` request tokens,
-    batches of ``batch_size`` up to ``max_len`` tokens, on a model whose largest layer has ``layer_params``."""
+    """(bytes by component, where hidden states wait) of the streamed backend scoring ``tokens`` request tokens
+    in batches of at most ``batch_tokens`` (batch size x padded length), on a model whose largest layer has
+    ``layer_params``."""
     hidden = tokens * conf.hidden_size * dtype_bytes
     where = choose_store(hidden_states, hidden, torch.device(device), device_cap, host_cap)
-    batch_tokens = batch_size * max_len
     inter = max(getattr(conf, "intermediate_size", 0),
                 getattr(conf, "moe_intermediate_size", 0) * (getattr(conf, "num_experts_per_tok", 1) or 1))
     return {"largest decoder layer (compute dtype)": layer_params * dtype_bytes,

@@ -29,10 +29,11 @@ from synthetic_checkpoint import write_synthetic_checkpoint  # noqa: E402
 IMPORTS = ("import torch, transformers, lm_eval, slim.main, slim.pipeline, slim.evaluate, slim.evaluate_streamed; "
            "from lm_eval.tasks import TaskManager; "
            "from transformers.models.deepseek_v3 import modeling_deepseek_v3")
-_STREAMED_RE = re.compile(r"streamed (\d+) batches \((\d+) tokens\) through (\d+) layers, hidden states on (\w+)")
+_STREAMED_RE = re.compile(
+    r"streamed (\d+) batches \((\d+) tokens, largest batch (\d+)\) through (\d+) layers, hidden states on (\w+)")
 
 
-def plan_estimate(ckpt: Path, batch_size: int, tokens: int, max_len: int, runtime: int) -> dict:
+def plan_estimate(ckpt: Path, batch_tokens: int, tokens: int, runtime: int) -> dict:
     import torch
 
     from slim.models.adapters import build_skeleton, load_config
@@ -40,7 +41,7 @@ def plan_estimate(ckpt: Path, batch_size: int, tokens: int, max_len: int, runtim
 
     model, adapter = build_skeleton(load_config(str(ckpt)), torch.bfloat16)
     layer = max(sum(p.numel() for p in layer.parameters()) for layer in adapter.layers(model))
-    need, where = streamed_eval_bytes(model.config, layer, 2, batch_size, tokens, max_len, "host")
+    need, where = streamed_eval_bytes(model.config, layer, 2, batch_tokens, tokens, "host")
     total = sum(need.values())
     return {"components_mib": {k: round(v / 2**20, 1) for k, v in need.items()}, "hidden_states_on": where,
             "plan_mib": round(total / 2**20, 1),
@@ -77,13 +78,14 @@ def main(argv: list[str] | None = None) -> int:
                "logger=none", f"hydra.run.dir={run_dir}"]
         run = monitored(cmd, env, REPO, args.workdir / f"run{n}.log", limit_mib=args.max_rss_gib * 1024)
         text = (args.workdir / f"run{n}.log").read_text(errors="replace")
-        passes = [{"batches": int(b), "tokens": int(t), "layers": int(nl), "hidden_states_on": w}
-                  for b, t, nl, w in _STREAMED_RE.findall(text)]
+        passes = [{"batches": int(b), "tokens": int(t), "largest_batch_tokens": int(bt), "layers": int(nl),
+                   "hidden_states_on": w} for b, t, bt, nl, w in _STREAMED_RE.findall(text)]
         run["passes"] = passes
         if passes and run["returncode"] == 0:
-            tokens = max(x["tokens"] for x in passes)
+            tokens = max(x["tokens"] for x in passes)  # the estimate of the largest pass
+            batch_tokens = max(x["largest_batch_tokens"] for x in passes)
             run["metrics"] = json.loads((run_dir / "results.json").read_text())["metrics"]
-            run["estimate"] = plan_estimate(ckpt, args.batch_size, tokens, 2048, runtime_bytes)
+            run["estimate"] = plan_estimate(ckpt, batch_tokens, tokens, runtime_bytes)
             peak = run["time_v_maxrss_mib"]
             run["estimate"]["plan_vs_peak"] = round(run["estimate"]["plan_mib"] / peak, 3)
             run["estimate"]["measured_runtime_vs_peak"] = round(run["estimate"]["with_measured_runtime_mib"] / peak, 3)
