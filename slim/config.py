@@ -26,6 +26,8 @@ MOE_INPUT_SCALES = ("auto", "expert", "layer_max")  # export.moe_input_scale
 FORMAT_NAMES = ("compressed-tensors", "fp8_native", "w4afp8")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 CALIBRATION_SOURCES = ("embedded", "jsonl", "hf", "none")
+EVAL_BACKENDS = ("hf", "streamed", "vllm")  # slim.evaluate.BACKENDS' keys
+NUMERICS = ("auto", "checkpoint", "vllm", "sglang")  # slim.models.numerics.NUMERICS_CHOICES
 
 
 @dataclass
@@ -41,6 +43,11 @@ class ModelConfig:
     trust_remote_code: bool = False
     convert_from: str | None = None  # fp8 checkpoint converted into `path` (bf16) when `path` is missing
     copy_mtp: bool = False  # copy DeepSeek's multi-token-prediction layer through unquantized
+    # the evaluation backend this model's presets pick (eval=embedded/standard read it: backend: ${model.eval_backend});
+    # streamed for models no single host holds (deepseek_r1*), hf otherwise
+    eval_backend: str = "hf"
+    # slim/assets/configs/<name>/config.json: what mode=plan sizes when model.path has no config.json yet
+    shipped_config: str | None = None
 
 
 @dataclass
@@ -116,7 +123,15 @@ class CalibrationConfig:
 class EvalConfig:
     name: str = MISSING
     tasks: list[str] = field(default_factory=list)
-    backend: str = "hf"  # hf: in-process lm-eval on the simulated-quantization model (CPU or GPU); vllm: see below
+    # hf: the whole model in this process (simulated quantization, CPU or GPU), models that fit one host;
+    # streamed: every request walks the model one decoder layer at a time (slim.evaluate_streamed), any size;
+    # vllm: see below
+    backend: str = "hf"
+    # the scales the scores compute with: auto (the engine that serves the checkpoint's layout) | checkpoint (as
+    # written) | vllm | sglang (slim.models.numerics)
+    numerics: str = "auto"
+    hidden_states: str = "auto"  # streamed: where requests' hidden states wait, auto | device | host | disk
+    spill_dir: str | None = None  # streamed, hidden_states on disk: a local directory (default: <run dir>/eval_spill)
     batch_size: int = 8
     limit: float | None = None
     num_fewshot: int | None = None
@@ -238,7 +253,16 @@ def _scheme(s: SchemeConfig):
 
 
 def validate(cfg: SlimConfig) -> SlimConfig:
-    """Cross-field checks. Raises SlimError naming the key and the fix."""
+    """Cross-field checks, then the evaluation settings (slim.eval_checks: before anything is loaded).
+    Raises SlimError naming the key and the fix."""
+    _validate_fields(cfg)
+    from slim.eval_checks import check_eval
+
+    check_eval(cfg)
+    return cfg
+
+
+def _validate_fields(cfg: SlimConfig) -> SlimConfig:
     _choice(cfg.mode, MODES, "mode")
     _choice(cfg.model.load_type, LOAD_TYPES, "model.load_type")
     _choice(cfg.model.dtype, DTYPES, "model.dtype")
@@ -246,7 +270,9 @@ def validate(cfg: SlimConfig) -> SlimConfig:
     _choice(cfg.calibration.source, CALIBRATION_SOURCES, "calibration.source")
     _choice(cfg.calibration.propagate, ("unquantized", "quantized"), "calibration.propagate")
     _choice(cfg.logger.mode, ("offline", "online", "disabled"), "logger.mode")
-    _choice(cfg.eval.backend, ("hf", "vllm"), "eval.backend")
+    _choice(cfg.eval.backend, EVAL_BACKENDS, "eval.backend")
+    _choice(cfg.eval.numerics, NUMERICS, "eval.numerics")
+    _choice(cfg.eval.hidden_states, ("auto", "device", "host", "disk"), "eval.hidden_states")
     from slim.checksum import ALGORITHMS
 
     _choice(cfg.export.checksum, ALGORITHMS, "export.checksum")

@@ -1,77 +1,60 @@
-"""lm-eval glue: score a model on the configured tasks, offline.
+"""Evaluation backends, by name, and the in-process ``hf`` backend.
 
-The shipped tasks live in ``slim/assets/tasks/*.yaml`` with data paths relative to ``slim/assets``; they are
-copied into the run directory with absolute paths, so the run records exactly what it evaluated.
-Standard lm-eval tasks (gsm8k, arc, ...) are used by name on machines with dataset access.
-Backends: ``hf`` scores a model loaded in this process; ``vllm`` (slim/evaluate_vllm.py) serves the checkpoint
-directory from a separate vLLM environment. ``evaluate_checkpoint`` picks one by ``eval.backend``.
+    BACKENDS["hf"]        slim's loader builds the whole model in this process (simulated quantization) and
+                          lm-eval's HFLM scores it: small and mid-size models
+    BACKENDS["streamed"]  slim.evaluate_streamed: every request walks the model one decoder layer at a time,
+                          weights read from the checkpoint layer by layer (DeepSeek-R1 on one GPU or CPU host)
+    BACKENDS["vllm"]      slim.evaluate_vllm: the checkpoint directory served by vLLM from its own environment
+
+A backend is ``fn(path, cfg, workdir, *, tokenizer, model) -> {task: {metric: value}}`` where ``model`` carries
+the loading settings (:class:`ModelSettings`). The lm-eval side that all of them share is ``slim.eval_tasks``;
+nothing here is imported by a backend module, so there is no import cycle.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
 import torch
-import yaml
 
-from slim.config import ASSETS, EvalConfig
+from slim.config import EvalConfig
+from slim.eval_tasks import TASKS_DIR, flatten_results, prepare_tasks, run_tasks  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
-TASKS_DIR = ASSETS / "tasks"
 
 
-def prepare_tasks(dest: Path) -> Path:
-    """Copy the shipped task YAMLs into ``dest`` with their data files made absolute."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for src in sorted(TASKS_DIR.glob("*.yaml")):
-        spec = yaml.safe_load(src.read_text())
-        files = spec.get("dataset_kwargs", {}).get("data_files", {})
-        for split, rel in files.items():
-            files[split] = str((ASSETS / rel).resolve())
-        (dest / src.name).write_text(yaml.safe_dump(spec, sort_keys=False))
-    return dest
+@dataclass(frozen=True)
+class ModelSettings:
+    """How a checkpoint is read for evaluation (from ``model.*`` and ``hardware.*``)."""
+
+    load_type: str = "bf16"
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+    numerics: str = "checkpoint"  # resolved (slim.models.numerics.resolve_numerics), never "auto"
+    host_memory_gb: float = 0.0  # the hardware preset's host memory (0: unknown), for the streamed memory plan
+    device_memory_gb: float = 0.0
 
 
-def flatten_results(results: dict) -> dict[str, dict[str, float]]:
-    """lm-eval's ``{"task": {"metric,filter": v, "metric_stderr,filter": e}}`` -> ``{"task": {"metric": v}}``."""
-    out: dict[str, dict[str, float]] = {}
-    for task, metrics in results.items():
-        for key, value in metrics.items():
-            metric, _, _ = key.partition(",")
-            if metric in ("alias", "sample_len") or metric.endswith("_stderr") or not isinstance(value, (int, float)):
-                continue
-            out.setdefault(task, {})[metric] = float(value)
-    return out
+def numerics_for(cfg: EvalConfig, path: Path) -> str:
+    """``cfg.numerics`` resolved for the checkpoint at ``path`` (``auto``: its serving engine's)."""
+    import json
+
+    from slim.models.numerics import resolve_numerics
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    return resolve_numerics(cfg.numerics, config.get("quantization_config"))
 
 
-def run_tasks(model, cfg: EvalConfig, workdir: Path, **model_kwargs) -> dict[str, dict[str, float]]:
-    """lm-eval's ``simple_evaluate`` over ``cfg.tasks``, offline, with the shipped tasks available.
-
-    ``model`` is an lm-eval LM object or a registered model name (then ``model_kwargs`` carry its
-    ``model_args`` and ``batch_size``); returns ``{task: {metric: value}}``.
-    """
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)  # keep the run log to slim's own stage lines
-    task_dir = prepare_tasks(Path(workdir) / "lm_eval_tasks")
-    out = lm_eval.simple_evaluate(
-        model=model,
-        tasks=list(cfg.tasks),
-        num_fewshot=cfg.num_fewshot,
-        limit=cfg.limit,
-        task_manager=TaskManager(include_path=str(task_dir)),
-        bootstrap_iters=0,
-        log_samples=False,
-        verbosity="ERROR",
-        **model_kwargs,
-    )
-    return flatten_results(out["results"])
+def model_settings(cfg, path: Path, load_type: str) -> ModelSettings:
+    """The loading settings of a SlimConfig for the checkpoint at ``path``."""
+    return ModelSettings(load_type=load_type, dtype=cfg.model.dtype, device=cfg.hardware.device,
+                         trust_remote_code=cfg.model.trust_remote_code, numerics=numerics_for(cfg.eval, path),
+                         host_memory_gb=cfg.hardware.host_memory_gb / max(cfg.hardware.procs_per_node, 1),
+                         device_memory_gb=cfg.hardware.device_memory_gb)
 
 
 def evaluate(model, tokenizer, cfg: EvalConfig, workdir: Path) -> dict[str, dict[str, float]]:
@@ -85,20 +68,37 @@ def evaluate(model, tokenizer, cfg: EvalConfig, workdir: Path) -> dict[str, dict
     return run_tasks(lm, cfg, workdir)
 
 
-def evaluate_checkpoint(path: Path, cfg: EvalConfig, workdir: Path, *, tokenizer, load: Callable[[Path], Any],
-                        trust_remote_code: bool = False) -> dict[str, dict[str, float]]:
-    """Score the checkpoint directory ``path`` with ``cfg.backend``.
+def evaluate_hf(path: Path, cfg: EvalConfig, workdir: Path, *, tokenizer, model: ModelSettings):
+    from slim.models.loading import load_model
 
-    hf: ``load(path)`` builds the model in this process (slim's loader, simulated quantization) and lm-eval runs
-    on it. vllm: the directory is served by vLLM from its own environment; ``load`` is not called and the
-    tokenizer is read from ``path`` (exported checkpoints and source models carry their tokenizer files).
-    """
-    if cfg.backend == "vllm":
-        from slim.evaluate_vllm import evaluate_vllm
-
-        return evaluate_vllm(path, path, cfg, workdir, trust_remote_code=trust_remote_code)
-    model = load(path)
+    built = load_model(str(path), load_type=model.load_type, dtype=model.dtype,
+                       trust_remote_code=model.trust_remote_code, device=model.device, numerics=model.numerics)
     try:
-        return evaluate(model, tokenizer, cfg, workdir)
+        return evaluate(built, tokenizer, cfg, workdir)
     finally:
-        del model
+        del built
+
+
+def evaluate_vllm_backend(path: Path, cfg: EvalConfig, workdir: Path, *, tokenizer, model: ModelSettings):
+    from slim.evaluate_vllm import evaluate_vllm
+
+    return evaluate_vllm(path, path, cfg, workdir, trust_remote_code=model.trust_remote_code)
+
+
+def evaluate_streamed_backend(path: Path, cfg: EvalConfig, workdir: Path, *, tokenizer, model: ModelSettings):
+    from slim.evaluate_streamed import evaluate_streamed
+
+    return evaluate_streamed(path, cfg, workdir, tokenizer=tokenizer, model=model)
+
+
+BACKENDS: dict[str, Callable[..., dict[str, dict[str, float]]]] = {
+    "hf": evaluate_hf,
+    "streamed": evaluate_streamed_backend,
+    "vllm": evaluate_vllm_backend,
+}
+
+
+def evaluate_checkpoint(path: Path, cfg: EvalConfig, workdir: Path, *, tokenizer,
+                        model: ModelSettings) -> dict[str, dict[str, float]]:
+    """Score the checkpoint directory ``path`` with ``cfg.backend`` (a key of :data:`BACKENDS`)."""
+    return BACKENDS[cfg.backend](Path(path), cfg, Path(workdir), tokenizer=tokenizer, model=model)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from slim.config import EvalConfig
 from slim.errors import SlimError
+from slim.eval_tasks import run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +206,6 @@ def server_env() -> dict[str, str]:
 def evaluate_vllm(checkpoint_path: str | Path, tokenizer_path: str | Path, cfg: EvalConfig, workdir: Path,
                   *, trust_remote_code: bool = False) -> dict[str, dict[str, float]]:
     """Serve ``checkpoint_path`` with vLLM and score it on ``cfg.tasks``; ``{task: {metric: value}}``."""
-    from slim.evaluate import run_tasks
-
     checkpoint = Path(checkpoint_path).resolve()
     if not (checkpoint / "config.json").is_file():
         raise SlimError(f"{checkpoint} is not a checkpoint directory (no config.json): vLLM serves exported checkpoints")

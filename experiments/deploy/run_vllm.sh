@@ -99,15 +99,16 @@ q = c.get("quantization_config") or {}
 slim = c.get("slim") or {}
 fmt = q.get("format") or ""
 method = q.get("quant_method") or "none"
-print(slim.get("scheme", "-"), method, fmt or "-")
+print(slim.get("scheme", "-"), method, fmt or "-", c.get("hidden_size") or 0,
+      c.get("moe_intermediate_size") or c.get("intermediate_size") or 0)
 EOF
 )" || die "cannot read $CKPT/config.json as JSON"
-read -r SCHEME QMETHOD QFORMAT <<<"$QUANT"
+read -r SCHEME QMETHOD QFORMAT HIDDEN MOE_INTER <<<"$QUANT"
 if [[ "$SCHEME" == "w4a8" ]]; then
     die "this checkpoint is scheme=w4a8 (int4 weights + static per-tensor FP8 activations): vLLM has no kernel for it.
 Re-quantize with scheme=w4a8_dynamic (int4 weights, group 128, dynamic per-token FP8 activations) to serve it,
 serve static W4A8 with SGLang or TensorRT-LLM (export scheme.format=w4afp8, then experiments/deploy/run_sglang.sh
-or run_trtllm.sh), or evaluate it with slim (eval.backend=hf)."
+or run_trtllm.sh), or evaluate it with slim (eval.backend=streamed, or hf for a model that fits one host)."
 fi
 
 # --- devices and parallelism ----------------------------------------------------------------------------
@@ -121,6 +122,16 @@ if [[ -z "$TP" ]]; then TP=$(( GPUS > 0 ? GPUS : 1 )); fi
 if [[ -z "$PP" ]]; then PP=$(( NNODES > 1 ? NNODES : 1 )); fi
 if [[ "$GPUS" -gt 0 && "$NNODES" -eq 1 && "$RAY" -eq 0 && $(( TP * PP )) -gt "$GPUS" ]]; then
     die "--tp $TP x --pp $PP needs $(( TP * PP )) GPUs but this node shows $GPUS: lower --tp, or span nodes with --nnodes/--ray"
+fi
+# vLLM's W4A8-FP8 MoE (CUTLASS) needs hidden size and the experts' intermediate size per tensor-parallel partition
+# to be multiples of 256 (compressed_tensors_moe_w4a8_fp8.py); expert parallelism keeps every expert whole.
+if [[ "$SCHEME" == "w4a8_dynamic" && "$MOE_INTER" -gt 0 && " ${EXTRA[*]} " != *" --enable-expert-parallel "* ]] \
+        && (( MOE_INTER % TP || (MOE_INTER / TP) % 256 )); then
+    OK_TP=1
+    for t in 2 4 8 16 32; do if (( t <= TP && MOE_INTER % t == 0 && (MOE_INTER / t) % 256 == 0 )); then OK_TP=$t; fi; done
+    die "--tp $TP splits the experts' intermediate size $MOE_INTER into $(( MOE_INTER / TP )) per GPU; vLLM's W4A8-FP8 MoE
+needs a multiple of 256: serve it with --tp $OK_TP --pp $(( TP * PP / OK_TP )), or keep --tp $TP and add
+--enable-expert-parallel (experts whole) after --"
 fi
 if [[ "$NNODES" -gt 1 ]]; then
     [[ "$RAY" -eq 0 ]] || die "--ray and --nnodes are two ways to span nodes: with Ray start the script on the head node only, without --nnodes"

@@ -152,6 +152,9 @@ def quantized_modules(names: Iterable[str], fmt: Format) -> dict[str, list[str]]
     A module is quantized when ``<module>.weight_scale`` exists; it owns the names ending in one of
     ``fmt.quantized_suffixes``. Names of other modules (and biases) are left out.
     """
+    own = getattr(fmt, "quantized_modules", None)  # a layout whose quantized modules carry another marker
+    if own is not None:
+        return own(names)
     names = list(names)
     marker = "." + MARKER_SUFFIX
     modules = {n[: -len(marker)]: [] for n in names if n.endswith(marker)}

@@ -49,8 +49,9 @@ def torch_dtype(name: str, device: str) -> torch.dtype:
 
 
 def load_model(path: str, load_type: str = "bf16", dtype: str = "bfloat16", trust_remote_code: bool = False,
-               device: str = "cpu") -> PreTrainedModel:
-    """A ready-to-run model from a checkpoint directory; quantized Linears become SimQuantLinear."""
+               device: str = "cpu", numerics: str = "checkpoint") -> PreTrainedModel:
+    """A ready-to-run model from a checkpoint directory; quantized Linears become SimQuantLinear computing with the
+    serving engine's scales (``numerics``, see slim.models.numerics; resolved, never ``auto``)."""
     from slim.formats import detect_format, quantized_modules
 
     config = load_config(path, trust_remote_code)
@@ -65,12 +66,7 @@ def load_model(path: str, load_type: str = "bf16", dtype: str = "bfloat16", trus
     if fmt is None:
         reader.check_load_type()
     else:
-        own = getattr(fmt, "quantized_modules", None)  # formats whose quantized modules are not marked by weight_scale
-        modules = own(reader.names()) if own is not None else quantized_modules(reader.names(), fmt)
-        for name, tensor_names in modules.items():
-            q = fmt.read(name, {n: reader.raw(n) for n in tensor_names})
-            bias = reader.get(name + ".bias", model.dtype) if name + ".bias" in reader else None
-            swap_in(model, name, SimQuantLinear(q, bias))
+        read_quantized(model, reader, fmt, quantized_modules(reader.names(), fmt), numerics, model.dtype)
         if getattr(fmt, "engine_only_config", False):  # a layout transformers (and lm-eval's HFLM, which parses
             del model.config.quantization_config  # model.config.quantization_config) does not know: slim simulates it
     materialize_rest(model, reader, device)
@@ -78,8 +74,34 @@ def load_model(path: str, load_type: str = "bf16", dtype: str = "bfloat16", trus
     return model
 
 
-def materialize_rest(model: nn.Module, reader: CheckpointReader, device: str) -> None:
-    """Materialize every parameter/buffer still on the meta device (SimQuantLinear holds its own tensors)."""
+def read_quantized(model: nn.Module, reader: CheckpointReader, fmt, modules: dict[str, list[str]], numerics: str,
+                   dtype: torch.dtype, device: str | torch.device = "cpu") -> dict[str, nn.Module]:
+    """Swap a SimQuantLinear into ``model`` for each of ``modules`` (``{module: its tensor names}``, whole MoE
+    layers and fused groups), read through ``fmt`` and transformed by ``numerics``; returns the replaced modules."""
+    from slim.models.numerics import apply_numerics
+
+    read = {name: fmt.read(name, {n: reader.raw(n) for n in names}) for name, names in modules.items()}
+    replaced = {}
+    for name, q in apply_numerics(numerics, read).items():
+        q = replace_tensors(q, device)
+        bias = reader.get(name + ".bias", dtype, device) if name + ".bias" in reader else None
+        replaced[name] = swap_in(model, name, SimQuantLinear(q, bias))
+    return replaced
+
+
+def replace_tensors(q, device):
+    """``q`` with its tensors on ``device`` (a copy off the checkpoint's memory map on the host)."""
+    from dataclasses import fields, replace
+
+    moved = {f.name: getattr(q, f.name).to(device) for f in fields(q)
+             if isinstance(getattr(q, f.name), torch.Tensor) and not getattr(q, f.name).is_meta}
+    return replace(q, **moved) if str(device) != "cpu" else q
+
+
+def materialize_rest(model: nn.Module, reader: CheckpointReader, device: str | torch.device,
+                     prefix: str = "") -> None:
+    """Materialize every parameter/buffer still on the meta device (SimQuantLinear holds its own tensors);
+    ``prefix``: the checkpoint name of ``model`` when it is a part of the whole (``model.layers.3.``)."""
     for name, mod in model.named_modules():
         if isinstance(mod, SimQuantLinear):
             continue
@@ -87,4 +109,4 @@ def materialize_rest(model: nn.Module, reader: CheckpointReader, device: str) ->
             (b, t) for b, t in mod.named_buffers(recurse=False) if b not in mod._non_persistent_buffers_set
         ]
         if any(t.is_meta for _, t in direct):
-            materialize_own(mod, f"{name}." if name else "", reader, device)
+            materialize_own(mod, f"{prefix}{name}." if name else prefix, reader, device)

@@ -15,12 +15,14 @@ from slim.evaluate_vllm import VLLMServer, evaluate_vllm, server_command, vllm_d
 from vllm_helpers import free_port
 
 
-def test_backend_choice_is_validated():
+def test_backend_choice_is_validated(monkeypatch):
     from conftest import compose_config
     from slim.config import validate
 
-    validate(compose_config("eval.backend=vllm"))
-    with pytest.raises(SlimError, match="hf, vllm"):
+    monkeypatch.delenv("SLIM_VLLM_PYTHON", raising=False)
+    with pytest.raises(SlimError, match="SLIM_VLLM_PYTHON"):  # the backend's availability is checked up front
+        validate(compose_config("eval.backend=vllm"))
+    with pytest.raises(SlimError, match="hf, streamed, vllm"):
         validate(compose_config("eval.backend=vlm"))
 
 

@@ -74,6 +74,17 @@ def test_static_w4a8_is_refused_naming_the_servable_scheme(fake_checkpoint):
     assert "scheme=w4a8_dynamic" in proc.stderr and "no kernel" in proc.stderr
 
 
+def test_w4a8_dynamic_r1_width_on_tp16_names_the_layout_vllm_accepts(fake_checkpoint):
+    set_scheme(fake_checkpoint, "w4a8_dynamic")
+    config = json.loads((fake_checkpoint / "config.json").read_text())
+    config["moe_intermediate_size"] = 2048  # DeepSeek-R1's experts: 128 per GPU at tp 16
+    (fake_checkpoint / "config.json").write_text(json.dumps(config))
+    proc = run_script(fake_checkpoint, "--tp", "16", "--python", sys.executable, "--dry-run",
+                      env={"CUDA_VISIBLE_DEVICES": ",".join(map(str, range(16)))})
+    assert proc.returncode == 2
+    assert "--tp 8 --pp 2" in proc.stderr and "--enable-expert-parallel" in proc.stderr
+
+
 def test_more_gpus_than_the_node_has_are_refused(fake_checkpoint):
     proc = run_script(fake_checkpoint, "--tp", "8", "--python", sys.executable, "--dry-run",
                       env={"CUDA_VISIBLE_DEVICES": "0,1,2,3"})

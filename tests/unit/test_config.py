@@ -49,7 +49,7 @@ def test_wrong_type_fails_at_compose():
         (["model.device_map=cuda"], "device_map=cpu"),
         (["scheme.low_memory=false"], "needs scheme.low_memory=true"),
         (["calibration.seq_len=0"], "positive"),
-        (["eval.backend=vlm"], "hf, vllm"),
+        (["eval.backend=vlm"], "hf, streamed, vllm"),
         (["scheme.weight_observer=percentile"], "minmax, mse"),
         (["export.checksum=md5"], "xxh3_128, sha256"),
         (["scheme.format=gguf"], "scheme.format='gguf' is not valid; choose one of: compressed-tensors, fp8_native"),

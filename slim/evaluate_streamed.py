@@ -1,0 +1,232 @@
+"""The ``streamed`` evaluation backend: lm-eval requests scored one decoder layer at a time.
+
+Every request of a task is tokenized and batched first, exactly as lm-eval's HFLM does (same encoding, same sort
+order, same batches, same right padding), then all batches walk through the model together: the embedding, then
+decoder layer 0 for every batch, layer 1 for every batch, ..., then the final norm, the head and the log-softmax
+(fp32) per batch. Only one layer's weights are resident (slim.models.streaming reads them from the checkpoint
+being scored, quantized Linears as the serving engine computes them); the batches' hidden states wait on the
+device, in host memory or in a memory-mapped file (slim.hidden_store). So a 671B model is scored on one GPU or
+one CPU host, and the scores equal those of the hf backend on a model that fits it.
+
+Only log-likelihood requests (``loglikelihood``, ``loglikelihood_rolling``) can be answered this way; tasks that
+generate text need the whole model per token and go to ``eval.backend=vllm``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from lm_eval.models.utils import Collator, _add_special_kwargs, has_bos_prefix, resolve_max_length
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+from transformers.masking_utils import create_causal_mask
+
+from slim.config import EvalConfig
+from slim.errors import SlimError
+from slim.eval_tasks import run_tasks
+from slim.hidden_store import HiddenStore, choose_store, host_available_bytes
+from slim.models.streaming import CheckpointParts
+
+log = logging.getLogger(__name__)
+DEFAULT_MAX_LENGTH = 2048  # lm-eval's HFLM default when neither config nor tokenizer names one
+
+
+@dataclass
+class Batch:
+    """One lm-eval batch: its requests (as the Collator yields them), right-padded ids and input lengths."""
+
+    chunk: list
+    input_ids: torch.Tensor  # [b, T] long
+    inplens: list[int]
+    cont_toks: list[list[int]]
+
+
+@dataclass
+class Group:
+    """The requests HFLM scores in one ``_loglikelihood_tokens`` call, reordered by their Collator."""
+
+    collator: Collator
+    batches: list[Batch] = field(default_factory=list)
+
+
+def _collate(req):  # HFLM's sort key: longest first, then by tokens
+    toks = req[1] + req[2]
+    return -len(toks), tuple(toks)
+
+
+def _lookup_one_token_cont(req):  # HFLM's key for requests that share all but the last continuation token
+    return req[-2] + req[-1][:-1]
+
+
+class StreamedLM(TemplateLM):
+    """An lm-eval ``LM`` over :class:`CheckpointParts` (see module docstring)."""
+
+    def __init__(self, parts: CheckpointParts, tokenizer, batch_size: int, store: str = "auto",
+                 spill_dir: Path | None = None, device_bytes: int = 0, host_bytes: int = 0):
+        super().__init__()
+        self.parts, self.tokenizer, self.batch_size = parts, tokenizer, int(batch_size)
+        self._device = parts.device
+        self.store, self.spill_dir, self.device_bytes, self.host_bytes = store, spill_dir, device_bytes, host_bytes
+        self.add_bos_token = None  # the tokenizer's own default, as HFLM without add_bos_token
+        self._max_length = resolve_max_length(parts.config, tokenizer, default=DEFAULT_MAX_LENGTH)
+        self.stats: list[dict] = []  # per streamed pass: requests, tokens, store, seconds
+
+    # --- tokenization: HFLM's, so both backends score the same tokens ---
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
+                   **kwargs) -> list[int]:
+        special = _add_special_kwargs(add_special_tokens, self.add_bos_token)
+        if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
+            special["add_special_tokens"] = False
+        enc = self.tokenizer.encode(string, **special)
+        return enc[-left_truncate_len:] if left_truncate_len else enc
+
+    # --- lm-eval's request types ---
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        return self._score([requests])[0]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        windows, counts = [], []
+        for (string,) in [req.args for req in requests]:
+            rolling = list(map(make_disjoint_window, get_rolling_token_windows(
+                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1)))
+            windows.extend((None,) + w for w in rolling)
+            counts.append(len(rolling))
+        # HFLM scores the windows batch_size at a time, each slice one _loglikelihood_tokens call: the same here
+        groups = [windows[i:i + self.batch_size] for i in range(0, len(windows), self.batch_size)]
+        flat = [r for part in self._score(groups) for r in part]
+        out, pos = [], 0
+        for n in counts:
+            out.append(sum(ll for ll, _ in flat[pos:pos + n]))
+            pos += n
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        raise SlimError("eval.backend=streamed answers log-likelihood tasks only (multiple choice, perplexity); "
+                        "a task that generates text needs eval.backend=vllm (or hf for a model that fits)")
+
+    # --- the streamed pass ---
+    def _batches(self, requests) -> Group:
+        group = Group(Collator(requests, sort_fn=_collate, group_by="contexts", group_fn=_lookup_one_token_cont))
+        for chunk in group.collator.get_batched(n=self.batch_size):
+            inps, inplens, conts = [], [], []
+            for _, context_enc, continuation_enc in chunk:
+                inp = (context_enc + continuation_enc)[-(self.max_length + 1):][:-1]
+                inps.append(torch.tensor(inp, dtype=torch.long))
+                inplens.append(len(inp))
+                conts.append(continuation_enc)
+            width = max(inplens)
+            ids = torch.zeros(len(inps), width, dtype=torch.long)  # right padding with 0, as pad_and_concat
+            for row, inp in enumerate(inps):
+                ids[row, : len(inp)] = inp
+            group.batches.append(Batch(list(chunk), ids, inplens, conts))
+        return group
+
+    def _score(self, request_groups: list[list]) -> list[list[tuple[float, bool]]]:
+        groups = [self._batches(reqs) for reqs in request_groups]
+        batches = [b for g in groups for b in g.batches]
+        if not batches:
+            return [[] for _ in groups]
+        hidden = self._run_layers(batches)
+        results, i = [], 0
+        try:
+            with self.parts.part(self.parts.model.model.norm, "model.norm.") as norm, \
+                    self.parts.part(self.parts.model.lm_head, "lm_head.") as head:
+                for g in groups:
+                    res = []
+                    for b in g.batches:
+                        logits = F.log_softmax(head(norm(hidden.get(i))), dim=-1, dtype=torch.float32)
+                        res.extend(self._answers(g.collator, b, logits))
+                        i += 1
+                    results.append(g.collator.get_original(res))
+        finally:
+            hidden.close()
+        return results
+
+    @staticmethod
+    def _answers(collator: Collator, b: Batch, multi_logits: torch.Tensor) -> list[tuple[float, bool]]:
+        """HFLM's scoring of one batch's log-probs [b, T, V] (continuation slice, greedy check, cached hits)."""
+        out = []
+        width = multi_logits.shape[1]
+        for (request_str, ctx_tokens, _), logits, inplen, cont_toks in zip(b.chunk, multi_logits, b.inplens,
+                                                                          b.cont_toks):
+            contlen = len(cont_toks)
+            ctx_len = inplen + (logits.shape[0] - width)
+            logits = logits[ctx_len - contlen: ctx_len].unsqueeze(0)  # [1, contlen, V]
+            greedy = logits.argmax(dim=-1)
+            for _, cont, lg in collator.get_cache(req_str=request_str, cxt_toks=ctx_tokens, cont_toks=cont_toks,
+                                                  logits=logits):
+                cont = torch.tensor(cont, dtype=torch.long, device=lg.device).unsqueeze(0)
+                max_equal = bool((greedy[:, -cont.shape[1]:] == cont).all())
+                out.append((float(torch.gather(lg, 2, cont.unsqueeze(-1)).squeeze(-1).sum()), max_equal))
+        return out
+
+    def _layer_kwargs(self, h: torch.Tensor) -> dict:
+        b, t, _ = h.shape
+        position_ids = torch.arange(t, device=self._device).unsqueeze(0).expand(b, -1)
+        return {
+            "position_embeddings": self.parts.model.model.rotary_emb(h, position_ids),
+            "attention_mask": create_causal_mask(config=self.parts.config, inputs_embeds=h, attention_mask=None,
+                                                 cache=None, position_ids=position_ids),
+            "position_ids": position_ids,
+        }
+
+    @torch.no_grad()
+    def _run_layers(self, batches: list[Batch]) -> HiddenStore:
+        parts, hidden_size = self.parts, self.parts.config.hidden_size
+        shapes = [(b.input_ids.shape[0], b.input_ids.shape[1], hidden_size) for b in batches]
+        tokens = sum(b * t for b, t, _ in shapes)
+        nbytes = tokens * hidden_size * parts.dtype.itemsize
+        where = choose_store(self.store, nbytes, self._device, self.device_bytes,
+                             self.host_bytes or host_available_bytes())
+        store = HiddenStore(shapes, parts.dtype, where, self._device, self.spill_dir)
+        start = time.perf_counter()
+        parts.rotary_to(self._device)
+        with parts.part(parts.model.model.embed_tokens, "model.embed_tokens.") as embed:
+            for i, b in enumerate(batches):
+                store.put(i, embed(b.input_ids.to(self._device)))
+        layers = parts.layers()
+        bar = tqdm(range(len(layers)), desc="streamed eval", unit="layer", leave=False,
+                   postfix={"requests": sum(len(b.chunk) for b in batches), "tokens": tokens, "hidden": where})
+        for index in bar:
+            with parts.part(layers[index], parts.layer_prefix(index)) as layer:
+                for i in range(len(batches)):
+                    h = store.get(i)
+                    out = layer(h, **self._layer_kwargs(h))
+                    store.put(i, out[0] if isinstance(out, tuple) else out)
+        bar.close()
+        self.stats.append({"requests": sum(len(b.chunk) for b in batches), "batches": len(batches),
+                           "tokens": tokens, "hidden_bytes": nbytes, "hidden_states_on": where,
+                           "seconds": round(time.perf_counter() - start, 3)})
+        log.info("streamed %d batches (%d tokens, largest batch %d) through %d layers, hidden states on %s (%.1f MiB)",
+                 len(batches), tokens, max(b * t for b, t, _ in shapes), len(layers), where, nbytes / 2**20)
+        return store
+
+
+def evaluate_streamed(path: Path, cfg: EvalConfig, workdir: Path, *, tokenizer, model) -> dict[str, dict[str, float]]:
+    """Score the checkpoint at ``path`` on ``cfg.tasks`` with the streamed backend; ``model``: ModelSettings."""
+    parts = CheckpointParts(path, load_type=model.load_type, dtype=model.dtype, device=model.device,
+                            trust_remote_code=model.trust_remote_code, numerics=model.numerics)
+    lm = StreamedLM(parts, tokenizer, cfg.batch_size, store=cfg.hidden_states,
+                    spill_dir=Path(cfg.spill_dir) if cfg.spill_dir else Path(workdir) / "eval_spill",
+                    device_bytes=int(model.device_memory_gb * 2**30), host_bytes=int(model.host_memory_gb * 2**30))
+    return run_tasks(lm, cfg, workdir)
