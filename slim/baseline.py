@@ -22,7 +22,7 @@ def baseline_key(cfg: SlimConfig, source: Path) -> str:
     """The unquantized model's scores depend on the source weights, compute settings, eval settings and tasks."""
     import lm_eval
 
-    from slim.evaluate import TASKS_DIR
+    from slim.eval_tasks import TASKS_DIR
 
     task_files = sorted(TASKS_DIR.glob("*.yaml")) + sorted((TASKS_DIR.parent / "data").glob("*.jsonl"))
     payload = {

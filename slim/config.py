@@ -253,16 +253,6 @@ def _scheme(s: SchemeConfig):
 
 
 def validate(cfg: SlimConfig) -> SlimConfig:
-    """Cross-field checks, then the evaluation settings (slim.eval_checks: before anything is loaded).
-    Raises SlimError naming the key and the fix."""
-    _validate_fields(cfg)
-    from slim.eval_checks import check_eval
-
-    check_eval(cfg)
-    return cfg
-
-
-def _validate_fields(cfg: SlimConfig) -> SlimConfig:
     _choice(cfg.mode, MODES, "mode")
     _choice(cfg.model.load_type, LOAD_TYPES, "model.load_type")
     _choice(cfg.model.dtype, DTYPES, "model.dtype")

@@ -1,6 +1,6 @@
 """Evaluation settings checked before anything is loaded: a mistake here must not cost a quantization first.
 
-``check_eval(cfg)`` (called by ``slim.config.validate``) raises SlimError naming the fix when the backend is not
+``check_eval(cfg)`` (run by ``slim.preflight`` after ``slim.config.validate``) raises SlimError naming the fix when the backend is not
 available (vLLM's own python), when the checkpoint that will be scored cannot be served by the chosen backend or
 numerics, when a task name is unknown offline (or generates text on the streamed backend), and when the hf backend
 would build a model larger than the memory of the rank that evaluates it.

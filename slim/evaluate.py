@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from slim.config import EvalConfig
-from slim.eval_tasks import TASKS_DIR, flatten_results, prepare_tasks, run_tasks  # noqa: F401 (re-exported)
+from slim.eval_tasks import run_tasks
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ log = logging.getLogger("slim")
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from slim import pipeline
-    from slim.config import validate
+    from slim.preflight import preflight
     from slim.launch import launch, needs_launch
     from slim.tracking import sweep_group
 
@@ -28,7 +28,7 @@ def main(cfg: DictConfig) -> None:
     typed: SlimConfig = OmegaConf.to_object(cfg)
     try:
         if typed.mode not in ("plan", "sensitivity") and needs_launch(typed.hardware):  # one process per rank
-            validate(typed)
+            preflight(typed)
             # this job's own overrides: in a multirun they hold this job's values, not the sweep lists
             overrides = list(HydraConfig.get().overrides.task)
             if not typed.logger.group and (group := sweep_group()):  # ranks are single runs: pass the sweep's group

@@ -24,13 +24,14 @@ import torch
 
 from slim import __version__, collector, kernels
 from slim.baseline import baseline_metrics
-from slim.config import SlimConfig, validate
+from slim.config import SlimConfig
 from slim.distributed import Dist, init_distributed, shutdown
 from slim.errors import SlimError
 from slim.export import copied_files, finalize_checkpoint
 from slim.formats import FORMATS
 from slim.hostmem import no_gemm_kernel_cache, return_freed_memory_to_os
 from slim.models.convert import prepare_source
+from slim.preflight import preflight
 from slim.models.loading import resolve_dtype, torch_dtype
 from slim.run import RunRecord
 from slim.rundir import QUANTIZE_RECORD, atomic_json, eval_key, prepare_output, previous_results, run_fingerprint
@@ -313,7 +314,7 @@ MODE_RUNNERS: dict[str, Callable[[SlimConfig, dict[str, Any]], dict[str, Any]]] 
 
 def run(cfg: SlimConfig, resolved: dict[str, Any]) -> dict[str, Any]:
     """Run the configured job in this process (one rank of it under torchrun); returns results.json's content."""
-    validate(cfg)
+    preflight(cfg)
     cfg.model.dtype = resolve_dtype(cfg.model.dtype, cfg.hardware.device)
     if isinstance(resolved.get("model"), dict):
         resolved["model"]["dtype"] = cfg.model.dtype  # what W&B and the records show

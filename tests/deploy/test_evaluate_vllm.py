@@ -17,13 +17,13 @@ from vllm_helpers import free_port
 
 def test_backend_choice_is_validated(monkeypatch):
     from conftest import compose_config
-    from slim.config import validate
+    from slim.preflight import preflight
 
     monkeypatch.delenv("SLIM_VLLM_PYTHON", raising=False)
     with pytest.raises(SlimError, match="SLIM_VLLM_PYTHON"):  # the backend's availability is checked up front
-        validate(compose_config("eval.backend=vllm"))
+        preflight(compose_config("eval.backend=vllm"))
     with pytest.raises(SlimError, match="hf, streamed, vllm"):
-        validate(compose_config("eval.backend=vlm"))
+        preflight(compose_config("eval.backend=vlm"))
 
 
 def test_missing_vllm_python_names_the_setting(monkeypatch, tmp_path, embedded_model_path):
