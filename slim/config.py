@@ -284,8 +284,9 @@ def validate(cfg: SlimConfig) -> SlimConfig:
     scheme = _scheme(s)
     if s.format == "w4afp8" and not (scheme.per_group and scheme.weight_bits == 4 and scheme.static_activations
                                      and s.group_size == 128):
-        raise SlimError(f"scheme.format=w4afp8 (SGLang/TensorRT-LLM static W4A8) stores int4 group-128 weights with "
-                        f"static FP8 activations (scheme w4a8) only, got scheme={s.name} group_size={s.group_size}; "
+        raise SlimError(f"scheme.format=w4afp8 (SGLang/TensorRT-LLM static W4A8) stores int4 weights with group_size "
+                        f"128 and static FP8 activations (scheme w4a8) only, got scheme={s.name} group_size="
+                        f"{s.group_size}; "
                         "set scheme=w4a8 scheme.group_size=128, or scheme.format=compressed-tensors")
     if cfg.model.low_cpu_mem_usage and not s.low_memory:
         raise SlimError("model.low_cpu_mem_usage=true runs with weights on the host, which needs "

@@ -31,7 +31,7 @@ from slim.models.adapters import ModelAdapter
 from slim.models.checkpoint import CheckpointReader
 from slim.models.materialize import materialize, release
 from slim.models.simulated import SimQuantLinear, swap_in
-from slim.quant.input_scales import resolve_mode
+from slim.models.input_scales import resolve_mode
 from slim.quant.observers import ACTIVATION_OBSERVERS, MinMaxObserver
 from slim.quant.schemes import Scheme
 from slim.quantize import (

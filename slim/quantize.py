@@ -21,7 +21,7 @@ from slim.models.checkpoint import BLOCK_SCALE_SUFFIX, DECODE_CHUNK_BYTES, Check
 from slim.models.materialize import check_shape
 from slim.quant.blockwise import CPU_BLOCK, Quality, quantize_blockwise
 from slim.quant.fp8 import FP8_DTYPE
-from slim.quant.input_scales import merge_input_amax
+from slim.models.input_scales import merge_input_amax
 from slim.quant.observers import MinMaxObserver
 from slim.quant.schemes import Scheme
 from slim.quant.stats import all_finite

@@ -113,7 +113,7 @@ class W4AFp8Format:
         input_scale = q.input_scale.reshape(1).float()
         if not torch.equal(input_scale.to(INPUT_SCALE_DTYPE).float(), input_scale):
             raise ValueError(f"{module_name}: input_scale {float(input_scale)} does not survive the engines' bf16 "
-                             "parameter; compute it from slim.quant.input_scales.representable_amax")
+                             "parameter; compute it from slim.models.input_scales.representable_amax")
         return {
             f"{module_name}.weight": pack_nibbles(codes),  # int8 [N, K/2]
             f"{module_name}{'.weight' + BLOCK_SCALE_SUFFIX}": scale.contiguous(),  # fp32 [N, K/128]

@@ -32,7 +32,7 @@ from slim.models.checkpoint import CheckpointReader
 from slim.models.loading import load_model
 from slim.models.simulated import SimQuantLinear
 from slim.quant.fp8 import FP8_DTYPE, dequantize_fp8_block, fp8_scale
-from slim.quant.input_scales import representable_amax
+from slim.models.input_scales import representable_amax
 from slim.quant.schemes import SCHEMES
 
 pytestmark = pytest.mark.slow

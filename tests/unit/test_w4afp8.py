@@ -20,7 +20,7 @@ from slim.errors import SlimError
 from slim.formats import FORMATS, detect_format
 from slim.formats.w4afp8 import input_scale_name, pack_nibbles, unpack_nibbles
 from slim.quant.fp8 import fp8_scale
-from slim.quant.input_scales import layer_max, merge_input_amax, representable_amax, resolve_mode
+from slim.models.input_scales import layer_max, merge_input_amax, representable_amax, resolve_mode
 from slim.quant.types import QuantizedLinear
 
 FMT = FORMATS["w4afp8"]
