@@ -3,8 +3,8 @@
 import json
 
 from safetensors.torch import load_file
-from test_bad_input import assert_refused
-from test_cli import slim_main
+
+from tests.helpers.cli import assert_refused, slim_main
 
 
 def tensors(ckpt):

@@ -1,19 +1,13 @@
 """The real CLI, in a subprocess, as a user types it."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 
+from tests.helpers.cli import slim_main
 
-def slim_main(*args, cwd, env=None, timeout=900):
-    full_env = {**os.environ, "OMP_NUM_THREADS": "2", "WANDB_SILENT": "true", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "slim.main", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.slow

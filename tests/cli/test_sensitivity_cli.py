@@ -4,9 +4,9 @@ import json
 import shlex
 
 import pytest
-from test_cli import slim_main
 
 from slim.config import ASSETS
+from tests.helpers.cli import slim_main
 
 
 @pytest.mark.slow

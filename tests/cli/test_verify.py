@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_cli import slim_main
 
 from slim.verify import read_header
+from tests.helpers.cli import slim_main
 
 
 def verify_cli(path):

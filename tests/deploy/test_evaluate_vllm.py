@@ -12,11 +12,11 @@ import pytest
 from slim.config import EvalConfig
 from slim.errors import SlimError
 from slim.evaluate_vllm import VLLMServer, evaluate_vllm, server_command, vllm_distribution, vllm_python
-from vllm_helpers import free_port
+from tests.helpers.vllm import free_port
 
 
 def test_backend_choice_is_validated():
-    from conftest import compose_config
+    from tests.helpers.configs import compose_config
     from slim.config import validate
 
     validate(compose_config("eval.backend=vllm"))
