@@ -9,6 +9,8 @@ import torch
 from slim.config import ASSETS
 from tests.helpers.cli import assert_refused, slim_main
 
+pytestmark = pytest.mark.slow  # each case runs the CLI on the embedded model (config errors: unit/test_config.py)
+
 QUICK = ["eval=none", "logger=none", "calibration.num_samples=4", "calibration.seq_len=64"]
 
 

@@ -14,6 +14,8 @@ from safetensors.torch import load_file, save_file
 from slim.verify import read_header
 from tests.helpers.cli import slim_main
 
+pytestmark = pytest.mark.slow  # the fixture exports through the CLI; each case runs python -m slim.verify
+
 
 def verify_cli(path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

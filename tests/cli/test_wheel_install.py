@@ -61,7 +61,8 @@ def installed(tmp_path_factory):
     # pip runs inside the fresh interpreter before the dependencies are visible: it sees no other slim to replace
     run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "--no-cache-dir",
          wheel], cwd=tmp)
-    site = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp).stdout.strip())
+    purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site = Path(run([python, "-c", purelib], cwd=tmp).stdout.strip())
     assert (site / "slim" / "conf" / "config.yaml").is_file()
     (site / "_slim_test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return python, site
