@@ -38,7 +38,7 @@ def run(cmd, cwd, timeout=300, **env):
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    """A fresh venv with slim installed from a wheel built from an sdist of this checkout; returns its python."""
+    """A fresh venv with slim from a wheel built from an sdist of this checkout: (its python, its site-packages)."""
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"  # a copy: building in place would leave build/ and slim.egg-info/ in the checkout
     src.mkdir()
@@ -63,7 +63,9 @@ def installed(tmp_path_factory):
          wheel], cwd=tmp)
     purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
     site = Path(run([python, "-c", purelib], cwd=tmp).stdout.strip())
-    assert (site / "slim" / "conf" / "config.yaml").is_file()
+    shipped, repo = site / "slim" / "conf", REPO / "conf"
+    assert sorted(f.relative_to(shipped) for f in shipped.rglob("*.yaml")) == sorted(
+        f.relative_to(repo) for f in repo.rglob("*.yaml"))  # every group and preset, Hydra's own groups included
     (site / "_slim_test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return python, site
 
