@@ -1,5 +1,5 @@
 """Shared fixtures, and the skips the ``vllm`` and ``gpu`` markers mean. Thread counts stay small: these machines
-have 2 cores. Shared code lives in tests/helpers; the names below stay importable from here too."""
+have 2 cores. Shared code lives in tests/helpers; what it imports here stays importable as ``from conftest import``."""
 
 from __future__ import annotations
 
