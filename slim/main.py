@@ -11,12 +11,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from slim.config import SlimConfig, register_configs
 from slim.errors import SlimError
+from slim.paths import conf_dir
 
 register_configs()
 log = logging.getLogger("slim")
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+# the checkout's conf/, or the copy a wheel ships in the package (slim.paths); an absolute path to Hydra
+@hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from slim import pipeline
     from slim.preflight import preflight

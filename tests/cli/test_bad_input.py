@@ -5,9 +5,11 @@ import shutil
 
 import pytest
 import torch
-from test_cli import slim_main
 
 from slim.config import ASSETS
+from tests.helpers.cli import assert_refused, slim_main
+
+pytestmark = pytest.mark.slow  # each case runs the CLI on the embedded model (config errors: unit/test_config.py)
 
 QUICK = ["eval=none", "logger=none", "calibration.num_samples=4", "calibration.seq_len=64"]
 
@@ -16,13 +18,6 @@ def embedded_copy(tmp_path):
     dst = tmp_path / "model"
     shutil.copytree(ASSETS / "tiny_deepseek", dst)
     return dst
-
-
-def assert_refused(proc, *fragments):
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    for fragment in fragments:
-        assert fragment in proc.stderr, proc.stderr[-2000:]
 
 
 def test_model_path_without_config(tmp_path):

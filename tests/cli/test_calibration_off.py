@@ -2,9 +2,13 @@
 
 import json
 
+import pytest
+
 from safetensors.torch import load_file
-from test_bad_input import assert_refused
-from test_cli import slim_main
+
+from tests.helpers.cli import assert_refused, slim_main
+
+pytestmark = pytest.mark.slow  # end-to-end CLI runs on the embedded model
 
 
 def tensors(ckpt):

@@ -1,19 +1,13 @@
 """The real CLI, in a subprocess, as a user types it."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 
+from tests.helpers.cli import slim_main
 
-def slim_main(*args, cwd, env=None, timeout=900):
-    full_env = {**os.environ, "OMP_NUM_THREADS": "2", "WANDB_SILENT": "true", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "slim.main", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.slow
@@ -46,6 +40,7 @@ def test_unknown_scheme_lists_choices(tmp_path):
     assert "fp8_static" in proc.stderr and "w4a8" in proc.stderr
 
 
+@pytest.mark.slow
 def test_ignore_pattern_matching_nothing_fails_before_quantizing(tmp_path):
     proc = slim_main("scheme.ignore_layers=[lm_haed]", "eval=none", "logger=none", f"hydra.run.dir={tmp_path}/r", cwd=tmp_path)
     assert proc.returncode == 2
@@ -54,6 +49,7 @@ def test_ignore_pattern_matching_nothing_fails_before_quantizing(tmp_path):
     assert not (tmp_path / "r" / "checkpoint" / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_w4a8_on_bf16_variant_writes_packed_experts(tmp_path):
     run_dir = tmp_path / "run"
     proc = slim_main("model=tiny_deepseek_bf16", "scheme=w4a8", "eval=none", "logger=none", f"hydra.run.dir={run_dir}",

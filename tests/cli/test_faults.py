@@ -10,7 +10,8 @@ import signal
 import textwrap
 
 import pytest
-from test_cli import slim_main
+
+from tests.helpers.cli import slim_main
 
 QUICK = ["eval=none", "logger=none", "calibration.num_samples=4", "calibration.seq_len=64", "export.max_shard_mb=1"]
 

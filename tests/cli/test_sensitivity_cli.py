@@ -4,12 +4,13 @@ import json
 import shlex
 
 import pytest
-from test_cli import slim_main
 
 from slim.config import ASSETS
+from tests.helpers.cli import slim_main
+
+pytestmark = pytest.mark.slow  # end-to-end CLI runs on the embedded model
 
 
-@pytest.mark.slow
 def test_sensitivity_run_writes_ranking_and_ignore_list(tmp_path):
     run_dir = tmp_path / "run"
     proc = slim_main("mode=sensitivity", "scheme=w4a8", "logger=none", f"hydra.run.dir={run_dir}",

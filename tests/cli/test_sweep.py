@@ -12,6 +12,8 @@ import pytest
 
 from slim.tracking import read_offline_run
 
+pytestmark = pytest.mark.slow  # multirun sweeps through the CLI
+
 REFERENCE = "[lm_head,self_attn,shared_experts,mlp.gate_proj,mlp.up_proj,mlp.down_proj]"  # = the w4a8 default
 MORE = "[lm_head,self_attn]"  # also shared experts and dense MLPs in int4
 
@@ -33,7 +35,6 @@ def wandb_run_record(job_dir, timeout_s=30.0):
         time.sleep(0.2)
 
 
-@pytest.mark.slow
 def test_group_size_by_ignore_layers_sweep_then_compare(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run("slim.main", "-m", "scheme=w4a8", "scheme.group_size=64,128", f"scheme.ignore_layers={REFERENCE},{MORE}",

@@ -10,9 +10,11 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_cli import slim_main
 
 from slim.verify import read_header
+from tests.helpers.cli import slim_main
+
+pytestmark = pytest.mark.slow  # the fixture exports through the CLI; each case runs python -m slim.verify
 
 
 def verify_cli(path):

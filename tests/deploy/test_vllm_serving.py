@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from slim.config import ASSETS
-from vllm_helpers import RUN_VLLM, convert_bf16, free_port, needs_vllm, vllm_python
+from tests.helpers.vllm import RUN_VLLM, convert_bf16, free_port, vllm_python
 
-pytestmark = [needs_vllm, pytest.mark.slow]
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
 def heldout_ids(tokenizer, n_docs=1):

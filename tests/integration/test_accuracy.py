@@ -10,12 +10,12 @@ import json
 
 import pytest
 import torch
-from conftest import compose_config
 from transformers import AutoTokenizer
 
 from slim.config import ASSETS
 from slim.models.loading import load_model
 from slim.pipeline import eval_stage, quantize_stage
+from tests.helpers.configs import compose_config
 
 
 @pytest.fixture(scope="module")

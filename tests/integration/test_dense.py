@@ -5,12 +5,12 @@ import shutil
 
 import pytest
 import torch
-from conftest import compose_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from slim.models.loading import load_model
 from slim.models.simulated import SimQuantLinear
 from slim.pipeline import quantize_stage
+from tests.helpers.configs import compose_config
 
 
 def save_llama(out, embedded_model_path, tie=False):

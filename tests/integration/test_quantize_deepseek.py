@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from conftest import compose_config
 from safetensors import safe_open
 from torch import nn
 
@@ -15,6 +14,7 @@ from slim.models.loading import load_model, materialize_rest
 from slim.models.simulated import SimQuantLinear
 from slim.pipeline import quantize_stage
 from slim.quant.fp8 import FP8_DTYPE, fp8_scale, quantize_fp8
+from tests.helpers.configs import compose_config
 
 
 def run_quantize(src, out, *overrides):
@@ -176,7 +176,7 @@ def test_w4a8_checkpoint_reads_back_the_codes_it_wrote(random_deepseek, tmp_path
 
 @pytest.mark.parametrize("copy", [False, True])
 def test_mtp_layer_is_skipped_or_copied_through(tmp_path, embedded_model_path, copy):
-    from conftest import add_mtp_layer, write_random_deepseek
+    from tests.helpers.checkpoints import add_mtp_layer, write_random_deepseek
 
     src = write_random_deepseek(tmp_path / "src", embedded_model_path)
     mtp_names = add_mtp_layer(src)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config
 from safetensors import safe_open
 from torch import nn
 from torch.nn import functional as F
@@ -26,6 +25,7 @@ from slim.calibration.data import calibration_tokens
 from slim.models.loading import load_model
 from slim.models.simulated import SimQuantLinear
 from slim.quant.fp8 import fp8_scale, quantize_fp8
+from tests.helpers.configs import compose_config
 
 NUM_SAMPLES, SEQ_LEN, BATCH = 8, 64, 8
 CALIB = [f"calibration.num_samples={NUM_SAMPLES}", f"calibration.seq_len={SEQ_LEN}", f"calibration.batch_size={BATCH}"]

@@ -7,7 +7,6 @@ import shlex
 
 import pytest
 import torch
-from conftest import compose_config
 from transformers import AutoTokenizer
 
 from slim.calibration.data import calibration_tokens
@@ -17,6 +16,7 @@ from slim.pipeline import quantize_stage
 from slim.quant.schemes import SCHEMES
 from slim.sensitivity import build_groups, hydra_override, ignore_patterns, sensitivity_stage, text_tokens
 from slim.targets import resolve_ignored
+from tests.helpers.configs import compose_config
 
 SMALL = ("logger=none", "calibration.num_samples=4", "sensitivity.heldout_max_tokens=2048")
 TARGET = 0.003  # below what quantizing every candidate costs on this model, so the search must keep something

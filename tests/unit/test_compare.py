@@ -10,6 +10,7 @@ import yaml
 
 from slim.compare import compare, find_jobs, layer_sqnr, main, module_kind
 from slim.errors import SlimError
+from tests.helpers.configs import compose_config
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -186,8 +187,6 @@ def sweep_jobs(experiment: str) -> list[list[str]]:
 
 
 def test_group_size_sweep_composes_to_its_grid():
-    from conftest import compose_config
-
     from slim.config import validate
 
     jobs = sweep_jobs("sweep_group_size")
@@ -200,8 +199,6 @@ def test_group_size_sweep_composes_to_its_grid():
 
 
 def test_ignore_layers_sweep_goes_from_reference_to_all_but_lm_head(embedded_model_path):
-    from conftest import compose_config
-
     from slim.config import validate
     from slim.models.adapters import build_skeleton, load_config
     from slim.models.loading import DTYPES
@@ -226,8 +223,6 @@ def test_ignore_layers_sweep_goes_from_reference_to_all_but_lm_head(embedded_mod
 
 
 def test_standard_eval_composes_with_settable_limits():
-    from conftest import compose_config
-
     from slim.config import validate
 
     cfg = validate(compose_config("eval=standard", "eval.limit=100", "eval.num_fewshot=5", "eval.batch_size=16"))

@@ -3,12 +3,12 @@
 from pathlib import Path
 
 import pytest
-from conftest import compose_config as make
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from slim.config import SlimConfig, validate
 from slim.errors import SlimError
+from tests.helpers.configs import compose_config as make
 
 
 def test_default_composes_to_typed_config():

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from conftest import compose_config
 
 from slim import kernels
 from slim.config import ASSETS
@@ -14,6 +13,7 @@ from slim.plan import GiB, plan_memory
 from slim.quant.schemes import SCHEMES
 from slim.quantize import STREAM_AHEAD, STREAM_AHEAD_BYTES, streamed_int4
 from slim.targets import select_targets
+from tests.helpers.configs import compose_config
 
 R1 = ASSETS / "configs" / "deepseek_r1"
 

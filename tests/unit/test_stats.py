@@ -7,7 +7,7 @@ from slim.quant.fp8 import FP8_MAX, fp8_scale
 from slim.quant.int4 import INT4_HALF_RANGE, int4_scale
 from slim.quant.stats import absmax, all_finite, div_exact
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

