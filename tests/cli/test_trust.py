@@ -3,30 +3,19 @@ entries stay inside the checkpoint, copied files are regular files, and no remot
 slim refuses. Through the real CLI."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
+import pytest
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from slim.config import ASSETS
+from tests.helpers.cli import assert_refused, slim_main
+
+pytestmark = pytest.mark.slow
 
 QUICK = ["eval=none", "logger=none", "calibration.num_samples=4", "calibration.seq_len=64"]
-
-
-def slim_main(*args, cwd, timeout=900):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "slim.main", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def refused(proc, *fragments):
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    for fragment in fragments:
-        assert fragment in proc.stderr, proc.stderr[-3000:]
+refused = assert_refused
 
 
 def three_shards(tmp_path):

@@ -283,7 +283,7 @@ def test_sweep_over_formats_plans_r1_in_both_layouts(tmp_path):
 
 def run_quantize(src, out, *overrides):
     """quantize_stage in this process, on a random DeepSeek-V3 in R1's layout (tests/conftest.py)."""
-    from conftest import compose_config
+    from tests.helpers.configs import compose_config
     from transformers import AutoTokenizer
 
     from slim.pipeline import quantize_stage

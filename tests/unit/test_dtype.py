@@ -30,14 +30,12 @@ def test_auto_is_bf16_on_gpus_and_explicit_dtypes_are_kept(monkeypatch):
 def test_cli_records_the_resolved_dtype(tmp_path, monkeypatch):
     """The exported config.json and the W&B/record config carry the dtype auto resolved to, never 'auto'."""
     import json
-    import subprocess
-    import sys
+
+    from tests.helpers.cli import slim_main
 
     run = tmp_path / "run"
-    env = {"ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "slim.main", "eval=none", "logger=none", "calibration.num_samples=2",
-                           "calibration.seq_len=16", f"hydra.run.dir={run}"], capture_output=True, text=True,
-                          env={**__import__("os").environ, **env}, timeout=600)
+    proc = slim_main("eval=none", "logger=none", "calibration.num_samples=2", "calibration.seq_len=16",
+                     f"hydra.run.dir={run}", cwd=tmp_path, env={"ATEN_CPU_CAPABILITY": "avx2"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "model.dtype=auto: computing in float32" in proc.stdout + proc.stderr
     config = json.loads((run / "checkpoint" / "config.json").read_text())

@@ -1,14 +1,12 @@
 """Schemes are data: presets are YAML files of compressed-tensors QuantizationArgs, behaviour dispatches on them."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from compressed_tensors.quantization import QuantizationArgs
-from conftest import compose_config as make
+from tests.helpers.configs import compose_config as make
 
 from slim.config import validate
 from slim.errors import SlimError
@@ -79,9 +77,11 @@ def test_unknown_weight_strategy_is_refused():
 @pytest.mark.slow
 def test_yaml_only_preset_runs_end_to_end(tmp_path):
     """The real CLI quantizes with the YAML-only preset, weights only, and slim reads its checkpoint back."""
+    from tests.helpers.cli import slim_main
+
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "slim.main", "scheme=fp8_dynamic", "calibration=none", "eval=none",
-                           "logger=none", f"hydra.run.dir={run}"], capture_output=True, text=True, timeout=600)
+    proc = slim_main("scheme=fp8_dynamic", "calibration=none", "eval=none", "logger=none", f"hydra.run.dir={run}",
+                     cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = json.loads((run / "checkpoint" / "config.json").read_text())
     group = config["quantization_config"]["config_groups"]["group_0"]

@@ -13,7 +13,7 @@ import types
 
 import pytest
 import torch
-from conftest import compose_config
+from tests.helpers.configs import compose_config
 
 from slim.config import validate
 from slim.errors import SlimError
