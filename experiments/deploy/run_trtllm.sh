@@ -29,14 +29,9 @@ Options:
 EOF
 }
 
-die() { echo "run_trtllm.sh: error: $*" >&2; exit 2; }
-need_value() { [[ $# -ge 2 && -n "$2" && "$2" != --* ]] || die "$1 needs a value (see --help)"; }
-need_int() { [[ "$2" =~ ^[0-9]+$ && "$2" -ge "${3:-1}" ]] || die "$1 must be an integer >= ${3:-1}, got '$2'"; }
-
-[[ $# -ge 1 ]] || { usage >&2; exit 2; }
-case "$1" in -h|--help) usage; exit 0 ;; esac
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+check_first_arg "$@"
 CKPT="$1"; shift
-[[ "$CKPT" != -* ]] || die "the first argument is the checkpoint directory, got '$CKPT' (see --help)"
 
 TP="" EP="" LAUNCHER="" HOST=127.0.0.1 PORT=8000 SERVE=trtllm-serve DRY=0 EXTRA=()
 while [[ $# -gt 0 ]]; do
