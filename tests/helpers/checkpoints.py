@@ -59,3 +59,18 @@ def add_mtp_layer(ckpt):
     index["weight_map"].update({k: shard for k in mtp})
     (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
     return sorted(mtp)
+
+
+def read_all(path):
+    """Every tensor of a checkpoint directory, by name, through its index (which must name exactly them)."""
+    import json
+
+    from safetensors import safe_open
+
+    out = {}
+    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    for shard in set(index.values()):
+        with safe_open(path / shard, framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    assert set(out) == set(index)
+    return out

@@ -14,6 +14,7 @@ from slim.models.loading import load_model, materialize_rest
 from slim.models.simulated import SimQuantLinear
 from slim.pipeline import quantize_stage
 from slim.quant.fp8 import FP8_DTYPE, fp8_scale, quantize_fp8
+from tests.helpers.checkpoints import read_all
 from tests.helpers.configs import compose_config
 
 
@@ -25,14 +26,6 @@ def run_quantize(src, out, *overrides):
     tok = AutoTokenizer.from_pretrained(str(src))
     return cfg, quantize_stage(cfg, src, out, tok), tok
 
-
-def read_all(path):
-    out = {}
-    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
-    for shard in set(index.values()):
-        with safe_open(path / shard, framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def full_model_input_amax(src, ids):

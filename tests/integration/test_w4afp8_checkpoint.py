@@ -34,6 +34,7 @@ from slim.models.simulated import SimQuantLinear
 from slim.quant.fp8 import FP8_DTYPE, dequantize_fp8_block, fp8_scale
 from slim.models.input_scales import representable_amax
 from slim.quant.schemes import SCHEMES
+from tests.helpers.checkpoints import read_all
 
 pytestmark = pytest.mark.slow
 FMT = FORMATS["w4afp8"]
@@ -52,15 +53,6 @@ def quantize(tmp, *args):
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
 
-
-def read_all(path):
-    out = {}
-    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
-    for shard in set(index.values()):
-        with safe_open(path / shard, framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    assert set(out) == set(index)
-    return out
 
 
 @pytest.fixture(scope="module")
