@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from slim.calibration.data import calibration_tokens

@@ -24,7 +24,6 @@ import sys
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from slim.formats import FORMATS
 from slim.formats.w4afp8 import unpack_nibbles
