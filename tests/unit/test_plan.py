@@ -8,7 +8,7 @@ from slim.config import ASSETS
 from slim.errors import SlimError
 from slim.formats import FORMATS
 from slim.models.adapters import build_skeleton, load_config
-from slim.pipeline import plan_stage
+from slim.plan_mode import plan_stage
 from slim.plan import GiB, plan_memory
 from slim.quant.schemes import SCHEMES
 from slim.quantize import STREAM_AHEAD, STREAM_AHEAD_BYTES, streamed_int4
