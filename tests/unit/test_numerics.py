@@ -117,7 +117,7 @@ print(json.dumps((fp8.float() * (chan * 8.0)).tolist()))
 """
 
 
-@pytest.mark.skipif(not os.environ.get("SLIM_VLLM_PYTHON"), reason="needs vLLM's environment ($SLIM_VLLM_PYTHON)")
+@pytest.mark.vllm
 def test_w4a8_fp8_group_scales_equal_vllms_own_conversion():
     q = int4_linear(out=16, inp=1024, seed=3)
     proc = subprocess.run([os.environ["SLIM_VLLM_PYTHON"], "-c", VLLM_REFERENCE], input=json.dumps(
