@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test runs the CLI
+
 
 def slim_main(*args, cwd, env=None, timeout=900):
     full_env = {**os.environ, "OMP_NUM_THREADS": "2", "WANDB_SILENT": "true", **(env or {})}
@@ -35,7 +37,6 @@ def _assert_same_scores(hf: dict, streamed: dict) -> None:
         assert hf["slim_text_mc"][metric] == streamed["slim_text_mc"][metric]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("scheme,numerics", [(None, "checkpoint"), ("fp8_static", "vllm"), ("w4a8", "checkpoint"),
                                              ("w4a8_dynamic", "vllm")])
 def test_streamed_backend_scores_what_hf_scores(tmp_path, scheme, numerics):
@@ -55,7 +56,6 @@ def test_streamed_backend_scores_what_hf_scores(tmp_path, scheme, numerics):
         assert res["eval"] == {"backend": backend, "numerics": {"model": numerics}}
 
 
-@pytest.mark.slow
 def test_streamed_backend_spills_hidden_states_to_disk(tmp_path):
     host = _eval(tmp_path, "host", "eval.backend=streamed", "eval.hidden_states=host")
     disk = _eval(tmp_path, "disk", "eval.backend=streamed", "eval.hidden_states=disk")

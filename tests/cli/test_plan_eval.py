@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # every test runs the CLI
+
 
 def plan(tmp_path, *args):
     run_dir = tmp_path / "plan"
