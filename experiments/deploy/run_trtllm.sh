@@ -49,20 +49,9 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-[[ -d "$CKPT" ]] || die "checkpoint directory '$CKPT' does not exist"
-CKPT="$(cd "$CKPT" && pwd)"
-[[ -f "$CKPT/config.json" ]] || die "'$CKPT' has no config.json: pass the checkpoint directory slim exported (RUN_DIR/checkpoint)"
-compgen -G "$CKPT/*.safetensors" >/dev/null || die "'$CKPT' has no *.safetensors weights (an unfinished export?)"
+check_checkpoint
 
-GPUS=0 CAP=""
-if [[ -n "${CUDA_VISIBLE_DEVICES+x}" ]]; then
-    [[ -z "$CUDA_VISIBLE_DEVICES" ]] || GPUS=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c .)
-elif command -v nvidia-smi >/dev/null 2>&1; then
-    GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-fi
-if command -v nvidia-smi >/dev/null 2>&1; then
-    CAP="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d ' ' || true)"
-fi
+detect_gpus
 if [[ -z "$TP" ]]; then TP=$(( GPUS > 0 ? GPUS : 1 )); fi
 if [[ -z "$EP" ]]; then EP="$TP"; fi
 if [[ -z "$LAUNCHER" && "$GPUS" -gt 0 && "$TP" -gt "$GPUS" ]]; then

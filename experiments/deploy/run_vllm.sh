@@ -74,10 +74,7 @@ done
 case "$DTYPE" in auto|bfloat16|float16|float32) ;; *) die "--dtype must be auto, bfloat16, float16 or float32, got '$DTYPE'" ;; esac
 
 # --- the checkpoint -------------------------------------------------------------------------------------
-[[ -d "$CKPT" ]] || die "checkpoint directory '$CKPT' does not exist"
-CKPT="$(cd "$CKPT" && pwd)"
-[[ -f "$CKPT/config.json" ]] || die "'$CKPT' has no config.json: pass the checkpoint directory slim exported (RUN_DIR/checkpoint)"
-compgen -G "$CKPT/*.safetensors" >/dev/null || die "'$CKPT' has no *.safetensors weights (an unfinished export?)"
+check_checkpoint
 compgen -G "$CKPT/tokenizer*" >/dev/null || echo "run_vllm.sh: warning: no tokenizer files in $CKPT; vLLM will fail to load a tokenizer" >&2
 NAME="${NAME:-$(basename "$CKPT")}"
 
@@ -106,12 +103,7 @@ or run_trtllm.sh), or evaluate it with slim (eval.backend=streamed, or hf for a 
 fi
 
 # --- devices and parallelism ----------------------------------------------------------------------------
-GPUS=0
-if [[ -n "${CUDA_VISIBLE_DEVICES+x}" ]]; then
-    [[ -z "$CUDA_VISIBLE_DEVICES" ]] || GPUS=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c .)
-elif command -v nvidia-smi >/dev/null 2>&1; then
-    GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-fi
+detect_gpus
 if [[ -z "$TP" ]]; then TP=$(( GPUS > 0 ? GPUS : 1 )); fi
 if [[ -z "$PP" ]]; then PP=$(( NNODES > 1 ? NNODES : 1 )); fi
 if [[ "$GPUS" -gt 0 && "$NNODES" -eq 1 && "$RAY" -eq 0 && $(( TP * PP )) -gt "$GPUS" ]]; then
