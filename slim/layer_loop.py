@@ -236,7 +236,7 @@ def quantize_model(
     if input_ids is None and scheme.static_activations:
         raise SlimError(f"{scheme.name} needs static activation scales: calibrate (calibration=embedded) or "
                         "choose a dynamic-activation scheme")
-    selection_log(selection)
+    _log_selection(selection)
     if scheme.per_group:
         check_group_sizes(selection.targets, cfg.scheme.group_size)
     loop = LayerLoop(model=model, adapter=adapter, reader=reader, writer=writer, fmt=fmt, scheme=scheme,
@@ -265,7 +265,8 @@ def quantize_model(
     return result
 
 
-def selection_log(selection: Selection) -> None:
+def _log_selection(selection: Selection) -> None:
+    """One line per ignore_layers pattern: how many modules it matched, and the first."""
     for pattern, names in selection.matches.items():
         log.info("ignore_layers %r matched %d module(s): %s", pattern, len(names),
                  names[0] + (" ..." if len(names) > 1 else ""))

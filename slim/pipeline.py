@@ -30,10 +30,10 @@ from slim.errors import SlimError
 from slim.export import copied_files, finalize_checkpoint
 from slim.formats import FORMATS
 from slim.hostmem import no_gemm_kernel_cache, return_freed_memory_to_os
-from slim.models.convert import prepare_source
+from slim.models.convert import prepare_source, source_dir
+from slim.models.loading import resolve_dtype, torch_dtype
 from slim.plan_mode import check_format, plan_stage
 from slim.preflight import preflight
-from slim.models.loading import resolve_dtype, torch_dtype
 from slim.run import RunRecord
 from slim.rundir import QUANTIZE_RECORD, atomic_json, eval_key, prepare_output, previous_results, run_fingerprint
 from slim.tracking import flat_metrics, metric_deltas, results_table
@@ -47,9 +47,7 @@ def check_source(cfg: SlimConfig) -> None:
     from slim.models.adapters import check_architecture
     from slim.models.checkpoint import CheckpointReader
 
-    path = Path(cfg.model.path)
-    if not (path / "config.json").is_file() and cfg.model.convert_from:
-        path = Path(cfg.model.convert_from)  # converted once, by the load stage
+    path = source_dir(cfg.model)
     if (path / "config.json").is_file():
         check_architecture(path)  # before transformers reads anything of it (remote code)
         CheckpointReader(path, load_type=cfg.model.load_type).check_shards()

@@ -92,7 +92,7 @@ class MemoryPlan:
 
 def quantized_bytes(mod: nn.Linear, scheme, group_size: int | None) -> int:
     n = mod.in_features * mod.out_features
-    if scheme.weight_bits == 8:
+    if not scheme.per_group:
         return n + 8  # fp8 weight + fp32 weight_scale and input_scale
     groups = n // group_size
     return n // 2 + groups * 2 + 16  # packed int4 + bf16 group scales + shape + input_scale

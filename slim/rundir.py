@@ -22,6 +22,7 @@ from slim.config import SlimConfig
 from slim.distributed import Dist
 from slim.errors import SlimError
 from slim.export import atomic_write_text
+from slim.models.convert import source_dir
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,7 @@ def run_fingerprint(cfg: SlimConfig, world: int) -> str:
 
     A finished checkpoint or an interrupted export is reused only by a run with the same fingerprint.
     """
-    src = Path(cfg.model.path)
-    if not (src / "config.json").is_file() and cfg.model.convert_from:
-        src = Path(cfg.model.convert_from)
+    src = source_dir(cfg.model)
     config_file = src / "config.json"
     payload = {
         "slim": __version__,

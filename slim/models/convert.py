@@ -47,6 +47,15 @@ def convert_fp8_to_bf16(src: str | Path, dst: str | Path, max_shard_bytes: int =
     return dst
 
 
+def source_dir(model: ModelConfig) -> Path:
+    """The checkpoint the run's bytes come from, before any conversion: ``model.path``, or ``model.convert_from``
+    while ``model.path`` has no config.json yet (it is converted once, by :func:`prepare_source`)."""
+    path = Path(model.path)
+    if not (path / "config.json").is_file() and model.convert_from:
+        return Path(model.convert_from)
+    return path
+
+
 def prepare_source(model: ModelConfig) -> Path:
     """The checkpoint to read; converts ``model.convert_from`` (FP8) into ``model.path`` (bf16) once if needed."""
     path = Path(model.path)

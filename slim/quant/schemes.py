@@ -37,12 +37,10 @@ class WeightHandler:
 
     quantize(weight fp32 [out, in], observer, group_size, scale_dtype, weight_amax) -> (codes, scale)
     dequantize(q, dtype) -> weight [out, in]
-    stored_bytes(out, in, group_size) -> bytes of codes + scales on disk (formats add their small extras)
     """
 
     quantize: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     dequantize: Callable[[QuantizedLinear, torch.dtype], torch.Tensor]
-    stored_bytes: Callable[[int, int, int | None], int]
     per_group: bool
 
 
@@ -79,13 +77,11 @@ WEIGHT_HANDLERS: dict[tuple[str, str, int], WeightHandler] = {
     ("float", "tensor", 8): WeightHandler(
         quantize=_fp8_tensor,
         dequantize=lambda q, dtype: fp8.dequantize_fp8(q.weight, q.weight_scale, dtype),
-        stored_bytes=lambda out, inp, g: out * inp + 4,  # e4m3 codes + fp32 scale
         per_group=False,
     ),
     ("int", "group", 4): WeightHandler(
         quantize=_int4_group,
         dequantize=lambda q, dtype: int4.dequantize_int4(q.weight, q.weight_scale, q.group_size, dtype),
-        stored_bytes=lambda out, inp, g: out * inp // 2 + out * (inp // g) * 2,  # packed codes + bf16 group scales
         per_group=True,
     ),
 }
@@ -162,10 +158,6 @@ class Scheme:
         if input_amax is None:
             raise ValueError(f"{self.name} needs an input amax from calibration")
         return fp8.fp8_scale(input_amax.reshape(1))
-
-    def stored_bytes(self, out_features: int, in_features: int, group_size: int | None) -> int:
-        """Bytes of one quantized Linear's codes and scales (plus the fp32 input scale of static activations)."""
-        return self.handler.stored_bytes(out_features, in_features, group_size) + 4 * self.static_activations
 
 
 def _args(**fields: Any) -> QuantizationArgs:
