@@ -5,16 +5,18 @@ change the values of the target Linears' weights before they are quantized (``ap
 tensors are written or how, so every checkpoint format keeps working. ``rtn`` (round to nearest, the default)
 does nothing: the weights are quantized as they are.
 
-    ALGORITHMS[name]() -> LayerAlgorithm          one entry per algorithm
+    ALGORITHMS[name]() -> LayerAlgorithm          one entry per algorithm, one module each (slim/algorithms/*.py)
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Protocol
 
 from torch import nn
+
+from slim.algorithms.rtn import RoundToNearest
 
 
 class LayerAlgorithm(Protocol):
@@ -26,20 +28,6 @@ class LayerAlgorithm(Protocol):
     def collect(self, targets: dict[str, nn.Linear]) -> contextlib.AbstractContextManager: ...
 
     def apply(self, targets: dict[str, nn.Linear], observers: dict) -> dict[str, dict]: ...
-
-
-class RoundToNearest:
-    """``rtn``: quantize the weights as they are (the scheme's observer picks the scales)."""
-
-    name = "rtn"
-
-    @contextlib.contextmanager
-    def collect(self, targets: dict[str, nn.Linear]) -> Iterator[None]:
-        yield
-
-    def apply(self, targets: dict[str, nn.Linear], observers: dict) -> dict[str, dict]:
-        """Nothing to change; returns per-module notes for the records (none)."""
-        return {}
 
 
 ALGORITHMS: dict[str, Callable[[], LayerAlgorithm]] = {"rtn": RoundToNearest}

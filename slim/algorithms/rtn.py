@@ -1,0 +1,22 @@
+"""``rtn``: round to nearest, the default algorithm."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import nn
+
+
+class RoundToNearest:
+    """``rtn``: quantize the weights as they are (the scheme's observer picks the scales)."""
+
+    name = "rtn"
+
+    @contextlib.contextmanager
+    def collect(self, targets: dict[str, nn.Linear]) -> Iterator[None]:
+        yield
+
+    def apply(self, targets: dict[str, nn.Linear], observers: dict) -> dict[str, dict]:
+        """Nothing to change; returns per-module notes for the records (none)."""
+        return {}
