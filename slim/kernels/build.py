@@ -138,7 +138,8 @@ def build(log) -> Path:
             return lib
         if why != "no build record" or any(out_dir.glob(f"cpu_kernels-{key}*.so")):
             log.warning("cached CPU kernels in %s not trusted (%s); rebuilding", out_dir, why)
-    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for d in (out_dir.parent, out_dir):  # made private whatever the umask (mkdir's parents= would not apply the mode)
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
     check_private(out_dir)  # as created (a directory made meanwhile by someone else is refused here)
     errors = []
     for extra in (NATIVE, []):

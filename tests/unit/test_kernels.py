@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 
 import pytest
@@ -279,6 +280,18 @@ def test_a_cache_directory_others_can_write_is_refused_naming_chmod(monkeypatch,
         kernels.configure(None)
     shared.chmod(0o755)  # the fix: writable by its owner only
     assert kernels._build().is_file()
+
+
+@pytest.mark.skipif(not HAS_CC, reason="needs a C compiler")
+def test_a_cache_slim_creates_is_private_whatever_the_umask(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLIM_CACHE_DIR", str(tmp_path / "new" / "cache"))
+    before = os.umask(0o002)  # group-writable by default, as on some shared machines
+    try:
+        assert kernels._build().is_file()
+    finally:
+        os.umask(before)
+    for d in (tmp_path / "new" / "cache", tmp_path / "new" / "cache" / "kernels"):
+        assert d.stat().st_mode & 0o077 == 0, oct(d.stat().st_mode)
 
 
 @pytest.mark.parametrize("threads", [1, 3])
