@@ -37,7 +37,8 @@ is_loopback() {
 # --api-key or the environment); the key goes in the scripts' own --api-key, where it stays off the printed command
 check_exposure() {
     [[ " ${EXTRA[*]-} " != *" --api-key "* && " ${EXTRA[*]-} " != *" --api-key="* ]] \
-        || die "give the key with this script's --api-key (before '--', or SLIM_API_KEY): it keeps the key off the printed command"
+        || die "give the key with this script's --api-key (before '--', or SLIM_API_KEY): it keeps the key off
+the printed command"
     if ! is_loopback "$HOST" && [[ -z "$API_KEY" ]]; then
         die "--host $HOST serves the $1 API to every machine that reaches this one, with no authentication: pass
 --api-key KEY or export SLIM_API_KEY (e.g. export SLIM_API_KEY=\$(openssl rand -hex 32); clients send

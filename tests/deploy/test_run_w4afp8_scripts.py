@@ -45,7 +45,8 @@ def fake_gpus(tmp_path, capability, count=8):
 
 
 def run(script, *args, env=None, dry=True):
-    full = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "SLIM_SGLANG_PYTHON", "SLIM_API_KEY")}
+    full = {k: v for k, v in os.environ.items()
+            if k not in ("CUDA_VISIBLE_DEVICES", "SLIM_SGLANG_PYTHON", "SLIM_API_KEY")}
     full.update(env or {})
     return subprocess.run(["bash", str(DEPLOY / script), *map(str, args), *(["--dry-run"] if dry else [])],
                           capture_output=True,
@@ -110,7 +111,8 @@ def test_other_layouts_are_refused_naming_the_export(ckpt, tmp_path, script):
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.7"])
 def test_sglang_refuses_a_public_host_without_a_key(ckpt, tmp_path, host):
-    proc = run("run_sglang.sh", ckpt, "--tp", 8, "--host", host, "--python", sys.executable, env=fake_gpus(tmp_path, "9.0"))
+    proc = run("run_sglang.sh", ckpt, "--tp", 8, "--host", host, "--python", sys.executable,
+               env=fake_gpus(tmp_path, "9.0"))
     assert proc.returncode == 2
     assert f"--host {host} serves the SGLang API" in proc.stderr and "SLIM_API_KEY" in proc.stderr
 

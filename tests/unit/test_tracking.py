@@ -1,5 +1,5 @@
 """W&B tracking offline: the per-module table and scale histograms, sweep groups, run ids and names, per-module data
-past W&B's table row limit, score deltas, finish on errors (also through the real CLI: tests/cli/test_tracking_cli.py)."""
+past W&B's table row limit, score deltas. A failed job's exit code, through the real CLI: tests/cli/test_tracking_cli.py."""
 
 from __future__ import annotations
 
@@ -179,7 +179,8 @@ def test_run_id_is_one_per_run_dir_and_job(tmp_path):
 
 def test_run_name_says_model_scheme_algorithm_and_run_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert run_name("tiny_deepseek", "w4a8", "gptq", tmp_path / "outputs" / "d" / "t") == "tiny_deepseek-w4a8-gptq outputs/d/t"
+    name = run_name("tiny_deepseek", "w4a8", "gptq", tmp_path / "outputs" / "d" / "t")
+    assert name == "tiny_deepseek-w4a8-gptq outputs/d/t"
     outside = tmp_path.parent / "elsewhere" / "x" / "y"
     assert run_name("m", "fp8_static", "rtn", outside, mode="eval") == "m-fp8_static-rtn-eval x/y"
 
@@ -229,7 +230,8 @@ def test_more_modules_than_a_wandb_table_holds_are_all_kept(tmp_path, monkeypatc
         data = json.loads((files / meta["path"]).read_text())
         names += [row[data["columns"].index("name")] for row in data["data"]]
     assert sorted(names) == sorted(r["name"] for r in rows)  # every row, in the tables W&B keeps whole
-    (artifact,) = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "modules"]
+    (artifact,) = [r.artifact for r in records
+                   if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "modules"]
     (entry,) = artifact.manifest.contents
     assert entry.path == "modules.json" and entry.size == file.stat().st_size
     assert json.loads(Path(entry.local_path).read_text()) == rows
