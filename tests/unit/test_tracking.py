@@ -1,5 +1,5 @@
 """W&B tracking offline: the per-module table and scale histograms, sweep groups, run ids and names, per-module data
-past W&B's table row limit, score deltas. A failed job's exit code, through the real CLI: tests/cli/test_tracking_cli.py."""
+past W&B's table row limit, score deltas. A failed job's exit code, through the CLI: tests/cli/test_tracking_cli.py."""
 
 from __future__ import annotations
 
