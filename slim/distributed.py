@@ -71,6 +71,14 @@ class Dist:
         self._collective(dist.all_gather_object, out, obj)
         return out
 
+    def broadcast(self, obj: Any = None) -> Any:
+        """Rank 0's ``obj`` on every rank (the others pass nothing)."""
+        if self.world == 1:
+            return obj
+        box = [obj if self.is_main else None]
+        self._collective(dist.broadcast_object_list, box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.world > 1:
             self._collective(dist.barrier)

@@ -6,8 +6,9 @@
                           weights read from the checkpoint layer by layer (DeepSeek-R1 on one GPU or CPU host)
     BACKENDS["vllm"]      slim.evaluate_vllm: the checkpoint directory served by vLLM from its own environment
 
-A backend is ``fn(path, cfg, workdir, *, tokenizer, model) -> {task: {metric: value}}`` where ``model`` carries
-the loading settings (:class:`ModelSettings`). The lm-eval side that all of them share is ``slim.eval_tasks``;
+A backend is ``fn(path, cfg, workdir, *, tokenizer, model, dist) -> {task: {metric: value}}`` where ``model``
+carries the loading settings (:class:`ModelSettings`) and ``dist`` the job's ranks (rank 0 calls the backend; only
+the streamed backend spreads its work over the others, see slim.eval_ranks). The lm-eval side that all of them share is ``slim.eval_tasks``;
 nothing here is imported by a backend module, so there is no import cycle.
 """
 
@@ -68,7 +69,7 @@ def evaluate(model, tokenizer, cfg: EvalConfig, workdir: Path) -> dict[str, dict
     return run_tasks(lm, cfg, workdir)
 
 
-def evaluate_hf(path: Path, cfg: EvalConfig, workdir: Path, *, tokenizer, model: ModelSettings):
+def evaluate_hf(path: Path, cfg: EvalConfig, workdir: Path, *, tokenizer, model: ModelSettings, dist=None):
     from slim.models.loading import load_model
 
     built = load_model(str(path), load_type=model.load_type, dtype=model.dtype,
@@ -79,16 +80,18 @@ def evaluate_hf(path: Path, cfg: EvalConfig, workdir: Path, *, tokenizer, model:
         del built
 
 
-def evaluate_vllm_backend(path: Path, cfg: EvalConfig, workdir: Path, *, tokenizer, model: ModelSettings):
+def evaluate_vllm_backend(path: Path, cfg: EvalConfig, workdir: Path, *, tokenizer, model: ModelSettings,
+                          dist=None):
     from slim.evaluate_vllm import evaluate_vllm
 
     return evaluate_vllm(path, path, cfg, workdir, trust_remote_code=model.trust_remote_code)
 
 
-def evaluate_streamed_backend(path: Path, cfg: EvalConfig, workdir: Path, *, tokenizer, model: ModelSettings):
+def evaluate_streamed_backend(path: Path, cfg: EvalConfig, workdir: Path, *, tokenizer, model: ModelSettings,
+                              dist=None):
     from slim.evaluate_streamed import evaluate_streamed
 
-    return evaluate_streamed(path, cfg, workdir, tokenizer=tokenizer, model=model)
+    return evaluate_streamed(path, cfg, workdir, tokenizer=tokenizer, model=model, dist=dist)
 
 
 BACKENDS: dict[str, Callable[..., dict[str, dict[str, float]]]] = {
@@ -99,6 +102,6 @@ BACKENDS: dict[str, Callable[..., dict[str, dict[str, float]]]] = {
 
 
 def evaluate_checkpoint(path: Path, cfg: EvalConfig, workdir: Path, *, tokenizer,
-                        model: ModelSettings) -> dict[str, dict[str, float]]:
+                        model: ModelSettings, dist=None) -> dict[str, dict[str, float]]:
     """Score the checkpoint directory ``path`` with ``cfg.backend`` (a key of :data:`BACKENDS`)."""
-    return BACKENDS[cfg.backend](Path(path), cfg, Path(workdir), tokenizer=tokenizer, model=model)
+    return BACKENDS[cfg.backend](Path(path), cfg, Path(workdir), tokenizer=tokenizer, model=model, dist=dist)

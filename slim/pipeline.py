@@ -26,6 +26,7 @@ from slim import __version__, collector, kernels
 from slim.baseline import baseline_metrics
 from slim.config import SlimConfig
 from slim.distributed import Dist, init_distributed, shutdown
+from slim.eval_ranks import serving_ranks
 from slim.errors import SlimError
 from slim.export import copied_files, finalize_checkpoint
 from slim.formats import FORMATS
@@ -202,12 +203,18 @@ def finish_export(written: dict[str, Any], out_dir: Path, source: Path, store, d
     return written["result"]
 
 
-def eval_stage(cfg: SlimConfig, path: Path, load_type: str, tokenizer, workdir: Path) -> dict:
+def eval_stage(cfg: SlimConfig, path: Path, load_type: str, tokenizer, workdir: Path, dist: Dist | None = None) -> dict:
     """Score a checkpoint directory with the configured backend (slim.evaluate.BACKENDS) and numerics."""
     from slim.evaluate import evaluate_checkpoint, model_settings
 
     return evaluate_checkpoint(path, cfg.eval, workdir, tokenizer=tokenizer,
-                               model=model_settings(cfg, path, load_type))
+                               model=model_settings(cfg, path, load_type), dist=dist)
+
+
+def eval_on_all_ranks(cfg: SlimConfig, dist: Dist) -> bool:
+    """Whether the other ranks score their share of the evaluation (the streamed backend) or are done after the
+    quantize stage."""
+    return bool(cfg.eval.tasks) and cfg.eval.backend == "streamed" and dist.world > 1
 
 
 def checkpoint_numerics(eval_cfg, path: Path) -> str:
@@ -257,7 +264,7 @@ def run(cfg: SlimConfig, resolved: dict[str, Any]) -> dict[str, Any]:
 
 
 def _evaluate(cfg: SlimConfig, record: RunRecord, source: Path, out_dir: Path, tokenizer,
-              previous: dict[str, Any]) -> None:
+              previous: dict[str, Any], dist: Dist) -> None:
     """The evaluation stages: the unquantized baseline (cached across runs) and the quantized checkpoint, or the
     source alone in mode=eval; a stage an earlier attempt of this run finished is taken from its results."""
     results, run_dir = record.results, record.run_dir
@@ -274,11 +281,13 @@ def _evaluate(cfg: SlimConfig, record: RunRecord, source: Path, out_dir: Path, t
         with record.stage(f"eval_{which}"):
             if which == "baseline":
                 results["metrics"][which], results["baseline_cached"] = baseline_metrics(
-                    cfg, source, lambda: eval_stage(cfg, source, cfg.model.load_type, tokenizer, run_dir))
+                    cfg, source, lambda: eval_stage(cfg, source, cfg.model.load_type, tokenizer, run_dir, dist))
             else:
-                results["metrics"][which] = eval_stage(cfg, target, cfg.model.load_type, tokenizer, run_dir)
-        results.setdefault("eval", {"backend": cfg.eval.backend, "numerics": {}})["numerics"][which] = \
-            checkpoint_numerics(cfg.eval, target)
+                results["metrics"][which] = eval_stage(cfg, target, cfg.model.load_type, tokenizer, run_dir, dist)
+        record_eval = results.setdefault("eval", {"backend": cfg.eval.backend, "numerics": {}})
+        record_eval["numerics"][which] = checkpoint_numerics(cfg.eval, target)
+        if eval_on_all_ranks(cfg, dist):
+            record_eval["ranks"] = dist.world
         record.save()  # a later failure keeps this stage's scores
 
 
@@ -309,14 +318,19 @@ def _run_job(cfg: SlimConfig, resolved: dict[str, Any], dist: Dist) -> dict[str,
             results["checkpoint"] = str(out_dir)
             results["checkpoint_bytes"] = qres["checkpoint_bytes"]
             results["quantization"] = {k: qres[k] for k in ("ignored", "fallbacks", "skipped_prefixes", "num_samples")}
-            if dist.is_main:
-                (run_dir / "modules.json").write_text(json.dumps(qres["modules"], indent=1) + "\n")
-                record.tracker.modules(qres["modules"], file=run_dir / "modules.json")
-        if not dist.is_main:  # evaluation and records belong to rank 0
+        if not dist.is_main:  # records belong to rank 0; the streamed backend's batches are spread over all ranks
+            if eval_on_all_ranks(cfg, dist):
+                from slim.evaluate_streamed import serve_streamed_eval
+
+                serve_streamed_eval(dist)
             record.exit_code = 0
             return results
-        if cfg.eval.tasks:
-            _evaluate(cfg, record, source, out_dir, tokenizer, previous)
+        with serving_ranks(dist, eval_on_all_ranks(cfg, dist)):  # the other ranks leave however this ends
+            if cfg.mode == "quantize":
+                (run_dir / "modules.json").write_text(json.dumps(qres["modules"], indent=1) + "\n")
+                record.tracker.modules(qres["modules"], file=run_dir / "modules.json")
+            if cfg.eval.tasks:
+                _evaluate(cfg, record, source, out_dir, tokenizer, previous, dist)
         if "baseline" in results["metrics"] and "quantized" in results["metrics"]:
             results["delta"] = metric_deltas(results["metrics"]["baseline"], results["metrics"]["quantized"])
         record.tracker.metrics(scores(results["metrics"]))  # deltas included

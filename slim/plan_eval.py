@@ -2,8 +2,9 @@
 
 Evaluation per rank (``eval_plan``):
 - hf: the whole model in the compute dtype, one batch's logits and the runtime, in device memory (GPU) or the host;
-- streamed: the largest decoder layer in the compute dtype, one batch's logits, and the hidden states of the
-  evaluation requests (rank 0 evaluates them all), placed by ``slim.hidden_store.choose_store``: device, host or disk.
+- streamed: the largest decoder layer in the compute dtype, one batch's logits, and the hidden states of this rank's
+  share of the evaluation requests (1/N of them on N ranks, slim.eval_ranks), placed by
+  ``slim.hidden_store.choose_store``: device, host or disk.
 The requests' token count is not known before the tasks are read; the plan assumes ``ASSUMED_REQUESTS`` requests
 per task (``eval.limit`` when it is a count) of ``ASSUMED_TOKENS`` tokens each, and says so.
 
@@ -50,14 +51,15 @@ def eval_plan(cfg, model: nn.Module, adapter) -> tuple[dict[str, int], str, list
                             f"{cap / GiB:.0f} GiB: use eval.backend=streamed")
         return need, "", problems, notes
     requests = int(e.limit) if e.limit and e.limit >= 1 else ASSUMED_REQUESTS
-    tokens = len(e.tasks) * requests * min(ASSUMED_TOKENS, max_len)  # rank 0 evaluates every request
+    ranks = max(hw.nodes * hw.procs_per_node, 1)
+    tokens = -(-len(e.tasks) * requests * min(ASSUMED_TOKENS, max_len) // ranks)  # this rank's share
     layer = max(sum(p.numel() for p in layer.parameters()) for layer in adapter.layers(model))
     need, where = streamed_eval_bytes(conf, layer, dtype_bytes, e.batch_size * max_len, tokens, e.hidden_states,
                                       hw.device, int(device_cap), int(host_cap))
     hidden, layer, logits = need[f"request hidden states ({where})"], need["largest decoder layer (compute dtype)"], \
         need["logits (one batch)"]
     notes.append(f"eval: {len(e.tasks)} task(s) x {requests} requests x {min(ASSUMED_TOKENS, max_len)} tokens "
-                 f"assumed; hidden states on the {where}")
+                 f"assumed" + (f", split over {ranks} ranks" if ranks > 1 else "") + f"; hidden states on the {where}")
     logits += need["forward activations (one batch)"]
     on_device = layer + logits + (hidden if where == "device" else 0)
     if device_cap and on_device > 0.95 * device_cap:
