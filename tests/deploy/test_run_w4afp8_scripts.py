@@ -44,10 +44,12 @@ def fake_gpus(tmp_path, capability, count=8):
     return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
 
 
-def run(script, *args, env=None):
-    full = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "SLIM_SGLANG_PYTHON")}
+def run(script, *args, env=None, dry=True):
+    full = {k: v for k, v in os.environ.items()
+            if k not in ("CUDA_VISIBLE_DEVICES", "SLIM_SGLANG_PYTHON", "SLIM_API_KEY")}
     full.update(env or {})
-    return subprocess.run(["bash", str(DEPLOY / script), *map(str, args), "--dry-run"], capture_output=True,
+    return subprocess.run(["bash", str(DEPLOY / script), *map(str, args), *(["--dry-run"] if dry else [])],
+                          capture_output=True,
                           text=True, env=full, timeout=60)
 
 
@@ -105,3 +107,31 @@ def test_other_layouts_are_refused_naming_the_export(ckpt, tmp_path, script):
     extra = ["--python", sys.executable] if script == "run_sglang.sh" else []
     proc = run(script, ckpt, "--tp", 8, *extra, env=fake_gpus(tmp_path, "9.0"))
     assert proc.returncode == 2 and "scheme.format=w4afp8" in proc.stderr
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.7"])
+def test_sglang_refuses_a_public_host_without_a_key(ckpt, tmp_path, host):
+    proc = run("run_sglang.sh", ckpt, "--tp", 8, "--host", host, "--python", sys.executable,
+               env=fake_gpus(tmp_path, "9.0"))
+    assert proc.returncode == 2
+    assert f"--host {host} serves the SGLang API" in proc.stderr and "SLIM_API_KEY" in proc.stderr
+
+
+@pytest.mark.parametrize("how", ["option", "SLIM_API_KEY"])
+def test_sglang_public_host_with_a_key_passes_it_as_api_key(ckpt, tmp_path, how):
+    """SGLang's ServerArgs.api_key is the flag --api-key (sgl-project/sglang python/sglang/srt/server_args.py: flags are
+    derived from the field names); it has no environment variable, so the key is on the server's command line, and
+    the script prints REDACTED in its place."""
+    key = "s3cret-key-456"
+    fake = tmp_path / "fake-python"
+    fake.write_text('#!/bin/bash\necho "SERVER ARGS: $*"\n')
+    fake.chmod(0o755)
+    option = ["--api-key", key] if how == "option" else []
+    env = fake_gpus(tmp_path, "9.0") | ({"SLIM_API_KEY": key} if how != "option" else {})
+    proc = run("run_sglang.sh", ckpt, "--tp", 8, "--ep", 8, "--host", "0.0.0.0", *option, "--python", fake, env=env,
+               dry=False)
+    assert proc.returncode == 0, proc.stderr
+    server_args = next(x for x in proc.stdout.splitlines() if x.startswith("SERVER ARGS:"))
+    assert f"--host 0.0.0.0 --port 30000 --api-key {key}" in server_args
+    printed = next(x for x in proc.stdout.splitlines() if "running:" in x)
+    assert "--api-key REDACTED" in printed and key not in printed

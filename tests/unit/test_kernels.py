@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
 import shutil
 
 import pytest
@@ -11,6 +14,7 @@ from compressed_tensors.compressors import pack_to_int32
 
 from slim import kernels
 from slim.errors import SlimError
+from slim.kernels import build
 from slim.quant.fp8 import FP8_DTYPE, dequantize_fp8_block, quantize_fp8_block
 from slim.quant.schemes import SCHEMES
 
@@ -206,12 +210,88 @@ def test_switched_off_and_unbuildable(monkeypatch, tmp_path, torch_path):
         kernels._load.cache_clear()
 
 
+def _private_cache(monkeypatch, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    monkeypatch.setenv("SLIM_CACHE_DIR", str(cache))
+    return cache
+
+
+@pytest.mark.skipif(not HAS_CC, reason="needs a C compiler")
 def test_built_once_per_cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("SLIM_CACHE_DIR", str(tmp_path))
+    cache = _private_cache(monkeypatch, tmp_path)
     first = kernels._build()
     stamp = first.stat().st_mtime_ns
     assert kernels._build() == first and first.stat().st_mtime_ns == stamp
-    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [first.name]  # no temporaries left behind
+    (record,) = (cache / "kernels").glob("*.json")
+    assert sorted(p.name for p in (cache / "kernels").iterdir()) == sorted([first.name, record.name])  # no temporaries
+    recorded = json.loads(record.read_text())
+    assert recorded["library"] == first.name
+    assert recorded["library_sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
+    assert recorded["source_sha256"] == hashlib.sha256(build.SOURCE.read_bytes()).hexdigest()
+
+
+@pytest.mark.skipif(not HAS_CC, reason="needs a C compiler")
+@pytest.mark.parametrize("tamper", ["library", "record_source", "record_missing", "symlink"])
+def test_a_cached_library_that_does_not_match_its_record_is_rebuilt(monkeypatch, tmp_path, caplog, tamper):
+    """Someone's code in place of the built library (or a record that no longer vouches for it) is never loaded:
+    the library is rebuilt, and the rebuilt file is the one loaded."""
+    cache = _private_cache(monkeypatch, tmp_path)
+    lib = kernels._build()
+    good = lib.read_bytes()
+    record = next((cache / "kernels").glob("*.json"))
+    if tamper == "library":
+        lib.write_bytes(good[:-64] + b"\0" * 64)  # same size, other bytes
+    elif tamper == "record_source":
+        record.write_text(json.dumps(json.loads(record.read_text()) | {"source_sha256": "0" * 64}))
+    elif tamper == "record_missing":
+        record.unlink()
+    else:
+        elsewhere = tmp_path / "other.so"
+        elsewhere.write_bytes(good[:-64] + b"\0" * 64)
+        lib.unlink()
+        lib.symlink_to(elsewhere)
+    assert build.verified(cache / "kernels", *build._key(build.compiler()))[0] is None
+    with caplog.at_level("WARNING", logger="slim.kernels"):
+        again = kernels._build()
+    assert not again.is_symlink() and hashlib.sha256(again.read_bytes()).hexdigest() == \
+        json.loads(record.read_text())["library_sha256"]
+    assert build.verified(cache / "kernels", *build._key(build.compiler()))[0] == again
+    assert "not trusted" in caplog.text and "rebuilding" in caplog.text
+
+
+@pytest.mark.skipif(not HAS_CC, reason="needs a C compiler")
+@pytest.mark.parametrize("which", ["root", "kernels"])
+def test_a_cache_directory_others_can_write_is_refused_naming_chmod(monkeypatch, tmp_path, which):
+    cache = _private_cache(monkeypatch, tmp_path)
+    kernels._build()
+    shared = cache if which == "root" else cache / "kernels"
+    shared.chmod(0o777)
+    with pytest.raises(build.UntrustedCache, match=rf"{shared} is writable by group or others.*chmod go-w {shared}"):
+        kernels._build()
+    kernels._load.cache_clear()
+    try:
+        kernels.configure(None)
+        assert kernels.library() is None  # null: the torch path, with the reason in the log
+        with pytest.raises(SlimError, match=rf"chmod go-w {shared}"):
+            kernels.configure(True)  # true: the error names the fix
+    finally:
+        kernels._load.cache_clear()
+        kernels.configure(None)
+    shared.chmod(0o755)  # the fix: writable by its owner only
+    assert kernels._build().is_file()
+
+
+@pytest.mark.skipif(not HAS_CC, reason="needs a C compiler")
+def test_a_cache_slim_creates_is_private_whatever_the_umask(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLIM_CACHE_DIR", str(tmp_path / "new" / "cache"))
+    before = os.umask(0o002)  # group-writable by default, as on some shared machines
+    try:
+        assert kernels._build().is_file()
+    finally:
+        os.umask(before)
+    for d in (tmp_path / "new" / "cache", tmp_path / "new" / "cache" / "kernels"):
+        assert d.stat().st_mode & 0o077 == 0, oct(d.stat().st_mode)
 
 
 @pytest.mark.parametrize("threads", [1, 3])
