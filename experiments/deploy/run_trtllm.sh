@@ -6,9 +6,11 @@
 #   experiments/deploy/run_trtllm.sh CHECKPOINT [options] [-- extra trtllm-serve arguments]
 #
 # One node, 8 GPUs (Hopper, or Ada for the MoE kernels), experts whole per GPU:
-#   experiments/deploy/run_trtllm.sh outputs/.../checkpoint --tp 8 --ep 8 --host 0.0.0.0
+#   experiments/deploy/run_trtllm.sh outputs/.../checkpoint --tp 8 --ep 8
 # Two nodes x 8 GPUs: one MPI job of 16 ranks, started on node 0 (the checkpoint path the same on both nodes):
-#   experiments/deploy/run_trtllm.sh CKPT --tp 16 --ep 16 --launcher "mpirun -np 16 -H NODE0:8,NODE1:8" --host 0.0.0.0
+#   experiments/deploy/run_trtllm.sh CKPT --tp 16 --ep 16 --launcher "mpirun -np 16 -H NODE0:8,NODE1:8"
+# The API listens on 127.0.0.1 only: this script passes trtllm-serve no API key, so it refuses any other --host;
+# serve other machines through an authenticating proxy in front of it.
 #   (under SLURM: --launcher "srun -N 2 --ntasks-per-node 8 --mpi=pmix")
 #
 # What it refuses, and why, is in experiments/deploy/w4afp8_check.py and docs/w4afp8.md.
@@ -21,7 +23,7 @@ Options:
   --tp N              tensor parallel size over all ranks (default: the GPUs visible on this node)
   --ep N              expert parallel size (default: --tp)
   --launcher "CMD"    multi-node MPI launcher prefix; trtllm-llmapi-launch then starts trtllm-serve on every rank
-  --host HOST         address the API listens on (default 127.0.0.1)
+  --host HOST         address the API listens on: a loopback address (default 127.0.0.1)
   --port PORT         API port (default 8000)
   --trtllm-serve CMD  the trtllm-serve executable (default: trtllm-serve on PATH)
   --dry-run           check the inputs, print the command and exit
@@ -49,6 +51,9 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
+is_loopback "$HOST" || die "--host $HOST would serve TensorRT-LLM's API to every machine that reaches this one with no
+authentication (this script passes trtllm-serve no API key): leave --host out (127.0.0.1) and put an authenticating
+proxy in front of it"
 check_checkpoint
 
 detect_gpus

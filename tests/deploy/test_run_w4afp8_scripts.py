@@ -99,6 +99,15 @@ def test_trtllm_on_ada_and_hopper_and_its_config_files(ckpt, tmp_path):
     assert proc.returncode == 2 and "quant_cfg.json is missing" in proc.stderr
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.0.0.5"])
+def test_trtllm_refuses_a_public_host(ckpt, tmp_path, host):
+    proc = run("run_trtllm.sh", ckpt, "--tp", 8, "--host", host, env=fake_gpus(tmp_path, "9.0"))
+    assert proc.returncode == 2
+    assert f"--host {host} would serve TensorRT-LLM's API" in proc.stderr and "proxy" in proc.stderr
+    proc = run("run_trtllm.sh", ckpt, "--tp", 8, "--host", "127.0.0.1", env=fake_gpus(tmp_path, "9.0"))
+    assert proc.returncode == 0 and "--host 127.0.0.1" in proc.stdout, proc.stderr
+
+
 @pytest.mark.parametrize("script", ["run_sglang.sh", "run_trtllm.sh"])
 def test_other_layouts_are_refused_naming_the_export(ckpt, tmp_path, script):
     config = json.loads((ckpt / "config.json").read_text())
