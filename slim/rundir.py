@@ -33,10 +33,12 @@ def atomic_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
-def run_fingerprint(cfg: SlimConfig, world: int) -> str:
+def run_fingerprint(cfg: SlimConfig) -> str:
     """What the exported bytes depend on: the source checkpoint, slim's version and every setting that matters.
 
-    A finished checkpoint or an interrupted export is reused only by a run with the same fingerprint.
+    A finished checkpoint or an interrupted export is reused only by a run with the same fingerprint. The world
+    size is not part of it: an export resumes on another number of ranks (``slim.layout``; the commit point
+    records the world that saved it), and the tensors do not depend on it.
     """
     src = source_dir(cfg.model)
     config_file = src / "config.json"
@@ -53,7 +55,6 @@ def run_fingerprint(cfg: SlimConfig, world: int) -> str:
         "checksum": cfg.export.checksum,
         # only when set: the fingerprints (and config.json bytes) of runs that leave it alone stay as they were
         **({"moe_input_scale": cfg.export.moe_input_scale} if cfg.export.moe_input_scale != "auto" else {}),
-        "world": world,
         "device": cfg.hardware.device,
         "seed": cfg.seed,
     }
