@@ -8,7 +8,8 @@ keeps Hydra's ``main.log``, rank ``k`` writes ``main.rank<k>.log``. A single pro
 size, far longer than a collective's timeout (``hardware.timeout_s``), so the other ranks do not wait in a
 collective. Rank 0 writes a status file in the run dir when its work ends (``ok``, or the error's one line); the
 others poll for it (``hardware.rank0_wait_s``, default a day) and raise rank 0's error as their own as soon as it
-is there, instead of hanging until a collective times out. A rank killed outright is torchrun's to report: it
+is there, instead of hanging until a collective times out (rank 0 lets them report it before it exits and
+torchrun stops the job). A rank killed outright is torchrun's to report: it
 stops the other ranks.
 """
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 WAIT_DIR = ".slim_rank0"
 POLL_S = 0.5
+ACK_WAIT_S = 10.0  # rank 0 failed: how long it waits for the others to have reported its error
 
 
 def torchrun_rank() -> tuple[int, int] | None:
@@ -89,6 +91,8 @@ def rank0_first(dist, run_dir: Path, what: str, work: Callable[[], T], wait_s: f
         except BaseException as exc:
             line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             _write_status(status, {"ok": False, "error": f"{type(exc).__name__}: {line}"})
+            _await_acks(status, dist.world)  # before this rank exits and torchrun stops the others
+            _remove(status)
             raise
         _write_status(status, {"ok": True})
     else:
@@ -96,8 +100,17 @@ def rank0_first(dist, run_dir: Path, what: str, work: Callable[[], T], wait_s: f
         _wait_for(status, what, wait_s)
     dist.barrier()  # every rank is here: the status file has been read
     if dist.is_main:
-        status.unlink(missing_ok=True)
+        _remove(status)
     return result
+
+
+def _remove(status: Path) -> None:
+    for path in (status, *status.parent.glob(f"{status.stem}.ack*")):
+        path.unlink(missing_ok=True)
+    try:
+        status.parent.rmdir()
+    except OSError:
+        pass  # another job's status files are still there
 
 
 def _write_status(path: Path, obj: dict) -> None:
@@ -120,4 +133,14 @@ def _wait_for(status: Path, what: str, wait_s: float) -> None:
         time.sleep(POLL_S)
     state = json.loads(status.read_text())
     if not state["ok"]:
-        raise SlimError(f"rank 0 failed while {what}: {state['error']}")
+        err = SlimError(f"rank 0 failed while {what}: {state['error']}")
+        log.error("%s", err)  # logged before the acknowledgement lets rank 0 exit (torchrun then stops this rank)
+        status.with_name(f"{status.stem}.ack{os.environ.get('RANK', '')}").touch()
+        raise err
+
+
+def _await_acks(status: Path, world: int, wait_s: float = ACK_WAIT_S) -> None:
+    """Rank 0, after writing a failure: give the other ranks up to ``wait_s`` to read and report it."""
+    deadline = time.monotonic() + wait_s
+    while len(list(status.parent.glob(f"{status.stem}.ack*"))) < world - 1 and time.monotonic() < deadline:
+        time.sleep(POLL_S / 5)
