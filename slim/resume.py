@@ -11,6 +11,10 @@ cuts off any line after it), truncates the open shard back to the committed leng
 layer. Everything is deterministic, so the finished checkpoint is byte-identical to that of an uninterrupted run. A
 commit belongs to one configuration (its fingerprint); a run with another configuration refuses to touch it unless
 ``overwrite=true``.
+
+The pipeline keeps one journal per writer *slot* (the world size that started the export) and the hidden states per
+rank through :class:`slim.layout.ResumeSet`, so a rerun may use another number of ranks; ``commit.json`` then also
+names the slots and the world that saved it.
 """
 
 from __future__ import annotations
