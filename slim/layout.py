@@ -18,7 +18,6 @@ ranks would. Observers are merged with ``MAX``, so the scales do not depend on h
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from slim.export import CheckpointWriter, atomic_write_text
+from slim.export import CheckpointWriter
 from slim.resume import LayerCommit, ResumeStore
 
 HIDDEN_FILE = re.compile(r"rank(\d{3})-layer(\d{5})\.safetensors$")
@@ -190,9 +189,7 @@ class ResumeSet:
     def commit(self, layer: int) -> None:
         """Rank 0, once every rank saved: the commit names the layer, the slots and the world that saved it; then
         hidden-state files of older layers go (of any rank: a rerun on fewer ranks leaves the old ranks' ones)."""
-        record = {"fingerprint": self.fingerprint, "stage": "layer", "layer": layer, "slots": self.layout.slots,
-                  "world": self.layout.world}
-        atomic_write_text(self.dir / "commit.json", json.dumps(record) + "\n")
+        self.base.commit(layer, slots=self.layout.slots, world=self.layout.world)
         for old in self.dir.iterdir():
             m = HIDDEN_FILE.match(old.name)
             if m and int(m.group(2)) < layer:

@@ -93,9 +93,10 @@ class ResumeStore:
             if int(old.name.split("layer")[1][:5]) < layer - 1:
                 old.unlink()
 
-    def commit(self, layer: int) -> None:
-        atomic_write_text(self.dir / "commit.json",
-                          json.dumps({"fingerprint": self.fingerprint, "stage": "layer", "layer": layer}) + "\n")
+    def commit(self, layer: int, **fields: Any) -> None:
+        """Name ``layer`` as the last committed one (``fields``: more for the record, see slim.layout)."""
+        atomic_write_text(self.dir / "commit.json", json.dumps(
+            {"fingerprint": self.fingerprint, "stage": "layer", "layer": layer, **fields}) + "\n")
 
     def load_layer(self, layer: int, device: torch.device, hidden: bool = True) -> LayerCommit:
         """The commit after ``layer``: the journal folded up to it; lines after it (a commit point saved but not
