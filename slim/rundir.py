@@ -23,6 +23,7 @@ from slim.distributed import Dist
 from slim.errors import SlimError
 from slim.export import atomic_write_text
 from slim.models.convert import source_dir
+from slim.ranks import rank0_first
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,8 @@ def prepare_output(cfg: SlimConfig, out_dir: Path, fingerprint: str, dist: Dist)
     """
     from slim.resume import ResumeStore
 
-    reusable = False
-    if dist.is_main:
+    def decide() -> bool:  # rank 0 alone; removing an earlier export can outlast a collective's timeout
+        reusable = False
         run_dir, store = Path(cfg.run_dir), ResumeStore(out_dir, 0, fingerprint)
         record = run_dir / QUANTIZE_RECORD
         commit = store.commit_record()
@@ -91,6 +92,10 @@ def prepare_output(cfg: SlimConfig, out_dir: Path, fingerprint: str, dist: Dist)
             shutil.rmtree(out_dir, ignore_errors=True)
             store.clear()
             record.unlink(missing_ok=True)
+        return reusable
+
+    reusable = rank0_first(dist, Path(cfg.run_dir), "checking the run directory (and removing an earlier export)",
+                           decide, cfg.hardware.rank0_wait_s)
     return bool(dist.gather(reusable)[0])
 
 
