@@ -99,6 +99,7 @@ class HardwareConfig:
     low_memory: bool = True
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     timeout_s: int = 1800  # a collective that waits longer fails the job (a rank died or hangs)
+    rank0_wait_s: int = 86400  # ranks wait this long for rank 0's work outside collectives (model.convert_from)
     # fused C kernels for the weight path on a CPU (slim.kernels): null = when a C compiler builds them
     cpu_kernels: bool | None = None
 

@@ -27,6 +27,7 @@ from slim.distributed import Dist
 from slim.errors import SlimError
 from slim.export import CheckpointWriter
 from slim.hostmem import release_free_heap
+from slim.layout import layer_quantizer
 from slim.models.adapters import ModelAdapter
 from slim.models.checkpoint import CheckpointReader
 from slim.models.materialize import materialize, release
@@ -83,9 +84,9 @@ class LayerLoop:
         self.input_ids = input_ids
         self.result = QuantizeResult(num_samples=int(input_ids.shape[0]) if self.calibrate else 0)
         self.targets = selection.targets
-        owned = {n for i, n in enumerate(sorted(self.targets)) if dist.owns(i)}
-        self.lq = LayerQuantizer(scheme, fmt, writer, reader, cfg.scheme.group_size, cfg.scheme.weight_observer,
-                                 self.result, owned, writes_rest=dist.is_main)
+        # ownership by rank, or by writer slot when ``writer`` is a slim.layout.WriterGroup
+        self.lq = layer_quantizer(writer, self.targets, dist.owns, dist.is_main, lambda w, owned, rest: LayerQuantizer(
+            scheme, fmt, w, reader, cfg.scheme.group_size, cfg.scheme.weight_observer, self.result, owned, rest))
         self.lq.moe_input_scale = resolve_mode(cfg.export.moe_input_scale, getattr(fmt, "name", ""))
         self.propagate_quantized = self.calibrate and cfg.calibration.propagate == "quantized"
         self.runner = LayerRunner(model, device, hidden_device)

@@ -21,6 +21,9 @@ log = logging.getLogger("slim")
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from slim import pipeline
+    from slim.ranks import install_rank_logging
+
+    install_rank_logging()  # under torchrun: "[rank r/W]" on every line, a log file per rank
     from slim.preflight import preflight
     from slim.launch import launch, needs_launch
     from slim.tracking import sweep_group

@@ -35,6 +35,7 @@ from slim.models.convert import prepare_source, source_dir
 from slim.models.loading import resolve_dtype, torch_dtype
 from slim.plan_mode import check_format, plan_stage
 from slim.preflight import preflight
+from slim.ranks import rank0_first
 from slim.run import RunRecord
 from slim.rundir import QUANTIZE_RECORD, atomic_json, eval_key, prepare_output, previous_results, run_fingerprint
 from slim.tracking import metric_deltas, results_table, scores
@@ -76,6 +77,7 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     from slim.plan import GiB, plan_memory
     from slim.algorithms import ALGORITHMS
     from slim.layer_loop import quantize_model
+    from slim.layout import ResumeSet, WriterGroup, WriterLayout, shards_in_slot_order
     from slim.quantize import kernel_path
     from slim.resume import ResumeStore
     from slim.targets import select_targets
@@ -122,12 +124,18 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     # ... from block FP8: the weights go from the mapped codes to int4 on the kernels' own threads, and this thread
     # writes; elsewhere a writer thread writes while this one quantizes
     streamed = on_kernels and reader.is_block_fp8
-    writer = CheckpointWriter(out_dir, max_shard_bytes=cfg.export.max_shard_mb << 20,
-                              tag=f"rank{dist.rank:03d}-" if dist.world > 1 else "", direct_io=cfg.export.direct_io,
-                              background=not streamed, algorithm=cfg.export.checksum,
-                              max_queued_bytes=plan.write_queue_bytes)
+    # the writer slots: the world size that started the export (slim.layout), whatever the world is now
+    layout = WriterLayout(commit.get("slots", dist.world) if commit else dist.world, dist.rank, dist.world)
+    writer = WriterGroup(layout, lambda tag: CheckpointWriter(
+        out_dir, max_shard_bytes=cfg.export.max_shard_mb << 20, tag=tag, direct_io=cfg.export.direct_io,
+        background=not streamed, algorithm=cfg.export.checksum, max_queued_bytes=plan.write_queue_bytes))
+    if store is not None:
+        store = ResumeSet(out_dir, layout, fingerprint, selection.targets, cfg.calibration.batch_size)
+    if commit and layout.slots != dist.world:
+        log.info("the export was started on %d rank(s), resumed on %d: %d writer slot(s) kept (rank r writes slots "
+                 "r, r+%d, ...), calibration samples re-split", layout.slots, dist.world, layout.slots, dist.world)
     hidden_device = dist.device if plan.hidden_states_on == "device" else torch.device("cpu")
-    start = store.load_layer(commit["layer"], hidden_device) if commit else None
+    start = store.load_layer(commit, hidden_device) if commit else None
     if dist.device.type == "cpu":  # the block-wise weight path's temporaries (a GPU's live on the GPU)
         keep_temporaries_in_heap()
     try:
@@ -144,7 +152,7 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
                             "rerun the same command to resume from the last complete layer") from exc
         raise
     result.num_samples = 0 if ids is None else int(ids.shape[0])
-    shards = [shard for part in dist.gather(writer.close()) for shard in part]  # rank order
+    shards = shards_in_slot_order(dist.gather(writer.close()))
     checksums = {k: v for part in dist.gather(writer.checksums) for k, v in part.items()}
     config = checkpoint_config(cfg, src_config, fmt, scheme, result, ids, source, fingerprint)
     summary = result.to_dict() | {"checkpoint_bytes": sum(nbytes for _, _, nbytes in shards)}
@@ -296,7 +304,7 @@ def _run_job(cfg: SlimConfig, resolved: dict[str, Any], dist: Dist) -> dict[str,
     run_dir.mkdir(parents=True, exist_ok=True)
     out_dir = run_dir / "checkpoint"
     check_source(cfg)  # before the fingerprint, which is taken only from a source that reads whole
-    fingerprint = run_fingerprint(cfg, dist.world)
+    fingerprint = run_fingerprint(cfg)
     key = eval_key(cfg)
     done = prepare_output(cfg, out_dir, fingerprint, dist) if cfg.mode == "quantize" else False
     previous = previous_results(run_dir, fingerprint, key) if dist.is_main and not cfg.overwrite else {}
@@ -305,8 +313,9 @@ def _run_job(cfg: SlimConfig, resolved: dict[str, Any], dist: Dist) -> dict[str,
                    world_size=dist.world, fingerprint=fingerprint, eval_key=key) as record:
         results = record.results
         with record.stage("load"):
-            source = prepare_source(cfg.model) if dist.is_main else Path(cfg.model.path)
-            dist.barrier()  # the bf16 conversion (if any) is done once, by rank 0
+            # the bf16 conversion (if any) is done once, by rank 0; the others wait without a collective timeout
+            source = rank0_first(dist, run_dir, "preparing the source checkpoint (model.convert_from)",
+                                 lambda: prepare_source(cfg.model), cfg.hardware.rank0_wait_s) or Path(cfg.model.path)
             tokenizer = _load_tokenizer(source, cfg.model.trust_remote_code)
         if cfg.mode == "quantize":
             if done:

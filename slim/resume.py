@@ -11,6 +11,10 @@ cuts off any line after it), truncates the open shard back to the committed leng
 layer. Everything is deterministic, so the finished checkpoint is byte-identical to that of an uninterrupted run. A
 commit belongs to one configuration (its fingerprint); a run with another configuration refuses to touch it unless
 ``overwrite=true``.
+
+The pipeline keeps one journal per writer *slot* (the world size that started the export) and the hidden states per
+rank through :class:`slim.layout.ResumeSet`, so a rerun may use another number of ranks; ``commit.json`` then also
+names the slots and the world that saved it.
 """
 
 from __future__ import annotations
@@ -56,23 +60,26 @@ class ResumeStore:
         path = self.dir / "commit.json"
         return json.loads(path.read_text()) if path.is_file() else None
 
-    def save_layer(self, layer: int, writer_state: dict, modules: list[dict], hidden: list[torch.Tensor]) -> None:
+    def save_layer(self, layer: int, writer_state: dict, modules: list[dict],
+                   hidden: list[torch.Tensor] | None) -> None:
         """This rank's part of the commit after ``layer`` (call ``commit`` on rank 0 once every rank has saved).
 
         ``writer_state`` and ``modules`` are the whole state; the journal gets what the previous save of this store
-        did not have (shards, checksums and modules only ever grow, in order)."""
+        did not have (shards, checksums and modules only ever grow, in order). ``hidden=None``: the caller keeps
+        the hidden states itself (``slim.layout.ResumeSet``, one journal per writer slot)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        tensors = self._hidden_file(layer)
-        tmp = tensors.with_name(tensors.name + ".tmp")
-        save_file({f"hidden.{i}": h.detach().to("cpu").contiguous() for i, h in enumerate(hidden)}, str(tmp))
-        tmp.replace(tensors)
+        if hidden is not None:
+            tensors = self._hidden_file(layer)
+            tmp = tensors.with_name(tensors.name + ".tmp")
+            save_file({f"hidden.{i}": h.detach().to("cpu").contiguous() for i, h in enumerate(hidden)}, str(tmp))
+            tmp.replace(tensors)
         n_shards, n_sums, n_modules = self._saved or (0, 0, 0)
         checksums, current = writer_state["checksums"], writer_state["current"]
         if current is not None:  # the open shard's entries only grow (in order) until it closes
             entries = current["entries"]
             done = self._saved_current[1] if self._saved_current and self._saved_current[0] == current["file"] else 0
             current = {**current, "entries": dict(islice(entries.items(), done, None)), "entries_before": done}
-        line = {"fingerprint": self.fingerprint, "layer": layer, "num_hidden": len(hidden),
+        line = {"fingerprint": self.fingerprint, "layer": layer, "num_hidden": len(hidden or ()),
                 "current": current, "shards": writer_state["shards"][n_shards:],
                 "checksums": dict(islice(checksums.items(), n_sums, None)), "modules": modules[n_modules:]}
         with open(self.journal, "a" if self._saved else "w") as f:  # a new store starts a new journal
@@ -80,17 +87,21 @@ class ResumeStore:
             f.flush()
         self._saved = (len(writer_state["shards"]), len(checksums), len(modules))
         self._saved_current = None if current is None else (current["file"], done + len(current["entries"]))
+        if hidden is None:
+            return
         for old in self.dir.glob(f"rank{self.rank:03d}-layer*"):  # the commit may still be the previous layer
             if int(old.name.split("layer")[1][:5]) < layer - 1:
                 old.unlink()
 
-    def commit(self, layer: int) -> None:
-        atomic_write_text(self.dir / "commit.json",
-                          json.dumps({"fingerprint": self.fingerprint, "stage": "layer", "layer": layer}) + "\n")
+    def commit(self, layer: int, **fields: Any) -> None:
+        """Name ``layer`` as the last committed one (``fields``: more for the record, see slim.layout)."""
+        atomic_write_text(self.dir / "commit.json", json.dumps(
+            {"fingerprint": self.fingerprint, "stage": "layer", "layer": layer, **fields}) + "\n")
 
-    def load_layer(self, layer: int, device: torch.device) -> LayerCommit:
+    def load_layer(self, layer: int, device: torch.device, hidden: bool = True) -> LayerCommit:
         """The commit after ``layer``: the journal folded up to it; lines after it (a commit point saved but not
-        committed, or a line cut short by a crash) are removed, so later saves continue the journal."""
+        committed, or a line cut short by a crash) are removed, so later saves continue the journal.
+        ``hidden=False``: the journal only (the caller reads the hidden states, see ``save_layer``)."""
         shards, checksums, modules, last, end, entries = [], {}, [], None, 0, {}
         with open(self.journal, "rb") as f:
             for raw in f:
@@ -121,10 +132,10 @@ class ResumeStore:
         if current is not None:
             current = {k: v for k, v in current.items() if k != "entries_before"} | {"entries": entries}
             self._saved_current = (current["file"], len(entries))
-        flat = load_file(str(self._hidden_file(layer)), device=str(device))
-        hidden = [flat[f"hidden.{i}"] for i in range(last["num_hidden"])]
+        flat = load_file(str(self._hidden_file(layer)), device=str(device)) if hidden else {}
+        saved_hidden = [flat[f"hidden.{i}"] for i in range(last["num_hidden"])] if hidden else []
         writer = {"shards": shards, "checksums": checksums, "current": current}
-        return LayerCommit(layer=layer, writer=writer, modules=modules, hidden=hidden)
+        return LayerCommit(layer=layer, writer=writer, modules=modules, hidden=saved_hidden)
 
     def commit_written(self, record: dict[str, Any]) -> None:
         """Every tensor is written: what finalize needs, so a rerun only finalizes."""

@@ -23,6 +23,7 @@ from slim.distributed import Dist
 from slim.errors import SlimError
 from slim.export import atomic_write_text
 from slim.models.convert import source_dir
+from slim.ranks import rank0_first
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,12 @@ def atomic_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
-def run_fingerprint(cfg: SlimConfig, world: int) -> str:
+def run_fingerprint(cfg: SlimConfig) -> str:
     """What the exported bytes depend on: the source checkpoint, slim's version and every setting that matters.
 
-    A finished checkpoint or an interrupted export is reused only by a run with the same fingerprint.
+    A finished checkpoint or an interrupted export is reused only by a run with the same fingerprint. The world
+    size is not part of it: an export resumes on another number of ranks (``slim.layout``; the commit point
+    records the world that saved it), and the tensors do not depend on it.
     """
     src = source_dir(cfg.model)
     config_file = src / "config.json"
@@ -53,7 +56,6 @@ def run_fingerprint(cfg: SlimConfig, world: int) -> str:
         "checksum": cfg.export.checksum,
         # only when set: the fingerprints (and config.json bytes) of runs that leave it alone stay as they were
         **({"moe_input_scale": cfg.export.moe_input_scale} if cfg.export.moe_input_scale != "auto" else {}),
-        "world": world,
         "device": cfg.hardware.device,
         "seed": cfg.seed,
     }
@@ -68,8 +70,8 @@ def prepare_output(cfg: SlimConfig, out_dir: Path, fingerprint: str, dist: Dist)
     """
     from slim.resume import ResumeStore
 
-    reusable = False
-    if dist.is_main:
+    def decide() -> bool:  # rank 0 alone; removing an earlier export can outlast a collective's timeout
+        reusable = False
         run_dir, store = Path(cfg.run_dir), ResumeStore(out_dir, 0, fingerprint)
         record = run_dir / QUANTIZE_RECORD
         commit = store.commit_record()
@@ -90,6 +92,10 @@ def prepare_output(cfg: SlimConfig, out_dir: Path, fingerprint: str, dist: Dist)
             shutil.rmtree(out_dir, ignore_errors=True)
             store.clear()
             record.unlink(missing_ok=True)
+        return reusable
+
+    reusable = rank0_first(dist, Path(cfg.run_dir), "checking the run directory (and removing an earlier export)",
+                           decide, cfg.hardware.rank0_wait_s)
     return bool(dist.gather(reusable)[0])
 
 

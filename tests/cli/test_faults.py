@@ -63,7 +63,9 @@ KILL_POINTS = [
     "slim.export:ShardFile.add_pieces:400",  # mid-export, after commits, with a half-filled open shard
     "slim.export:ShardFile.close:3",  # a shard full but its header not yet written
     "slim.resume:ResumeStore.commit:2",  # every rank saved layer 1, the commit not yet written
-    "slim.export:atomic_write_text:3",  # finalize: manifest and index written, config.json not yet
+    # a per-layer commit, not finalize: the third atomic write is commit.json of layer 2 (the embedded model has 4
+    # decoder layers; see FINALIZE_POINTS for kill points inside finalize)
+    "slim.export:atomic_write_text:3",
 ]
 
 
@@ -138,3 +140,54 @@ def test_other_settings_never_replace_a_finished_checkpoint(tmp_path):
     replaced = slim_main(*QUICK, "calibration.num_samples=2", "overwrite=true", f"hydra.run.dir={run}", cwd=tmp_path)
     assert replaced.returncode == 0
     assert json.loads((run / "checkpoint" / "config.json").read_text())["slim"]["calibration"]["num_samples"] == 2
+
+
+# Kill points inside finalize (after the last layer's commit and written.json): the embedded model has 4 decoder
+# layers, so atomic writes 1-4 are the layers' commit.json, 5-6 written.json and its commit, 7 the manifest, 8 the
+# index, 9 config.json. copied_files runs once in the source check and again in finalize after the shards are
+# renamed; final_shard_names runs twice in finalize, naming the shards and then the manifest's files. Each point's
+# state at the kill is checked (the files present, those not yet), so a change in these counts fails the test
+# instead of moving the kill elsewhere.
+FINALIZE_POINTS = {  # kill point -> finalize's files present at the kill
+    "slim.export:copied_files:2": set(),  # shards renamed -of-N, tokenizer files not yet copied
+    "slim.export:final_shard_names:2": {"tokenizer.json"},  # ... copied, no manifest yet
+    "slim.export:atomic_write_text:8": {"tokenizer.json", "slim_manifest.json"},  # no index yet
+    "slim.export:atomic_write_text:9": {"tokenizer.json", "slim_manifest.json", "model.safetensors.index.json"},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", FINALIZE_POINTS)
+def test_kill_9_inside_finalize_then_rerun_finishes_byte_identical(tmp_path, reference, point):
+    run = tmp_path / "run"
+    killed = slim_main(*QUICK, f"hydra.run.dir={run}", cwd=tmp_path, env=fault_env(tmp_path, point + ":kill"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    ckpt = run / "checkpoint"
+    names = set(os.listdir(ckpt))
+    assert "config.json" not in names  # nothing looks complete
+    assert json.loads((ckpt / ".slim_resume" / "commit.json").read_text())["stage"] == "written"  # inside finalize
+    shards = {n for n in names if n.endswith(".safetensors")}
+    assert shards and all("-of-" in n for n in shards)  # every shard already has its final name
+    present = FINALIZE_POINTS[point]
+    assert present <= names
+    for later in {"tokenizer.json", "slim_manifest.json", "model.safetensors.index.json"} - present:
+        assert later not in names, (point, later)
+    resumed = slim_main(*QUICK, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "finalizing" in resumed.stdout + resumed.stderr
+    assert files(ckpt) == reference
+    assert not (ckpt / ".slim_resume").exists()
+
+
+@pytest.mark.slow
+def test_the_commit_kill_point_is_a_layer_commit_not_finalize(tmp_path):
+    """What KILL_POINTS' last entry (once labelled finalize) kills: a per-layer commit, before any finalize file."""
+    run = tmp_path / "run"
+    killed = slim_main(*QUICK, f"hydra.run.dir={run}", cwd=tmp_path,
+                       env=fault_env(tmp_path, KILL_POINTS[-1] + ":kill"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    commit = json.loads((run / "checkpoint" / ".slim_resume" / "commit.json").read_text())
+    assert commit["stage"] == "layer" and commit["layer"] == 1  # layer 2's commit.json was being written
+    names = set(os.listdir(run / "checkpoint"))
+    assert not {"slim_manifest.json", "model.safetensors.index.json"} & names
+    assert not [n for n in names if "-of-" in n]
