@@ -39,15 +39,19 @@ def _load(path, dtype):
     return model, adapter, reader
 
 
-@pytest.fixture(scope="module", params=[torch.float32])
-def embedded(request, embedded_model_path):
+@pytest.fixture(scope="module")
+def embedded(embedded_model_path):
+    return _embedded(embedded_model_path, torch.float32)
+
+
+def _embedded(embedded_model_path, dtype):
     """The embedded model, materialized, and each decoder layer's calibration inputs (8 samples x 64 tokens of the
     shipped calibration text)."""
     from transformers import AutoTokenizer
 
     from slim.calibration.data import calibration_tokens
 
-    model, adapter, reader = _load(embedded_model_path, request.param)
+    model, adapter, reader = _load(embedded_model_path, dtype)
     tok = AutoTokenizer.from_pretrained(str(embedded_model_path))
     cal = compose_config("calibration.num_samples=8", "calibration.seq_len=64").calibration
     ids = calibration_tokens(cal, tok, 1024)
@@ -64,6 +68,8 @@ def _ctx(embedded, i, ignore=("lm_head",), scheme=W4_ALL, dist=None, **settings)
     prefix = f"model.layers.{i}."
     names = {n for n in select_targets(model, list(ignore)).targets if n.startswith(prefix)}
     targets = {prefix + n: m for n, m in layer.named_modules() if prefix + n in names}
+    # a shorter grid and fewer search rows than the defaults: the same code, in unit-test time
+    settings = {"grid": 6, "search_samples": 4, **settings}
     cfg = compose_config("algorithm=awq", *(f"algorithm.{k}={v}" for k, v in settings.items())).algorithm
 
     def run(samples=slice(None)):
@@ -171,6 +177,31 @@ def test_smoothing_preserves_the_layer_and_routing(embedded, i):
             assert torch.allclose(w0.gather(1, order0.indices), w1.gather(1, order1.indices), rtol=1e-5, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def embedded_bf16(embedded_model_path):
+    return _embedded(embedded_model_path, torch.bfloat16)
+
+
+def test_power_of_two_scales_fold_exactly_in_bf16(embedded_bf16):
+    """algorithm.pow2_scales: multiplying and dividing by powers of two rounds exactly, so the bf16 layer computes
+    bit for bit what it did, and routes every token as before. Every mapping of the MoE layer is folded with
+    power-of-two scales spanning 1/16..16 (what the search may choose; it may as well choose none on this model)."""
+    ctx = _ctx(embedded_bf16, 1, pow2_scales=True)
+    before, routes = ctx.run(), _routes(ctx)
+    gen = torch.Generator().manual_seed(0)
+    changed = set()
+    for kind in resolve(ctx.layer, MAPPINGS["deepseek_v3"]):
+        for r in kind:
+            width = next(iter(r.balance.values())).weight.shape[1]
+            x_mean = torch.rand(width, generator=gen) * 50 + 0.1
+            s = awq_scales(x_mean, None, 1.0, False, power_of_two=True)
+            assert s.max() / s.min() >= 8
+            AWQ._fold(ctx, r, s, changed)
+    assert f"{ctx.prefix}mlp.gate.weight" in changed
+    assert all(torch.equal(a, b) for a, b in zip(ctx.run(), before))
+    assert all(torch.equal(a[2], b[2]) and torch.equal(a[1], b[1]) for a, b in zip(_routes(ctx), routes))
+
+
 def test_chosen_scales_never_worse_than_none_on_the_search_rows(embedded):
     """Per mapping the search's own objective, and independently for kv_b_proj: the quantized output error of the
     smoothed weights on the smoothed inputs vs that of the unsmoothed weights on the original inputs."""
@@ -215,7 +246,7 @@ def test_reference_ignore_list_smooths_only_what_feeds_quantized_experts(embedde
 
 
 def test_search_samples_limits_the_search_rows(embedded):
-    ctx = _ctx(embedded, 0, search_samples=2)
+    ctx = _ctx(embedded, 0, search_samples=2, grid=4)
     calls = []
     run = ctx.run
     ctx.run = lambda samples=slice(None): calls.append(samples) or run(samples)
