@@ -14,20 +14,17 @@ working; tensors that ``prepare`` changed are written from their new values (``L
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from slim.algorithms.awq import AWQ
 from slim.algorithms.rtn import RoundToNearest
-
-if TYPE_CHECKING:
-    from slim.distributed import Dist
-    from slim.quant.schemes import Scheme
+from slim.errors import SlimError
+from slim.quant.schemes import Scheme
 
 
 @dataclass
@@ -48,7 +45,7 @@ class LayerContext:
     group_size: int | None
     weight_observer: str
     group_scale_dtype: torch.dtype | None  # what the format stores int4 group scales in (None: fp32)
-    dist: Dist
+    dist: Any  # slim.distributed.Dist (not imported: slim.distributed imports slim.config, which imports this)
     adapter_name: str  # slim.models.adapters.ModelAdapter.name
     settings: Any
     store_device: torch.device  # where cached activations wait (the calibration hidden states' device)
@@ -87,9 +84,14 @@ class Composed:
         return self.second.apply(targets, observers)
 
 
-ALGORITHMS: dict[str, Callable[..., LayerAlgorithm]] = {"rtn": RoundToNearest, "awq": AWQ}
-"""``rtn``: round to nearest, the default; ``awq``: activation-aware smoothing (slim.algorithms.awq), then RTN."""
+def _awq_gptq(*args, **kwargs) -> Composed:
+    """AWQ's smoothing, then GPTQ's weights; GPTQ is looked up when the algorithm is built."""
+    if "gptq" not in ALGORITHMS:
+        raise SlimError("algorithm=awq_gptq needs GPTQ (slim/algorithms/gptq.py), which this slim does not have; "
+                        "choose algorithm=awq")
+    return Composed("awq_gptq", ALGORITHMS["awq"], ALGORITHMS["gptq"], *args, **kwargs)
 
-# awq_gptq: AWQ's smoothing, then GPTQ's weights (only where slim.algorithms.gptq registered "gptq" above)
-if "gptq" in ALGORITHMS:
-    ALGORITHMS["awq_gptq"] = functools.partial(Composed, "awq_gptq", ALGORITHMS["awq"], ALGORITHMS["gptq"])
+
+ALGORITHMS: dict[str, Callable[..., LayerAlgorithm]] = {"rtn": RoundToNearest, "awq": AWQ, "awq_gptq": _awq_gptq}
+"""``rtn``: round to nearest, the default; ``awq``: activation-aware smoothing (slim.algorithms.awq), then RTN;
+``awq_gptq``: AWQ's smoothing, then GPTQ (where slim.algorithms.gptq registers ``gptq``)."""
