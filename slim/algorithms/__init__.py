@@ -34,7 +34,8 @@ class LayerContext:
     ``run(samples)`` runs this rank's calibration samples (a slice of them, in this rank's order: rank ``r`` of
     ``w`` holds global samples ``r, r + w, ...``; default all) through the layer in its batches and returns the
     layer's outputs: forward hooks the algorithm registers see them, and routed experts see the tokens
-    ``calibration.route_all_experts`` gives them. ``targets``: the layer's Linears that will be quantized, by full name. ``settings``: the
+    ``calibration.route_all_experts`` gives them. ``targets``: the layer's Linears that will be quantized, by full
+    name. ``settings``: the
     ``algorithm`` config group (typed, :class:`slim.config.AlgorithmConfig`)."""
 
     layer: nn.Module

@@ -149,8 +149,10 @@ class AWQ:
         if not kinds:
             return set()
         active = [r for k in kinds for r in k]
-        inputs, stats = self._capture(ctx, active, _local_samples(ctx.dist, getattr(ctx.settings, "search_samples", None)))
-        merged = merge_sums(ctx.dist, [torch.cat([s[0] if s[0] is not None else torch.zeros(_width(r), dtype=torch.float64),
+        search = _local_samples(ctx.dist, getattr(ctx.settings, "search_samples", None))
+        inputs, stats = self._capture(ctx, active, search)
+        # per mapping [C + 1]: the fp64 sum of |x| per channel, then the row count
+        merged = merge_sums(ctx.dist, [torch.cat([torch.zeros(_width(r), dtype=torch.float64) if s[0] is None else s[0],
                                                   torch.tensor([float(s[1])], dtype=torch.float64)])
                                        for r, s in zip(active, stats)])
         means = {id(r): m for r, m in zip(active, merged)}

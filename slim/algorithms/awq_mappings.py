@@ -36,7 +36,8 @@ _ATTN_NORM_MLA = Mapping("input_layernorm", (r"self_attn\.(q_a_proj|q_proj)", r"
 _ATTN_NORM_QKV = Mapping("input_layernorm", (r"self_attn\.q_proj", r"self_attn\.k_proj", r"self_attn\.v_proj"))
 _V_TO_O = Mapping(r"self_attn\.v_proj", (r"self_attn\.o_proj",))
 # the router first: it sees every token, so the activation statistics are hooked there (experts see their own)
-_MLP_NORM = Mapping("post_attention_layernorm", (r"mlp\.gate", r"mlp\.(experts\.\d+\.|shared_experts\.)?(gate|up)_proj"))
+_MLP_NORM = Mapping("post_attention_layernorm",
+                    (r"mlp\.gate", r"mlp\.(experts\.\d+\.|shared_experts\.)?(gate|up)_proj"))
 _UP_TO_DOWN = Mapping(_EXPERT_SCOPE + "up_proj", (r"{scope}down_proj",))
 
 MAPPINGS: dict[str, tuple[Mapping, ...]] = {

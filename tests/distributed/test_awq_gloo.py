@@ -26,7 +26,8 @@ def _merge_worker(rank, world, port, out):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.manual_seed(rank)
-        parts = [torch.rand(5, dtype=torch.float64) * 10 ** (rank * 8), torch.tensor([float(rank + 1)], dtype=torch.float64)]
+        parts = [torch.rand(5, dtype=torch.float64) * 10 ** (rank * 8),
+                 torch.tensor([float(rank + 1)], dtype=torch.float64)]
         merged = merge_sums(Dist(rank=rank, world=world), parts)
         out[rank] = ([p.clone() for p in parts], [m.clone() for m in merged])
     finally:

@@ -27,12 +27,12 @@ from tests.helpers.configs import compose_config
 W4_ALL = Scheme("w4a8", SCHEMES["w4a8"].weights, SCHEMES["w4a8"].input_activations)  # group size 128
 
 
-def _load(path, dtype):
+def _load(path, dtype, load_type="fp8"):
     from slim.models.adapters import build_skeleton, load_config
     from slim.models.checkpoint import CheckpointReader
     from slim.models.materialize import materialize
 
-    reader = CheckpointReader(path, load_type="fp8")
+    reader = CheckpointReader(path, load_type=load_type)
     model, adapter = build_skeleton(load_config(str(path)), dtype)
     adapter.open_reader(reader, model.config)
     materialize(model, "", reader)
@@ -44,15 +44,15 @@ def embedded(embedded_model_path):
     return _embedded(embedded_model_path, torch.float32)
 
 
-def _embedded(embedded_model_path, dtype):
-    """The embedded model, materialized, and each decoder layer's calibration inputs (8 samples x 64 tokens of the
-    shipped calibration text)."""
+def _embedded(embedded_model_path, dtype, load_type="fp8", tokenizer=None):
+    """The embedded model (or another), materialized, and each decoder layer's calibration inputs (8 samples x 64
+    tokens of the shipped calibration text)."""
     from transformers import AutoTokenizer
 
     from slim.calibration.data import calibration_tokens
 
-    model, adapter, reader = _load(embedded_model_path, dtype)
-    tok = AutoTokenizer.from_pretrained(str(embedded_model_path))
+    model, adapter, reader = _load(embedded_model_path, dtype, load_type)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer or embedded_model_path))
     cal = compose_config("calibration.num_samples=8", "calibration.seq_len=64").calibration
     ids = calibration_tokens(cal, tok, 1024)
     runner = LayerRunner(model, torch.device("cpu"))
@@ -202,6 +202,37 @@ def test_power_of_two_scales_fold_exactly_in_bf16(embedded_bf16):
     assert all(torch.equal(a[2], b[2]) and torch.equal(a[1], b[1]) for a, b in zip(_routes(ctx), routes))
 
 
+@pytest.mark.parametrize("family", ["llama", "llama_gqa", "qwen3_moe"])
+def test_other_families_smooth_preserving_the_layer(family, tmp_path, embedded_model_path):
+    """Llama-style (v_proj -> o_proj only without grouped-query attention) and Qwen3-MoE (router + experts):
+    random small models saved by transformers, fp32, every Linear but lm_head quantized."""
+    if family == "qwen3_moe":
+        from tests.integration.test_qwen3_moe import save_qwen3_moe
+
+        save_qwen3_moe(tmp_path / "m", embedded_model_path)
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2 if family == "llama_gqa" else 4,
+                                     max_position_embeddings=512)).save_pretrained(tmp_path / "m")
+    loaded = _embedded(tmp_path / "m", torch.float32, "bf16", tokenizer=embedded_model_path)
+    ctx = _ctx(loaded, 0)
+    kinds = resolve(ctx.layer, MAPPINGS[ctx.adapter_name])
+    smooth = {r.smooth_name for k in kinds for r in k}
+    assert ("self_attn.v_proj" in smooth) == (family == "llama")
+    before = ctx.run()
+    routes = _routes(ctx) if family == "qwen3_moe" else []
+    changed = AWQ().prepare(ctx)
+    assert _rel(ctx.run(), before) < 1e-5
+    assert f"{ctx.prefix}post_attention_layernorm.weight" in changed
+    if family == "qwen3_moe":
+        assert f"{ctx.prefix}mlp.gate.weight" in changed
+        for (_, w0, i0), (_, w1, i1) in zip(routes, _routes(ctx)):
+            assert torch.equal(i0, i1) and torch.allclose(w0, w1, rtol=1e-5, atol=1e-6)
+
+
 def test_chosen_scales_never_worse_than_none_on_the_search_rows(embedded):
     """Per mapping the search's own objective, and independently for kv_b_proj: the quantized output error of the
     smoothed weights on the smoothed inputs vs that of the unsmoothed weights on the original inputs."""
@@ -297,7 +328,8 @@ def test_written_unquantized_tensors_are_the_smoothed_ones(embedded, fmt_name):
 
         assert writer.out[shared].dtype == FP8_DTYPE
         assert not torch.equal(writer.out[shared].view(torch.uint8), reader.raw(shared).view(torch.uint8))
-        back = dequantize_fp8_block(writer.out[shared], writer.out[shared + BLOCK_SCALE_SUFFIX], (128, 128), torch.float32)
+        back = dequantize_fp8_block(writer.out[shared], writer.out[shared + BLOCK_SCALE_SUFFIX], (128, 128),
+                                    torch.float32)
         smoothed = state["mlp.shared_experts.up_proj.weight"].float()
         assert ((back - smoothed).norm() / smoothed.norm()) < 0.05
     untouched = f"{p}self_attn.o_proj.weight"
