@@ -18,7 +18,8 @@ formula and normalisation, grid (``duo_scaling`` true: identity first, then ``n-
 (|W| over each quantization group's absmax, averaged over the quantized balance Linears' rows), loss (sum of
 squared output error over all elements / element count) and rule that a mapping with no quantized balance
 Linear, or no calibration rows, is left alone. Differences: the search quantizes weights only (not activations,
-as the reference); per-tensor schemes use ``duo_scaling`` false (the reference refuses duo there).
+as the reference); per-tensor schemes use ``duo_scaling`` false (the reference refuses duo there); the error search
+runs on the first ``algorithm.search_samples`` calibration samples (the reference: all), the means on all of them.
 
 Across ranks: activation sums are fp64 per rank, gathered and added in rank order; the per-grid-point squared
 errors likewise, over every rank's rows. Every rank therefore picks the same scales, and a single process picks
