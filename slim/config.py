@@ -82,9 +82,17 @@ class SchemeConfig:
 
 @dataclass
 class AlgorithmConfig:
-    """The per-layer step between observing a layer and quantizing it (slim.algorithms.ALGORITHMS)."""
+    """The per-layer step around observing a layer and quantizing it (slim.algorithms.ALGORITHMS)."""
 
     name: str = "rtn"
+    # awq (slim.algorithms.awq): points of the smoothing-strength grid searched per mapping
+    grid: int = 20
+    # awq: weight means in the scales too (auto: for per-group weights, not per tensor) | true | false | both
+    duo_scaling: str = "auto"
+    # awq: the error search runs on the first this-many calibration samples (null: all); activation means use all
+    search_samples: int | None = 32
+    # awq: round the scales to powers of two, so folding them in is exact in bf16 too (routing bit-identical)
+    pow2_scales: bool = False
 
 
 @dataclass
@@ -274,6 +282,16 @@ def validate(cfg: SlimConfig) -> SlimConfig:
     from slim.algorithms import ALGORITHMS
 
     _choice(cfg.algorithm.name, tuple(ALGORITHMS), "algorithm")
+    if cfg.algorithm.name.startswith("awq"):
+        _choice(str(cfg.algorithm.duo_scaling).lower(), ("auto", "true", "false", "both"), "algorithm.duo_scaling")
+        if cfg.algorithm.grid < 4:
+            raise SlimError(f"algorithm.grid={cfg.algorithm.grid} is too small for awq's search; use at least 4 "
+                            "(default 20)")
+        if cfg.algorithm.search_samples is not None and cfg.algorithm.search_samples <= 0:
+            raise SlimError("algorithm.search_samples must be positive (or null: every calibration sample)")
+        if cfg.calibration.source == "none":
+            raise SlimError(f"algorithm={cfg.algorithm.name} searches its scales on calibration activations: choose "
+                            "calibration=embedded (or jsonl/hf), or algorithm=rtn")
     _choice(cfg.scheme.format, FORMAT_NAMES, "scheme.format")  # before mode=plan, which counts by format
     _choice(cfg.export.moe_input_scale, MOE_INPUT_SCALES, "export.moe_input_scale")
     s = cfg.scheme

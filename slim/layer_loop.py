@@ -1,9 +1,11 @@
 """The quantize stage's loop over decoder layers, one named step at a time:
 
-    materialize -> observe -> algorithm -> quantize + write -> propagate -> commit
+    materialize -> prepare -> observe -> algorithm -> quantize + write -> propagate -> commit
 
 ``materialize`` reads the layer's weights from the checkpoint (streamed ones stay there, see
-``slim.quantize.streamed_params``); ``observe`` runs the calibration hidden states through it with input observers
+``slim.quantize.streamed_params``); ``prepare`` lets the algorithm change the layer before it is observed (AWQ
+smooths it: the static input scales are then the smoothed activations'; the tensors it changed are written from
+their new values); ``observe`` runs the calibration hidden states through it with input observers
 on its target Linears (merged across ranks); ``algorithm`` lets the configured :mod:`slim.algorithms` entry change
 the targets' weights; ``quantize`` quantizes the targets and writes every tensor of the layer
 (:class:`slim.quantize.LayerQuantizer`); ``propagate`` feeds the quantized layer's outputs forward when
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slim.algorithms import ALGORITHMS, LayerAlgorithm
+from slim.algorithms import ALGORITHMS, LayerAlgorithm, LayerContext
 from slim.calibration.runner import LayerRunner, observe, route_all
 from slim.distributed import Dist
 from slim.errors import SlimError
@@ -59,6 +61,21 @@ def group_by_prefix(modules: dict[str, nn.Linear], prefixes: set[str]) -> dict[s
             cut = name.find(".", cut + 1)
         if cut != -1:
             out.setdefault(name[: cut + 1], {})[name] = mod
+    return out
+
+
+def take_samples(batches: list[torch.Tensor], samples: slice) -> list[torch.Tensor]:
+    """The calibration samples ``samples`` (a slice over this rank's samples, in order) of batches [b, T, H], as
+    views of them, in batches as they lie."""
+    start, stop, step = samples.indices(sum(b.shape[0] for b in batches))
+    if step != 1:
+        raise ValueError("take_samples takes a contiguous slice")
+    out, offset = [], 0
+    for b in batches:
+        lo, hi = max(start - offset, 0), min(stop - offset, b.shape[0])
+        if lo < hi:
+            out.append(b[lo:hi])
+        offset += b.shape[0]
     return out
 
 
@@ -157,6 +174,21 @@ class LayerLoop:
         streamed = streamed_params(layer, prefix, self.reader) if self.stream else frozenset()
         materialize(layer, prefix, self.reader, self.device, skip=streamed)
 
+    def prepare(self, layer: nn.Module, prefix: str, targets: dict[str, nn.Linear]) -> set[str]:
+        """The algorithm's change to the layer before it is observed; the full names of the tensors it changed."""
+        if not self.calibrate:
+            return set()
+
+        def run(samples: slice = slice(None)) -> list[torch.Tensor]:
+            with route_all(layer, self.cfg.calibration.route_all_experts):
+                return self.runner.forward(layer, take_samples(self.hidden, samples), prefix.rstrip("."))
+
+        return self.algorithm.prepare(LayerContext(
+            layer=layer, prefix=prefix, targets=targets, run=run, scheme=self.scheme,
+            group_size=self.cfg.scheme.group_size, weight_observer=self.cfg.scheme.weight_observer,
+            group_scale_dtype=self.lq.group_scale_dtype, dist=self.dist, adapter_name=self.adapter.name,
+            settings=self.cfg.algorithm, store_device=self.runner.store_device))
+
     def observe(self, layer: nn.Module, prefix: str, targets: dict[str, nn.Linear]
                 ) -> tuple[dict[str, MinMaxObserver], list[torch.Tensor]]:
         """The layer's calibration forward pass with input observers (merged across ranks) and the algorithm's
@@ -171,11 +203,12 @@ class LayerLoop:
         return obs, outputs
 
     def quantize_and_write(self, layer: nn.Module, prefix: str, targets: dict[str, nn.Linear],
-                           obs: dict[str, MinMaxObserver]) -> dict:
+                           obs: dict[str, MinMaxObserver], changed: set[str] = frozenset()) -> dict:
         """The rest first: with background writes its bytes go to disk while the targets are quantized; streamed
-        targets' kernels are queued before it, so they run while this thread writes the rest."""
+        targets' kernels are queued before it, so they run while this thread writes the rest. ``changed``: tensors
+        ``prepare`` changed, written from their values (see ``LayerQuantizer.write_rest``)."""
         self.lq.start(targets, everything=self.propagate_quantized)
-        self.lq.write_rest(layer, prefix, set(targets))
+        self.lq.write_rest(layer, prefix, set(targets), changed)
         return self.lq.quantize(targets, obs, self.scheme.static_activations, everything=self.propagate_quantized)
 
     def propagate(self, layer: nn.Module, prefix: str, targets: dict[str, nn.Linear], qs: dict) -> list[torch.Tensor]:
@@ -206,9 +239,10 @@ class LayerLoop:
         layer, prefix = self.layers[i], self.adapter.layer_prefix(i)
         targets = self.by_layer.get(prefix, {})
         self.materialize(layer, prefix)
+        changed = self.prepare(layer, prefix, targets)
         obs, outputs = self.observe(layer, prefix, targets)
         self.algorithm.apply(targets, obs)
-        qs = self.quantize_and_write(layer, prefix, targets, obs)
+        qs = self.quantize_and_write(layer, prefix, targets, obs, changed)
         if self.propagate_quantized:
             outputs = self.propagate(layer, prefix, targets, qs)
         self.hidden = outputs

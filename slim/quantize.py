@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 # experts in flight and only the minimum of large ones (an R1 expert's packed result is several MB).
 STREAM_AHEAD = 2
 STREAM_AHEAD_BYTES = 16 << 20
+_NO_SOURCE: frozenset[str] = frozenset()  # the reader a format's rest_tensors sees for a changed tensor: no bytes
 
 
 def kernel_path(calibrate: bool, device_type: str, cpu_kernels: bool | None = None) -> bool:
@@ -302,8 +303,19 @@ class LayerQuantizer:
 
         return result
 
-    def write_rest(self, module: nn.Module, prefix: str, quantized: set[str]) -> None:
-        """Every other tensor of ``module``: bit-exact from the source unless it was block-FP8 (then dequantized)."""
+    @property
+    def group_scale_dtype(self) -> torch.dtype | None:
+        """The dtype the format stores int4 group scales in (None: fp32)."""
+        return self._scale_dtype
+
+    def write_rest(self, module: nn.Module, prefix: str, quantized: set[str], changed: set[str] = frozenset()) -> None:
+        """Every other tensor of ``module``: bit-exact from the source unless it was block-FP8 (then dequantized).
+
+        ``changed``: tensors an algorithm changed before observing (AWQ's smoothed norms and unquantized consumers:
+        router, ignored projections). They are written from their values in memory, never the source's bytes: in
+        the source's dtype where that is a float dtype, in the model dtype where the source was block FP8 (as any
+        block-FP8 tensor is), and by a format with its own layout for unquantized Linears (w4afp8: block FP8) from
+        those values, quantized again. Same shapes and dtypes, so the same bytes as without the algorithm."""
         if not self.writes_rest:
             return
         own_layout = getattr(self.fmt, "rest_tensors", None)  # formats that store unquantized Linears their way
@@ -313,8 +325,13 @@ class LayerQuantizer:
                 continue
             if name in self.reader.aliases:  # a tied copy (tie_word_embeddings): stored once, as in the source
                 continue
-            if own_layout is not None and (tensors := own_layout(name, tensor, self.reader)) is not None:
+            source = _NO_SOURCE if name in changed else self.reader  # a changed tensor has no source bytes
+            if own_layout is not None and (tensors := own_layout(name, tensor, source)) is not None:
                 self.writer.add_all(tensors)
+                continue
+            if name in changed:
+                stored = self.reader.raw(name).dtype if name in self.reader else tensor.dtype
+                self.writer.add(name, tensor if stored == FP8_DTYPE else tensor.to(stored))
                 continue
             if tensor.is_meta:  # left in the checkpoint as block FP8: decoded a block of rows at a time
                 check_shape(name, tuple(self.reader.raw(name).shape), tuple(tensor.shape))

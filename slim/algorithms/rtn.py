@@ -1,5 +1,3 @@
-"""``rtn``: round to nearest, the default algorithm."""
-
 from __future__ import annotations
 
 import contextlib
@@ -12,6 +10,13 @@ class RoundToNearest:
     """``rtn``: quantize the weights as they are (the scheme's observer picks the scales)."""
 
     name = "rtn"
+
+    def __init__(self, *_args, **_kwargs) -> None:
+        pass
+
+    def prepare(self, ctx) -> set[str]:
+        """Nothing to change before observing."""
+        return set()
 
     @contextlib.contextmanager
     def collect(self, targets: dict[str, nn.Linear]) -> Iterator[None]:
