@@ -48,7 +48,8 @@ class Dist:
         return samples[self.rank :: self.world]
 
     def reduce_observers(self, observers: dict[str, MinMaxObserver]) -> None:
-        """Merge observers across ranks in place: amax by MAX (fp32), tokens by SUM, NaN flags by MAX."""
+        """Merge observers across ranks in place: amax by MAX (fp32), tokens by SUM, NaN flags by MAX, and the
+        observers' own ``state()`` (if any) by their ``merge`` over every rank's state in rank order."""
         if self.world == 1 or not observers:
             return
         names = sorted(observers)
@@ -62,6 +63,13 @@ class Dist:
             observers[n].amax = amax[i].cpu()
             observers[n].nonfinite = bool(flags[i].item())
             observers[n].tokens = int(tokens[i].item())
+        # observers with more than an absmax (mse rows, percentile histograms): every rank's state, in rank order
+        states = {n: observers[n].state() for n in names}
+        if any(s is not None for s in states.values()):
+            gathered = self.gather({n: s for n, s in states.items() if s is not None})
+            for n in names:
+                if states[n] is not None or any(n in g for g in gathered):
+                    observers[n].merge([g.get(n) for g in gathered])
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order (on every rank)."""

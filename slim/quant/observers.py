@@ -1,7 +1,12 @@
 """Observers: statistics gathered from tensors that decide quantization scales. One registry entry each.
 
-Activation observers see calibration inputs batch by batch (``update``) and can be merged across ranks by
-MAX, which is order-independent: a distributed run gives the same scales as a single process.
+Activation observers see calibration inputs batch by batch (``update``); every one keeps the running absmax,
+merged across ranks by MAX (order-independent: a distributed run gives the same scales as a single process).
+Those that need more carry a ``state()`` that ranks exchange (``merge``, every rank's state in rank order) and
+choose their clip once the layer's weights are at hand (``select_clip``, called by :func:`resolve_input_clips`
+before the input scales are computed): ``minmax`` the absmax, ``mse`` the clip with the smallest layer-output
+error on a bounded, deterministic sample of rows, ``percentile`` a percentile of |x| from a fixed-edge histogram.
+docs/observers.md describes them.
 Weight observers choose, per tensor or per group, the absolute value the scale is derived from
 (``scale = clip / qmax``): ``minmax`` takes the plain absmax, ``mse`` searches a clip that minimises the
 quantization error of that group (``sum |err|^2.4``, as llm-compressor's MSE observer).
@@ -9,10 +14,12 @@ quantization error of that group (``sum |err|^2.4``, as llm-compressor's MSE obs
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
+from slim.quant.fp8 import fake_quantize_fp8, fp8_scale
 from slim.quant.stats import absmax
 
 
@@ -42,7 +49,171 @@ class MinMaxObserver:
             self.sample = rows if self.sample is None else torch.cat([self.sample, rows])
 
 
-ACTIVATION_OBSERVERS: dict[str, Callable[[], MinMaxObserver]] = {"minmax": MinMaxObserver}
+    def state(self) -> object | None:
+        """What ranks exchange besides amax/tokens/NaN flags (merged by ``Dist.reduce_observers``); None: nothing."""
+        return None
+
+    def merge(self, states: list) -> None:
+        """Combine every rank's :meth:`state` (rank order, this rank's included) into this observer."""
+
+    def select_clip(self, weight: torch.Tensor) -> torch.Tensor:
+        """The value the static input scale is computed from (``clip / 448``): the observed absmax."""
+        return self.amax
+
+
+# ---- mse: the clip with the smallest layer-output error on a bounded, deterministic sample of rows -------------
+MSE_ROWS = 128  # rows kept per module: memory MSE_ROWS x in_features x the input's dtype per module
+MSE_GRID = 8  # candidate clips per octave below the absmax: amax * 2**(-i / MSE_GRID)
+MSE_OCTAVES = 3  # ... down to amax / 2**MSE_OCTAVES
+_HASH_COEFFS: dict[int, torch.Tensor] = {}
+
+
+def row_hash(rows: torch.Tensor) -> torch.Tensor:
+    """A 64-bit hash of each row's fp32 bits (rows [R, n] -> [R] int64): ``sum_j bits_j * a_j`` with fixed
+    pseudo-random odd ``a`` (seeded by n), wrapping modulo 2**64. Integer sums are exact in any order, so a row
+    hashes the same on every rank, in any batch, on any machine."""
+    n = rows.shape[-1]
+    if n not in _HASH_COEFFS:
+        gen = torch.Generator().manual_seed(n)
+        _HASH_COEFFS[n] = torch.randint(-(2**62), 2**62, (n,), generator=gen, dtype=torch.int64) * 2 + 1
+    bits = rows.float().contiguous().view(torch.int32).to(torch.int64)  # [R, n]
+    return (bits * _HASH_COEFFS[n].to(rows.device)).sum(-1)
+
+
+def bottom_k(hashes: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` rows with the smallest hashes, in hash order: the same set whatever order or partition the rows
+    arrived in (rows with equal hashes are, but for a 2**-64 collision, equal rows)."""
+    order = torch.sort(hashes, stable=True).indices[:k]
+    return hashes[order], rows[order]
+
+
+class MSEObserver(MinMaxObserver):
+    """Absmax plus a sample of ``MSE_ROWS`` input rows: those with the smallest :func:`row_hash`, a deterministic
+    pseudo-random sample that does not depend on batch order or on how samples are split over ranks (merging
+    is the same bottom-k over every rank's rows). :meth:`select_clip` searches the clip ``c <= absmax`` that
+    minimises ``||fq(X, c/448) W^T - X W^T||^2`` over those rows (``fq``: the FP8 round trip of
+    :func:`slim.quant.fp8.fake_quantize_fp8`, clamped to +-448), with ``c = absmax`` the first candidate: on
+    its rows it is never worse than minmax."""
+
+    def __init__(self, sample_rows: int = 32, rows: int = MSE_ROWS) -> None:
+        super().__init__(sample_rows)
+        self.rows = rows
+        self.kept: torch.Tensor | None = None  # [<= rows, in_features], the input's dtype, on the CPU
+        self.hashes = torch.zeros(0, dtype=torch.int64)
+
+    def update(self, x: torch.Tensor) -> None:
+        super().update(x)
+        if x.numel() == 0:
+            return
+        new = x.detach().reshape(-1, x.shape[-1])
+        hashes, rows = bottom_k(row_hash(new).cpu(), new.cpu(), self.rows)
+        self._keep([self.hashes, hashes], [rows] if self.kept is None else [self.kept, rows])
+
+    def _keep(self, hashes: list[torch.Tensor], rows: list[torch.Tensor]) -> None:
+        self.hashes, self.kept = bottom_k(torch.cat(hashes), torch.cat(rows), self.rows)
+
+    def state(self) -> object | None:
+        return None if self.kept is None else (self.hashes, self.kept)
+
+    def merge(self, states: list) -> None:
+        states = [s for s in states if s is not None]
+        if states:
+            self._keep([s[0] for s in states], [s[1] for s in states])
+
+    def select_clip(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.kept is None or float(self.amax) == 0.0:
+            return self.amax
+        return mse_input_clip(self.kept, weight, self.amax)
+
+
+def mse_input_clip(rows: torch.Tensor, weight: torch.Tensor, amax: torch.Tensor, grid: int = MSE_GRID,
+                   octaves: int = MSE_OCTAVES) -> torch.Tensor:
+    """rows [R, in], weight [out, in], amax [] -> the clip among ``amax * 2**(-i/grid)``, i = 0..grid*octaves,
+    with the smallest output error ``sum((fq(rows) - rows) @ weight^T)^2`` (fp32 products, fp64 sums); ties keep
+    the larger clip. Same inputs, same device: same clip."""
+    x = rows.to(device=weight.device, dtype=torch.float32)
+    w = weight.float()
+    best, best_err = amax.float(), None
+    for i in range(grid * octaves + 1):
+        clip = amax.float() * 2.0 ** (-i / grid)
+        diff = fake_quantize_fp8(x, fp8_scale(clip.reshape(1)).to(x.device)) - x  # [R, in]
+        err = float((diff @ w.t()).double().pow(2).sum())
+        if best_err is None or err < best_err:
+            best, best_err = clip, err
+    return best.cpu()
+
+
+# ---- percentile: |x| histogram on fixed log-spaced edges, merged by summing counts ----------------------------
+PERCENTILE = 99.99
+BINS_PER_OCTAVE = 32  # resolution: an edge every factor 2**(1/32) (about 2.2%)
+MIN_EXP, MAX_EXP = -32, 32  # edges from 2**-32 to 2**32; below: one underflow bin (zeros too), above: overflow
+N_BINS = (MAX_EXP - MIN_EXP) * BINS_PER_OCTAVE + 2
+
+
+def histogram_bins(a: torch.Tensor) -> torch.Tensor:
+    """|x| values [N] (fp32) -> bin indices [N]: bin 0 holds |x| < 2**MIN_EXP, bin b (1 <= b < N_BINS - 1) holds
+    ``[2**(MIN_EXP + (b-1)/K), 2**(MIN_EXP + b/K))`` with K = BINS_PER_OCTAVE, the last bin everything above."""
+    idx = torch.floor((torch.log2(a) - MIN_EXP) * BINS_PER_OCTAVE) + 1
+    return torch.nan_to_num(idx, nan=0.0, neginf=0.0, posinf=N_BINS - 1).clamp_(0, N_BINS - 1).long()
+
+
+def bin_upper_edge(b: int) -> float:
+    return 2.0 ** (MIN_EXP + b / BINS_PER_OCTAVE)
+
+
+class PercentileObserver(MinMaxObserver):
+    """Absmax plus a histogram of |x| on fixed edges (no edge depends on data, so ranks' counts add up exactly,
+    int64 in rank order). :meth:`select_clip`: the upper edge of the bin holding the ``q``-th percentile's order
+    statistic (``torch.quantile(..., interpolation="higher")``), capped at the absmax: at most one bin (a factor
+    2**(1/32)) above the exact percentile, never below it."""
+
+    def __init__(self, sample_rows: int = 32, q: float = PERCENTILE) -> None:
+        super().__init__(sample_rows)
+        if not 0.0 < q <= 100.0:
+            raise ValueError(f"percentile must be in (0, 100], got {q}")
+        self.q = q
+        self.counts = torch.zeros(N_BINS, dtype=torch.int64)
+
+    def update(self, x: torch.Tensor) -> None:
+        super().update(x)
+        if x.numel():
+            a = x.detach().float().abs().reshape(-1)
+            self.counts += torch.bincount(histogram_bins(a), minlength=N_BINS).cpu()
+
+    def state(self) -> object | None:
+        return self.counts
+
+    def merge(self, states: list) -> None:
+        total = torch.zeros(N_BINS, dtype=torch.int64)
+        for s in states:
+            total += s
+        self.counts = total
+
+    def select_clip(self, weight: torch.Tensor) -> torch.Tensor:
+        n = int(self.counts.sum())
+        if n == 0:
+            return self.amax
+        k = math.ceil(self.q / 100.0 * (n - 1))  # 0-based order statistic of torch.quantile's "higher"
+        b = int(torch.searchsorted(torch.cumsum(self.counts, 0), k + 1))  # first bin whose cumulative count > k
+        return torch.minimum(torch.tensor(bin_upper_edge(b), dtype=torch.float32), self.amax.float())
+
+
+ACTIVATION_OBSERVERS: dict[str, Callable[[], MinMaxObserver]] = {
+    "minmax": MinMaxObserver,
+    "mse": MSEObserver,
+    "percentile": PercentileObserver,  # 99.99th percentile of |x|
+}
+
+
+def resolve_input_clips(modules: dict, observers: dict[str, MinMaxObserver]) -> None:
+    """Before the static input scales are computed: each observer that saw tokens replaces its ``amax`` by the clip
+    it selects given its module's weight (``observed_amax`` keeps the absmax). Idempotent; a no-op for minmax.
+    Every rank holds the same merged statistics and weights, so every rank selects the same clip."""
+    for name, obs in observers.items():
+        if obs.tokens == 0 or hasattr(obs, "observed_amax") or type(obs).select_clip is MinMaxObserver.select_clip:
+            continue
+        clip = obs.select_clip(modules[name].weight)
+        obs.observed_amax, obs.amax = obs.amax, clip
 
 # fake_quant(groups [..., g], clip [...]) -> dequantized groups [..., g]: the scheme's round trip at a clip.
 FakeQuant = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

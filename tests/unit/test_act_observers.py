@@ -1,0 +1,125 @@
+"""Activation observers for static FP8 (mse, percentile) against their definitions; merging is exact."""
+
+import math
+
+import pytest
+import torch
+
+from slim.config import validate
+from slim.errors import SlimError
+from slim.quant.fp8 import fake_quantize_fp8, fp8_scale
+from slim.quant.observers import (
+    ACTIVATION_OBSERVERS, BINS_PER_OCTAVE, MSE_ROWS, MinMaxObserver, MSEObserver, PercentileObserver,
+    resolve_input_clips,
+)
+from tests.helpers.configs import compose_config
+
+
+def heavy(shape, seed, df=2.0):
+    torch.manual_seed(seed)
+    return torch.distributions.StudentT(df).sample(shape)
+
+
+def output_error(rows, weight, clip):
+    """The definition the mse observer minimises: ||fq(X, clip/448) W^T - X W^T||^2 (fp64)."""
+    x = rows.float()
+    fq = fake_quantize_fp8(x, fp8_scale(torch.tensor([float(clip)])))
+    return ((fq - x) @ weight.float().t()).double().pow(2).sum().item()
+
+
+def feed(obs, x, batch):
+    for i in range(0, x.shape[0], batch):
+        obs.update(x[i:i + batch])
+    return obs
+
+
+def test_registry_and_validation_name_the_choices():
+    assert set(ACTIVATION_OBSERVERS) == {"minmax", "mse", "percentile"}
+    for name in ("mse", "percentile"):
+        assert validate(compose_config(f"scheme.activation_observer={name}")).scheme.activation_observer == name
+    with pytest.raises(SlimError, match="scheme.activation_observer.*minmax, mse, percentile"):
+        validate(compose_config("scheme.activation_observer=kl"))
+
+
+@pytest.mark.parametrize("q", [99.99, 99.9, 90.0, 50.0])
+def test_percentile_is_torch_quantile_within_one_bin(q):
+    x = heavy((3000, 64), 0) * 0.1  # [tokens, in]
+    obs = feed(PercentileObserver(q=q), x.reshape(30, 100, 64), 4)
+    true = torch.quantile(x.abs().reshape(-1).double(), q / 100, interpolation="higher").item()
+    clip = obs.select_clip(torch.eye(64)).item()
+    assert true <= clip <= true * 2 ** (1 / BINS_PER_OCTAVE) * (1 + 1e-6), (true, clip)
+    assert clip < obs.amax.item()  # heavy tails: the percentile is below the absmax
+
+
+def test_percentile_100_is_the_absmax_and_zero_input_keeps_zero():
+    x = heavy((500, 16), 1)
+    obs = feed(PercentileObserver(q=100.0), x, 50)
+    assert obs.select_clip(torch.eye(16)).item() == obs.amax.item()
+    zero = feed(PercentileObserver(), torch.zeros(10, 16), 5)
+    assert zero.select_clip(torch.eye(16)).item() == 0.0
+    with pytest.raises(ValueError, match="percentile"):
+        PercentileObserver(q=0.0)
+
+
+def test_percentile_merge_equals_one_observer():
+    x = heavy((1000, 32), 2)
+    one = feed(PercentileObserver(), x, 100)
+    parts = [feed(PercentileObserver(), x[r::2], 7) for r in range(2)]
+    states = [p.state() for p in parts]
+    for p in parts:
+        p.merge(states)
+        p.amax = torch.maximum(parts[0].amax, parts[1].amax)  # what Dist.reduce_observers does by MAX
+    for p in parts:
+        assert torch.equal(p.counts, one.counts)
+        assert p.select_clip(torch.eye(32)).item() == one.select_clip(torch.eye(32)).item()
+
+
+def test_mse_clip_never_worse_than_minmax_on_its_rows_and_better_with_outliers():
+    torch.manual_seed(3)
+    w = torch.randn(48, 64) * 0.05  # [out, in]
+    for df, seed in ((1.0, 4), (3.0, 5), (30.0, 6)):
+        x = heavy((600, 64), seed, df)
+        obs = feed(MSEObserver(), x, 64)
+        clip = obs.select_clip(w)
+        assert clip <= obs.amax
+        assert output_error(obs.kept, w, clip) <= output_error(obs.kept, w, obs.amax)
+        # brute force over the same grid: the observer found the minimum
+        grid = [obs.amax.item() * 2 ** (-i / 8) for i in range(25)]
+        assert output_error(obs.kept, w, clip) == min(output_error(obs.kept, w, c) for c in grid)
+    cauchy = feed(MSEObserver(), heavy((600, 64), 7, 1.0) * 1e3, 64)  # huge outliers: small values underflow FP8
+    assert cauchy.select_clip(w) < cauchy.amax
+    assert output_error(cauchy.kept, w, cauchy.select_clip(w)) < output_error(cauchy.kept, w, cauchy.amax)
+
+
+def test_mse_rows_are_bounded_and_independent_of_order_and_partition():
+    x = heavy((4 * MSE_ROWS, 32), 8).to(torch.bfloat16)
+    one = feed(MSEObserver(), x, 50)
+    assert one.kept.shape == (MSE_ROWS, 32) and one.kept.dtype == torch.bfloat16
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
+    shuffled = feed(MSEObserver(), x[perm], 33)
+    assert torch.equal(one.kept, shuffled.kept) and torch.equal(one.hashes, shuffled.hashes)
+    parts = [feed(MSEObserver(), x[r::2], 17) for r in range(2)]  # two ranks' slices
+    states = [p.state() for p in parts]
+    for p in parts:
+        p.merge(states)
+        p.amax = torch.maximum(parts[0].amax, parts[1].amax)  # Dist.reduce_observers' MAX
+        assert torch.equal(p.kept, one.kept)
+    w = torch.randn(16, 32)
+    assert parts[0].select_clip(w).item() == parts[1].select_clip(w).item() == one.select_clip(w).item()
+
+
+def test_resolve_input_clips_sets_the_clip_once_and_leaves_minmax_alone():
+    torch.manual_seed(9)
+    lin = torch.nn.Linear(32, 8, bias=False)
+    x = heavy((400, 32), 10, 1.0) * 100
+    obs = {"mm": feed(MinMaxObserver(), x, 40), "pc": feed(PercentileObserver(q=99.0), x, 40),
+           "none": PercentileObserver()}
+    amax = obs["mm"].amax.clone()
+    resolve_input_clips({"mm": lin, "pc": lin, "none": lin}, obs)
+    assert torch.equal(obs["mm"].amax, amax) and not hasattr(obs["mm"], "observed_amax")
+    assert obs["pc"].amax < amax and torch.equal(obs["pc"].observed_amax, amax)
+    assert obs["none"].tokens == 0 and obs["none"].amax.item() == 0.0  # no token: left to resolve_amax's fallback
+    clip = obs["pc"].amax.clone()
+    resolve_input_clips({"mm": lin, "pc": lin, "none": lin}, obs)  # a second call changes nothing
+    assert torch.equal(obs["pc"].amax, clip)
+    assert math.isfinite(clip.item())
