@@ -69,14 +69,15 @@ _HASH_COEFFS: dict[int, torch.Tensor] = {}
 
 
 def row_hash(rows: torch.Tensor) -> torch.Tensor:
-    """A 64-bit hash of each row's fp32 bits (rows [R, n] -> [R] int64): ``sum_j bits_j * a_j`` with fixed
-    pseudo-random odd ``a`` (seeded by n), wrapping modulo 2**64. Integer sums are exact in any order, so a row
-    hashes the same on every rank, in any batch, on any machine."""
+    """A hash of each row's fp32 bits (rows [R, n] -> [R] int64): ``sum_j bits_j * a_j``, ``bits_j`` the unsigned
+    32-bit pattern, ``a`` fixed pseudo-random in [1, 2**16) (seeded by n). Each product is below 2**48, so for
+    n < 2**15 the sum never overflows int64; integer sums are exact in any order, so a row hashes the same on
+    every rank, in any batch, on any device."""
     n = rows.shape[-1]
     if n not in _HASH_COEFFS:
         gen = torch.Generator().manual_seed(n)
-        _HASH_COEFFS[n] = torch.randint(-(2**62), 2**62, (n,), generator=gen, dtype=torch.int64) * 2 + 1
-    bits = rows.float().contiguous().view(torch.int32).to(torch.int64)  # [R, n]
+        _HASH_COEFFS[n] = torch.randint(1, 2**16, (n,), generator=gen, dtype=torch.int64)
+    bits = rows.float().contiguous().view(torch.int32).to(torch.int64).bitwise_and_(0xFFFFFFFF)  # [R, n]
     return (bits * _HASH_COEFFS[n].to(rows.device)).sum(-1)
 
 

@@ -123,3 +123,15 @@ def test_resolve_input_clips_sets_the_clip_once_and_leaves_minmax_alone():
     resolve_input_clips({"mm": lin, "pc": lin, "none": lin}, obs)  # a second call changes nothing
     assert torch.equal(obs["pc"].amax, clip)
     assert math.isfinite(clip.item())
+
+
+def test_row_hash_is_an_exact_integer_sum():
+    from slim.quant.observers import _HASH_COEFFS, row_hash
+
+    rows = torch.tensor([[1.0, -2.0, 0.0, -0.0], [3.5, 3.5, 3.5, 3.5]])
+    h = row_hash(rows)
+    a = _HASH_COEFFS[4].tolist()
+    for r, got in zip(rows, h.tolist()):
+        bits = [int(v) & 0xFFFFFFFF for v in r.view(torch.int32).tolist()]
+        assert got == sum(b * c for b, c in zip(bits, a))  # Python ints: no overflow, no rounding
+    assert torch.equal(row_hash(rows.to(torch.bfloat16)), h)  # bf16 rows hash as their fp32 values
