@@ -6,8 +6,10 @@ checkpoint). Every run uses the same calibration text (slim's shipped Wikipedia 
 by article), and records the quantized checkpoint's perplexity against the unquantized model's (evaluated once;
 slim caches the baseline) and the quantize stage's wall time (``timings_s.quantize`` of results.json):
 
-- W4 weight-only (int4 symmetric, the largest group size that divides every Linear's input width: 192 for
-  576/1536; ``scheme=w4a8 scheme.input_activations=null``) on every Linear but lm_head, per algorithm;
+- W4 (int4 symmetric, the largest group size that divides every Linear's input width: 192 for 576/1536) on every
+  Linear but lm_head, per algorithm: ``scheme=w4a8_dynamic``, whose FP8 per-token dynamic activations add little
+  to int4's error (a weight-only override, ``scheme.input_activations=null``, is written as the same
+  checkpoint: the compressed-tensors format records dynamic FP8 activations for it);
 - ``fp8_static`` on every Linear but lm_head, per activation observer x algorithm.
 
 Algorithms missing from this build of slim (``slim.algorithms.ALGORITHMS``) are skipped with a note. It prints
@@ -55,19 +57,25 @@ def group_size_for(model: Path, preferred: int = 128) -> int:
     return max(d for d in range(1, min(g, 256) + 1) if g % d == 0)
 
 
-def run(name: str, model: Path, out: Path, overrides: list[str], common: list[str], timeout: int) -> dict:
+def run(name: str, model: Path, out: Path, overrides: list[str], common: list[str], timeout: int,
+        reuse: bool = False) -> dict:
+    """One CLI run in ``out/name``; with ``reuse``, a finished run of the same command there is read back."""
     run_dir = out / name
     cmd = [sys.executable, "-m", "slim.main", f"model.path={model}", "model.name=smollm2_135m",
            "model.load_type=bf16", *common, *overrides, f"hydra.run.dir={run_dir}", "overwrite=true"]
-    start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    wall = time.monotonic() - start
-    if proc.returncode != 0:
-        print(f"{name}: FAILED (exit {proc.returncode})\n{proc.stderr[-2000:]}", file=sys.stderr)
-        return {"name": name, "overrides": overrides, "error": proc.stderr[-2000:], "wall_s": wall}
+    stamp = run_dir / "bench_command.json"
+    wall = None
+    if not (reuse and stamp.is_file() and json.loads(stamp.read_text()) == cmd[1:]):
+        start = time.monotonic()
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        wall = time.monotonic() - start
+        if proc.returncode != 0:
+            print(f"{name}: FAILED (exit {proc.returncode})\n{proc.stderr[-2000:]}", file=sys.stderr)
+            return {"name": name, "overrides": overrides, "error": proc.stderr[-2000:], "wall_s": wall}
+        stamp.write_text(json.dumps(cmd[1:]))
     res = json.loads((run_dir / "results.json").read_text())
-    return {"name": name, "overrides": overrides, "wall_s": round(wall, 1),
+    return {"name": name, "overrides": overrides, "wall_s": wall and round(wall, 1), "reused": wall is None,
             "quantize_s": res.get("timings_s", {}).get("quantize"),
             "baseline": res["metrics"].get("baseline", {}).get("slim_text_ppl"),
             "quantized": res["metrics"]["quantized"]["slim_text_ppl"]}
@@ -83,11 +91,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS))
     ap.add_argument("--observers", nargs="+", default=list(OBSERVERS))
+    ap.add_argument("--parts", nargs="+", default=["w4", "fp8"], choices=["w4", "fp8"])
     ap.add_argument("--num-samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--dtype", default="auto", help="model.dtype of every run (auto: bf16 where the CPU has it)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/slim-bench-algorithms"), help="run directories")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "algorithms.json")
+    ap.add_argument("--reuse", action="store_true", help="read back finished runs of the same command in --work")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per run")
     args = ap.parse_args()
 
@@ -103,12 +113,14 @@ def main() -> None:
               "scheme.ignore_layers=[lm_head]"]
     runs = []
     for a in algos:
-        runs.append(run(f"w4g{group}_{a}", model, args.work, [
-            "scheme=w4a8", "scheme.input_activations=null", f"scheme.group_size={group}", f"algorithm={a}"],
-            common, args.timeout))
-        for o in args.observers:
+        if "w4" in args.parts:
+            runs.append(run(f"w4g{group}_{a}", model, args.work, [
+                "scheme=w4a8_dynamic", f"scheme.group_size={group}", f"algorithm={a}"],
+                common, args.timeout, args.reuse))
+        for o in args.observers if "fp8" in args.parts else ():
             runs.append(run(f"fp8_static_{o}_{a}", model, args.work, [
-                "scheme=fp8_static", f"scheme.activation_observer={o}", f"algorithm={a}"], common, args.timeout))
+                "scheme=fp8_static", f"scheme.activation_observer={o}", f"algorithm={a}"],
+                common, args.timeout, args.reuse))
     base = next((r["baseline"] for r in runs if r.get("baseline")), None)
     for r in runs:
         r["increase"] = increase(r, base)

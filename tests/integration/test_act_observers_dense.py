@@ -27,7 +27,8 @@ def test_observers_recorded_and_clips_bounded_by_the_absmax(llama, tmp_path):
     minmax, slim_block = run(llama, tmp_path / "minmax", "scheme=fp8_static")
     assert slim_block["activation_observer"] == "minmax"
     for observer in ("mse", "percentile"):
-        mods, slim_block = run(llama, tmp_path / observer, "scheme=fp8_static", f"scheme.activation_observer={observer}")
+        mods, slim_block = run(llama, tmp_path / observer, "scheme=fp8_static",
+                               f"scheme.activation_observer={observer}")
         assert slim_block["activation_observer"] == observer
         assert mods.keys() == minmax.keys()
         for name, m in mods.items():
