@@ -61,8 +61,9 @@ class MinMaxObserver:
         return self.amax
 
 
-# ---- mse: the clip with the smallest layer-output error on a bounded, deterministic sample of rows -------------
-MSE_ROWS = 128  # rows kept per module: memory MSE_ROWS x in_features x the input's dtype per module
+# ---- mse: the clip with the smallest layer-output error, estimated on a bounded, deterministic row sample ------
+MSE_ROWS = 128  # uniform sample: the rows with the smallest hash
+MSE_TOP_ROWS = 32  # plus the rows with the largest |x| (outlier tokens, e.g. attention sinks), counted exactly
 MSE_GRID = 8  # candidate clips per octave below the absmax: amax * 2**(-i / MSE_GRID)
 MSE_OCTAVES = 3  # ... down to amax / 2**MSE_OCTAVES
 _HASH_COEFFS: dict[int, torch.Tensor] = {}
@@ -81,67 +82,121 @@ def row_hash(rows: torch.Tensor) -> torch.Tensor:
     return (bits * _HASH_COEFFS[n].to(rows.device)).sum(-1)
 
 
-def bottom_k(hashes: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` rows with the smallest hashes, in hash order: the same set whatever order or partition the rows
-    arrived in (rows with equal hashes are, but for a 2**-64 collision, equal rows)."""
-    order = torch.sort(hashes, stable=True).indices[:k]
-    return hashes[order], rows[order]
+def bottom_k(keys: torch.Tensor, hashes: torch.Tensor, rows: torch.Tensor, k: int
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``k`` rows with the smallest ``(key, hash)``, in that order: the same set whatever order or partition
+    the rows arrived in (rows with equal keys and hashes are, but for a hash collision, equal rows)."""
+    order = torch.sort(hashes, stable=True).indices
+    order = order[torch.sort(keys[order], stable=True).indices][:k]
+    return keys[order], hashes[order], rows[order]
+
+
+class RowSample:
+    """``k`` rows chosen by ``(key, hash)`` (key: the hash itself for a uniform sample, -row absmax for the
+    outlier rows), on the CPU in the input's dtype; merging is the same choice over the union of the parts."""
+
+    def __init__(self, k: int, by_absmax: bool) -> None:
+        self.k, self.by_absmax = k, by_absmax
+        self.keys = self.hashes = torch.zeros(0, dtype=torch.int64)
+        self.rows: torch.Tensor | None = None
+
+    def _keys(self, rows: torch.Tensor, hashes: torch.Tensor) -> torch.Tensor:
+        return -absmax(rows.float(), dim=-1) if self.by_absmax else hashes
+
+    def add(self, rows: torch.Tensor, hashes: torch.Tensor) -> None:
+        keys, hashes, rows = bottom_k(self._keys(rows, hashes), hashes, rows, self.k)  # on the input's device
+        self.merge([(keys.cpu(), hashes.cpu(), rows.cpu())])
+
+    def state(self) -> tuple | None:
+        return None if self.rows is None else (self.keys, self.hashes, self.rows)
+
+    def merge(self, states: list) -> None:
+        parts = [p for p in [self.state()] + states if p is not None]
+        if parts:
+            self.keys, self.hashes, self.rows = bottom_k(*(torch.cat([p[i] for p in parts]) for i in range(3)),
+                                                         self.k)
+
+    def replace(self, states: list) -> None:
+        self.keys, self.hashes, self.rows = torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), None
+        self.merge(states)
 
 
 class MSEObserver(MinMaxObserver):
-    """Absmax plus a sample of ``MSE_ROWS`` input rows: those with the smallest :func:`row_hash`, a deterministic
-    pseudo-random sample that does not depend on batch order or on how samples are split over ranks (merging
-    is the same bottom-k over every rank's rows). :meth:`select_clip` searches the clip ``c <= absmax`` that
-    minimises ``||fq(X, c/448) W^T - X W^T||^2`` over those rows (``fq``: the FP8 round trip of
-    :func:`slim.quant.fp8.fake_quantize_fp8`, clamped to +-448), with ``c = absmax`` the first candidate: on
-    its rows it is never worse than minmax."""
+    """Absmax plus two deterministic row samples that do not depend on batch order or on how samples are split
+    over ranks (merging takes the same choice over every rank's rows): the ``MSE_TOP_ROWS`` rows with the
+    largest |x| and a uniform sample, the ``MSE_ROWS`` rows with the smallest :func:`row_hash`.
+    :meth:`select_clip` searches the clip ``c <= absmax`` minimising the estimated output error over all
+    calibration rows, ``sum_top e_i + (N - T) / |S| * sum_S e_i`` with ``e_i = ||(fq(x_i, c/448) - x_i) W^T||^2``
+    (``fq``: the FP8 round trip of :func:`slim.quant.fp8.fake_quantize_fp8`), T the top rows, S the uniform
+    sample less the top rows, N the tokens seen. ``c = absmax`` is the first candidate: on this estimate it is
+    never worse than minmax. The top rows matter: a uniform sample of a few hundred rows easily misses the few
+    outlier tokens (one per sequence), and a clip fitted without them clips them hard."""
 
-    def __init__(self, sample_rows: int = 32, rows: int = MSE_ROWS) -> None:
+    def __init__(self, sample_rows: int = 32, rows: int = MSE_ROWS, top_rows: int = MSE_TOP_ROWS) -> None:
         super().__init__(sample_rows)
-        self.rows = rows
-        self.kept: torch.Tensor | None = None  # [<= rows, in_features], the input's dtype, on the CPU
-        self.hashes = torch.zeros(0, dtype=torch.int64)
+        self.uniform, self.top = RowSample(rows, by_absmax=False), RowSample(top_rows, by_absmax=True)
 
     def update(self, x: torch.Tensor) -> None:
         super().update(x)
         if x.numel() == 0:
             return
         new = x.detach().reshape(-1, x.shape[-1])
-        hashes, rows = bottom_k(row_hash(new).cpu(), new.cpu(), self.rows)
-        self._keep([self.hashes, hashes], [rows] if self.kept is None else [self.kept, rows])
-
-    def _keep(self, hashes: list[torch.Tensor], rows: list[torch.Tensor]) -> None:
-        self.hashes, self.kept = bottom_k(torch.cat(hashes), torch.cat(rows), self.rows)
+        hashes = row_hash(new)
+        self.uniform.add(new, hashes)
+        self.top.add(new, hashes)
 
     def state(self) -> object | None:
-        return None if self.kept is None else (self.hashes, self.kept)
+        return None if self.uniform.rows is None else (self.uniform.state(), self.top.state())
 
     def merge(self, states: list) -> None:
         states = [s for s in states if s is not None]
-        if states:
-            self._keep([s[0] for s in states], [s[1] for s in states])
+        if states:  # every rank's states, this rank's included: rebuild from them
+            self.uniform.replace([s[0] for s in states])
+            self.top.replace([s[1] for s in states])
+
+    def weighted_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows the search sees [R, in] and each one's weight [R] (fp64): 1 for the top rows, (N - T) / |S|
+        for the uniform sample's other rows (``tokens`` is N, merged across ranks)."""
+        top = set(self.top.hashes.tolist())
+        rest = torch.tensor([h not in top for h in self.uniform.hashes.tolist()], dtype=torch.bool)
+        others = self.uniform.rows[rest]
+        t = self.top.rows.shape[0]
+        w_rest = (self.tokens - t) / others.shape[0] if others.shape[0] else 0.0
+        weights = torch.cat([torch.ones(t, dtype=torch.float64),
+                             torch.full((others.shape[0],), float(w_rest), dtype=torch.float64)])
+        return torch.cat([self.top.rows, others]), weights
 
     def select_clip(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.kept is None or float(self.amax) == 0.0:
+        if self.uniform.rows is None or float(self.amax) == 0.0:
             return self.amax
-        return mse_input_clip(self.kept, weight, self.amax)
+        rows, row_weights = self.weighted_rows()
+        return mse_input_clip(rows, weight, self.amax, row_weights)
 
 
-def mse_input_clip(rows: torch.Tensor, weight: torch.Tensor, amax: torch.Tensor, grid: int = MSE_GRID,
-                   octaves: int = MSE_OCTAVES) -> torch.Tensor:
-    """rows [R, in], weight [out, in], amax [] -> the clip among ``amax * 2**(-i/grid)``, i = 0..grid*octaves,
-    with the smallest output error ``sum((fq(rows) - rows) @ weight^T)^2`` (fp32 products, fp64 sums); ties keep
-    the larger clip. Same inputs, same device: same clip."""
+def input_clip_errors(rows: torch.Tensor, weight: torch.Tensor, clips: list[torch.Tensor],
+                      row_weights: torch.Tensor | None = None) -> list[float]:
+    """rows [R, in], weight [out, in] -> per clip, ``sum_i w_i ||(fq(x_i, clip/448) - x_i) W^T||^2`` (fp32
+    products, fp64 sums; w = 1 when not given)."""
     x = rows.to(device=weight.device, dtype=torch.float32)
     w = weight.float()
-    best, best_err = amax.float(), None
-    for i in range(grid * octaves + 1):
-        clip = amax.float() * 2.0 ** (-i / grid)
-        diff = fake_quantize_fp8(x, fp8_scale(clip.reshape(1)).to(x.device)) - x  # [R, in]
-        err = float((diff @ w.t()).double().pow(2).sum())
-        if best_err is None or err < best_err:
-            best, best_err = clip, err
-    return best.cpu()
+    rw = None if row_weights is None else row_weights.to(device=weight.device, dtype=torch.float64)
+    out = []
+    for clip in clips:
+        diff = fake_quantize_fp8(x, fp8_scale(clip.float().reshape(1)).to(x.device)) - x  # [R, in]
+        per_row = (diff @ w.t()).double().pow(2).sum(-1)  # [R]
+        out.append(float(per_row.sum() if rw is None else (per_row * rw).sum()))
+    return out
+
+
+def mse_input_clip(rows: torch.Tensor, weight: torch.Tensor, amax: torch.Tensor,
+                   row_weights: torch.Tensor | None = None, grid: int = MSE_GRID,
+                   octaves: int = MSE_OCTAVES) -> torch.Tensor:
+    """The clip among ``amax * 2**(-i/grid)``, i = 0..grid*octaves, with the smallest
+    :func:`input_clip_errors`; ties keep the larger clip. Same inputs, same device: same clip."""
+    clips = [amax.float() * 2.0 ** (-i / grid) for i in range(grid * octaves + 1)]
+    errs = input_clip_errors(rows, weight, clips, row_weights)
+    best = min(range(len(clips)), key=lambda i: (errs[i], i))
+    return clips[best].cpu()
 
 
 # ---- percentile: |x| histogram on fixed log-spaced edges, merged by summing counts ----------------------------
