@@ -10,7 +10,8 @@ slim caches the baseline) and the quantize stage's wall time (``timings_s.quanti
   Linear but lm_head, per algorithm: ``scheme=w4a8_dynamic``, whose FP8 per-token dynamic activations add little
   to int4's error (a weight-only override, ``scheme.input_activations=null``, is written as the same
   checkpoint: the compressed-tensors format records dynamic FP8 activations for it);
-- ``fp8_static`` on every Linear but lm_head, per activation observer x algorithm.
+- ``fp8_static`` on every Linear but lm_head, per activation observer x algorithm, and ``fp8_dynamic`` (per-token
+  activation scales at run time) per algorithm: what is left when no static scale has to be chosen.
 
 Algorithms missing from this build of slim (``slim.algorithms.ALGORITHMS``) are skipped with a note. It prints
 the ratios issue 28 sets as targets and writes everything to ``experiments/bench/results/algorithms.json``
@@ -117,6 +118,9 @@ def main() -> None:
             runs.append(run(f"w4g{group}_{a}", model, args.work, [
                 "scheme=w4a8_dynamic", f"scheme.group_size={group}", f"algorithm={a}"],
                 common, args.timeout, args.reuse))
+        if "fp8" in args.parts:  # reference: per-token dynamic activations, the floor static scales could reach
+            runs.append(run(f"fp8_dynamic_{a}", model, args.work, ["scheme=fp8_dynamic", f"algorithm={a}"],
+                            common, args.timeout, args.reuse))
         for o in args.observers if "fp8" in args.parts else ():
             runs.append(run(f"fp8_static_{o}_{a}", model, args.work, [
                 "scheme=fp8_static", f"scheme.activation_observer={o}", f"algorithm={a}"],
@@ -144,6 +148,8 @@ def main() -> None:
         "gptq_quantize_wall_over_rtn (target <= 2)": ratio(f"{w4}_gptq", f"{w4}_rtn", "quantize_s"),
         f"best_fp8 ({best and best['name']}) over minmax+rtn (target <= 0.5)":
             ratio(best["name"], "fp8_static_minmax_rtn") if best else None,
+        "fp8_dynamic_rtn over fp8_static minmax+rtn (no static scale)":
+            ratio("fp8_dynamic_rtn", "fp8_static_minmax_rtn"),
     }
     for k, v in ratios.items():
         print(f"{k}: {'n/a' if v is None else round(v, 3)}", file=sys.stderr)

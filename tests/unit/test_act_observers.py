@@ -164,3 +164,12 @@ def test_row_hash_is_an_exact_integer_sum():
         bits = [int(v) & 0xFFFFFFFF for v in r.view(torch.int32).tolist()]
         assert got == sum(b * c for b, c in zip(bits, a))  # Python ints: no overflow, no rounding
     assert torch.equal(row_hash(rows.to(torch.bfloat16)), h)  # bf16 rows hash as their fp32 values
+
+
+@pytest.mark.parametrize("scheme,static_w4", [("fp8_dynamic", False), ("fp8_static", False), ("w4a8", True),
+                                              ("w4a8_dynamic", False)])
+def test_preflight_knows_every_scheme_preset(scheme, static_w4):
+    """The eval preflight reads the scheme from its config (fp8_dynamic is defined by its YAML alone)."""
+    from slim.eval_checks import _scored_layout
+
+    assert _scored_layout(compose_config(f"scheme={scheme}"))[0] is static_w4
