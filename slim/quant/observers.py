@@ -199,29 +199,30 @@ def mse_input_clip(rows: torch.Tensor, weight: torch.Tensor, amax: torch.Tensor,
     return clips[best].cpu()
 
 
-# ---- percentile: |x| histogram on fixed log-spaced edges, merged by summing counts ----------------------------
+# ---- percentile: |x| histogram on fixed edges (fp32 bit patterns), merged by summing counts ---------------------
 PERCENTILE = 99.99
-BINS_PER_OCTAVE = 32  # resolution: an edge every factor 2**(1/32) (about 2.2%)
-MIN_EXP, MAX_EXP = -32, 32  # edges from 2**-32 to 2**32; below: one underflow bin (zeros too), above: overflow
-N_BINS = (MAX_EXP - MIN_EXP) * BINS_PER_OCTAVE + 2
+MANTISSA_BITS = 5  # 2**5 bins per octave, linear within it: a bin is at most 1/32 of its lower edge wide
+_SHIFT = 23 - MANTISSA_BITS  # fp32: 23 mantissa bits; the bin is the pattern's top bits (exponent + 5 mantissa)
+N_BINS = 1 << (31 - _SHIFT)  # every non-negative fp32 pattern (inf and NaN in the top bins)
 
 
 def histogram_bins(a: torch.Tensor) -> torch.Tensor:
-    """|x| values [N] (fp32) -> bin indices [N]: bin 0 holds |x| < 2**MIN_EXP, bin b (1 <= b < N_BINS - 1) holds
-    ``[2**(MIN_EXP + (b-1)/K), 2**(MIN_EXP + b/K))`` with K = BINS_PER_OCTAVE, the last bin everything above."""
-    idx = torch.floor((torch.log2(a) - MIN_EXP) * BINS_PER_OCTAVE) + 1
-    return torch.nan_to_num(idx, nan=0.0, neginf=0.0, posinf=N_BINS - 1).clamp_(0, N_BINS - 1).long()
+    """|x| values (fp32) -> bin indices: the top bits of the fp32 pattern, ``bits >> 18``. For positive floats the
+    pattern orders as the value, so bin b holds exactly ``[edge(b), edge(b + 1))`` with ``edge(b)`` the float whose
+    pattern is ``b << 18``: ``2**e * (1 + k/32)``, no rounding anywhere."""
+    return a.float().contiguous().view(torch.int32).bitwise_and(0x7FFFFFFF).bitwise_right_shift_(_SHIFT)
 
 
 def bin_upper_edge(b: int) -> float:
-    return 2.0 ** (MIN_EXP + b / BINS_PER_OCTAVE)
+    """``edge(b + 1)``: the smallest float above every value of bin b."""
+    return torch.tensor([(b + 1) << _SHIFT], dtype=torch.int32).view(torch.float32).item()
 
 
 class PercentileObserver(MinMaxObserver):
-    """Absmax plus a histogram of |x| on fixed edges (no edge depends on data, so ranks' counts add up exactly,
-    int64 in rank order). :meth:`select_clip`: the upper edge of the bin holding the ``q``-th percentile's order
-    statistic (``torch.quantile(..., interpolation="higher")``), capped at the absmax: at most one bin (a factor
-    2**(1/32)) above the exact percentile, never below it."""
+    """Absmax plus a histogram of |x| on fixed edges (:func:`histogram_bins`: no edge depends on data, so ranks'
+    counts add up exactly, int64). :meth:`select_clip`: the upper edge of the bin holding the ``q``-th
+    percentile's order statistic (``torch.quantile(..., interpolation="higher")``), capped at the absmax: never
+    below the exact percentile, at most one bin (1/32 of the value) above it."""
 
     def __init__(self, sample_rows: int = 32, q: float = PERCENTILE) -> None:
         super().__init__(sample_rows)
@@ -233,8 +234,7 @@ class PercentileObserver(MinMaxObserver):
     def update(self, x: torch.Tensor) -> None:
         super().update(x)
         if x.numel():
-            a = x.detach().float().abs().reshape(-1)
-            self.counts += torch.bincount(histogram_bins(a), minlength=N_BINS).cpu()
+            self.counts += torch.bincount(histogram_bins(x.detach()).reshape(-1), minlength=N_BINS).cpu()
 
     def state(self) -> object | None:
         return self.counts

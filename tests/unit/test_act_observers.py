@@ -9,7 +9,7 @@ from slim.config import validate
 from slim.errors import SlimError
 from slim.quant.fp8 import fake_quantize_fp8, fp8_scale
 from slim.quant.observers import (
-    ACTIVATION_OBSERVERS, BINS_PER_OCTAVE, MSE_ROWS, MSE_TOP_ROWS, MinMaxObserver, MSEObserver, PercentileObserver,
+    ACTIVATION_OBSERVERS, MANTISSA_BITS, MSE_ROWS, MSE_TOP_ROWS, MinMaxObserver, MSEObserver, PercentileObserver,
     input_clip_errors, resolve_input_clips,
 )
 from tests.helpers.configs import compose_config
@@ -47,7 +47,7 @@ def test_percentile_is_torch_quantile_within_one_bin(q):
     obs = feed(PercentileObserver(q=q), x.reshape(30, 100, 64), 4)
     true = torch.quantile(x.abs().reshape(-1).double(), q / 100, interpolation="higher").item()
     clip = obs.select_clip(torch.eye(64)).item()
-    assert true <= clip <= true * 2 ** (1 / BINS_PER_OCTAVE) * (1 + 1e-6), (true, clip)
+    assert true <= clip <= true * (1 + 2.0**-MANTISSA_BITS), (true, clip)  # one bin: 1/32 of its lower edge
     assert clip < obs.amax.item()  # heavy tails: the percentile is below the absmax
 
 
@@ -173,3 +173,15 @@ def test_preflight_knows_every_scheme_preset(scheme, static_w4):
     from slim.eval_checks import _scored_layout
 
     assert _scored_layout(compose_config(f"scheme={scheme}"))[0] is static_w4
+
+
+def test_histogram_bins_are_ordered_exact_edges():
+    from slim.quant.observers import bin_upper_edge, histogram_bins
+
+    a = torch.tensor([0.0, 1e-30, 0.5, 1.0, 1.0 + 1 / 32 - 2**-23, 1.0 + 1 / 32, 3.0, 448.0, float("inf")])
+    b = histogram_bins(a)
+    assert (b[1:] >= b[:-1]).all() and b[0] == 0
+    assert b[4] == b[3] and b[5] == b[3] + 1  # [1, 1 + 1/32) is one bin
+    assert bin_upper_edge(int(b[3])) == 1.0 + 1 / 32
+    assert all(bin_upper_edge(int(i)) > v for i, v in zip(b[:-1], a[:-1].tolist()))
+    assert torch.equal(histogram_bins(-a), b)  # |x|
