@@ -271,6 +271,7 @@ def resolve_input_clips(modules: dict, observers: dict[str, MinMaxObserver]) -> 
         clip = obs.select_clip(modules[name].weight)
         obs.observed_amax, obs.amax = obs.amax, clip
 
+
 # fake_quant(groups [..., g], clip [...]) -> dequantized groups [..., g]: the scheme's round trip at a clip.
 FakeQuant = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
