@@ -48,8 +48,9 @@ class Dist:
         return samples[self.rank :: self.world]
 
     def reduce_observers(self, observers: dict[str, MinMaxObserver]) -> None:
-        """Merge observers across ranks in place: amax by MAX (fp32), tokens by SUM, NaN flags by MAX, and the
-        observers' own ``state()`` (if any) by their ``merge`` over every rank's state in rank order."""
+        """Merge observers across ranks in place: amax by MAX (fp32), tokens by SUM, NaN flags by MAX, integer
+        ``counts()`` by SUM, and other ``state()`` by the observer's ``merge`` over every rank's state in rank
+        order."""
         if self.world == 1 or not observers:
             return
         names = sorted(observers)
@@ -63,7 +64,14 @@ class Dist:
             observers[n].amax = amax[i].cpu()
             observers[n].nonfinite = bool(flags[i].item())
             observers[n].tokens = int(tokens[i].item())
-        # observers with more than an absmax (mse rows, percentile histograms): every rank's state, in rank order
+        # integer statistics (percentile histograms): summed exactly by one all_reduce, in place
+        counts = [(n, c) for n in names if (c := observers[n].counts()) is not None]
+        if counts:
+            flat = torch.cat([c for _, c in counts]).to(self.device)  # [sum K] int64
+            self._collective(dist.all_reduce, flat, op=dist.ReduceOp.SUM)
+            for (_, c), part in zip(counts, flat.cpu().split([c.numel() for _, c in counts])):
+                c.copy_(part)
+        # other statistics (mse row samples): every rank's state, in rank order
         states = {n: observers[n].state() for n in names}
         if any(s is not None for s in states.values()):
             gathered = self.gather({n: s for n, s in states.items() if s is not None})

@@ -2,7 +2,8 @@
 
 Activation observers see calibration inputs batch by batch (``update``); every one keeps the running absmax,
 merged across ranks by MAX (order-independent: a distributed run gives the same scales as a single process).
-Those that need more carry a ``state()`` that ranks exchange (``merge``, every rank's state in rank order) and
+Those that need more carry integer ``counts()`` that ranks sum, or a ``state()`` that ranks exchange (``merge``,
+every rank's state in rank order), and
 choose their clip once the layer's weights are at hand (``select_clip``, called by :func:`resolve_input_clips`
 before the input scales are computed): ``minmax`` the absmax, ``mse`` the clip with the smallest layer-output
 error on a bounded, deterministic sample of rows, ``percentile`` a percentile of |x| from a fixed-edge histogram.
@@ -51,6 +52,11 @@ class MinMaxObserver:
 
     def state(self) -> object | None:
         """What ranks exchange besides amax/tokens/NaN flags (merged by ``Dist.reduce_observers``); None: nothing."""
+        return None
+
+    def counts(self) -> torch.Tensor | None:
+        """Integer statistics that merge by summing (int64 [K]): ``Dist.reduce_observers`` sums them over ranks
+        with one all_reduce, in place. None: nothing."""
         return None
 
     def merge(self, states: list) -> None:
@@ -220,37 +226,31 @@ def bin_upper_edge(b: int) -> float:
 
 class PercentileObserver(MinMaxObserver):
     """Absmax plus a histogram of |x| on fixed edges (:func:`histogram_bins`: no edge depends on data, so ranks'
-    counts add up exactly, int64). :meth:`select_clip`: the upper edge of the bin holding the ``q``-th
-    percentile's order statistic (``torch.quantile(..., interpolation="higher")``), capped at the absmax: never
-    below the exact percentile, at most one bin (1/32 of the value) above it."""
+    counts add up exactly: int64, summed by one all_reduce). :meth:`select_clip`: the upper edge of the bin
+    holding the ``q``-th percentile's order statistic (``torch.quantile(..., interpolation="higher")``), capped at
+    the absmax: never below the exact percentile, at most one bin (1/32 of the value) above it."""
 
     def __init__(self, sample_rows: int = 32, q: float = PERCENTILE) -> None:
         super().__init__(sample_rows)
         if not 0.0 < q <= 100.0:
             raise ValueError(f"percentile must be in (0, 100], got {q}")
         self.q = q
-        self.counts = torch.zeros(N_BINS, dtype=torch.int64)
+        self.hist = torch.zeros(N_BINS, dtype=torch.int64)
 
     def update(self, x: torch.Tensor) -> None:
         super().update(x)
         if x.numel():
-            self.counts += torch.bincount(histogram_bins(x.detach()).reshape(-1), minlength=N_BINS).cpu()
+            self.hist += torch.bincount(histogram_bins(x.detach()).reshape(-1), minlength=N_BINS).cpu()
 
-    def state(self) -> object | None:
-        return self.counts
-
-    def merge(self, states: list) -> None:
-        total = torch.zeros(N_BINS, dtype=torch.int64)
-        for s in states:
-            total += s
-        self.counts = total
+    def counts(self) -> torch.Tensor | None:
+        return self.hist
 
     def select_clip(self, weight: torch.Tensor) -> torch.Tensor:
-        n = int(self.counts.sum())
+        n = int(self.hist.sum())
         if n == 0:
             return self.amax
         k = math.ceil(self.q / 100.0 * (n - 1))  # 0-based order statistic of torch.quantile's "higher"
-        b = int(torch.searchsorted(torch.cumsum(self.counts, 0), k + 1))  # first bin whose cumulative count > k
+        b = int(torch.searchsorted(torch.cumsum(self.hist, 0), k + 1))  # first bin whose cumulative count > k
         return torch.minimum(torch.tensor(bin_upper_edge(b), dtype=torch.float32), self.amax.float())
 
 
