@@ -151,6 +151,7 @@ def summarize(jobs: list[Job]) -> list[dict[str, Any]]:
             "model": job.results.get("model"), "scheme": job.results.get("scheme") or scheme.get("name"),
             "group_size": scheme.get("group_size"), "ignore_layers": scheme.get("ignore_layers"),
             "weight_observer": scheme.get("weight_observer"),
+            "activation_observer": scheme.get("activation_observer"),
             "checkpoint_bytes": nbytes, "checkpoint_mib": None if nbytes is None else nbytes / 2**20,
             "checkpoint_planned": planned,
             "quantized_modules": None if job.modules is None else len(job.modules),

@@ -48,7 +48,9 @@ class Dist:
         return samples[self.rank :: self.world]
 
     def reduce_observers(self, observers: dict[str, MinMaxObserver]) -> None:
-        """Merge observers across ranks in place: amax by MAX (fp32), tokens by SUM, NaN flags by MAX."""
+        """Merge observers across ranks in place: amax by MAX (fp32), tokens by SUM, NaN flags by MAX, integer
+        ``counts()`` by SUM, and other ``state()`` by the observer's ``merge`` over every rank's state in rank
+        order."""
         if self.world == 1 or not observers:
             return
         names = sorted(observers)
@@ -62,6 +64,20 @@ class Dist:
             observers[n].amax = amax[i].cpu()
             observers[n].nonfinite = bool(flags[i].item())
             observers[n].tokens = int(tokens[i].item())
+        # integer statistics (percentile histograms): summed exactly by one all_reduce, in place
+        counts = [(n, c) for n in names if (c := observers[n].counts()) is not None]
+        if counts:
+            flat = torch.cat([c for _, c in counts]).to(self.device)  # [sum K] int64
+            self._collective(dist.all_reduce, flat, op=dist.ReduceOp.SUM)
+            for (_, c), part in zip(counts, flat.cpu().split([c.numel() for _, c in counts])):
+                c.copy_(part)
+        # other statistics (mse row samples): every rank's state, in rank order
+        states = {n: observers[n].state() for n in names}
+        if any(s is not None for s in states.values()):
+            gathered = self.gather({n: s for n, s in states.items() if s is not None})
+            for n in names:
+                if states[n] is not None or any(n in g for g in gathered):
+                    observers[n].merge([g.get(n) for g in gathered])
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order (on every rank)."""

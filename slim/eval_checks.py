@@ -23,9 +23,9 @@ HF_RUNTIME_BYTES = 2 * GiB  # Python, torch, transformers and lm-eval in the eva
 def _scored_layout(cfg) -> tuple[bool, str]:
     """(static int4 weights with static FP8 activations, a description) of what will be scored."""
     if cfg.mode == "quantize":
-        from slim.quant.schemes import SCHEMES
+        from slim.quant.schemes import scheme_from_config
 
-        spec = SCHEMES[cfg.scheme.name]
+        spec = scheme_from_config(cfg.scheme)  # presets defined by their YAML alone (fp8_dynamic) included
         return spec.weight_bits == 4 and spec.static_activations, f"scheme={cfg.scheme.name}"
     path = Path(cfg.model.path) / "config.json"
     qcfg = json.loads(path.read_text()).get("quantization_config") if path.is_file() else None

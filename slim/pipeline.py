@@ -182,6 +182,8 @@ def checkpoint_config(cfg: SlimConfig, src_config: dict[str, Any], fmt, scheme, 
         "group_size": cfg.scheme.group_size,
         "ignore_layers": list(cfg.scheme.ignore_layers),
         "weight_observer": cfg.scheme.weight_observer,
+        # static input scales only: what chose their clip (slim.quant.observers.ACTIVATION_OBSERVERS)
+        "activation_observer": cfg.scheme.activation_observer if scheme.static_activations else None,
         "algorithm": cfg.algorithm.name,
         "source": str(source),
         "source_load_type": cfg.model.load_type,

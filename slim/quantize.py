@@ -22,7 +22,7 @@ from slim.models.materialize import check_shape
 from slim.quant.blockwise import CPU_BLOCK, Quality, quantize_blockwise
 from slim.quant.fp8 import FP8_DTYPE
 from slim.models.input_scales import merge_input_amax
-from slim.quant.observers import MinMaxObserver
+from slim.quant.observers import MinMaxObserver, resolve_input_clips
 from slim.quant.schemes import Scheme
 from slim.quant.stats import all_finite
 from slim.quant.types import QuantizedLinear
@@ -223,6 +223,8 @@ class LayerQuantizer:
         """Quantize and write the modules this rank owns. With ``everything`` (propagation) it quantizes all of
         them and returns their QuantizedLinears; otherwise each is dropped once written (a layer's int4/FP8
         codes are a byte per weight: keeping them would add half a bf16 layer to the peak)."""
+        if static:  # activation observers that choose a clip given the weight (mse, percentile); minmax: no-op
+            resolve_input_clips(modules, observers)
         amax, fallback = resolve_amax(observers) if static else ({}, set())
         # what the scales are computed from; ``amax`` (each module's observed value) goes to modules.json
         scale_amax = merge_input_amax(amax, self.moe_input_scale, self._input_scale_dtype) if amax else amax

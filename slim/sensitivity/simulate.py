@@ -73,7 +73,7 @@ class SimulatedModel:
 
     def calibrate(self, ids: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """Observe every Linear's inputs over the calibration batches; return each layer's inputs (+ final)."""
-        from slim.quant.observers import ACTIVATION_OBSERVERS
+        from slim.quant.observers import ACTIVATION_OBSERVERS, resolve_input_clips
         from slim.quantize import resolve_amax
 
         obs_name = self.cfg.scheme.activation_observer
@@ -91,6 +91,7 @@ class SimulatedModel:
                 for h in inputs[-1]:
                     observers[n].update(self.model.model.norm(h))
         if self.scheme.static_activations:
+            resolve_input_clips(self.linears, observers)  # mse/percentile: the clip their input scale comes from
             self.amax, self.fallbacks = resolve_amax(observers)
         return inputs
 

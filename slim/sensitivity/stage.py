@@ -204,6 +204,7 @@ def _layer_local(cfg: SlimConfig, stages, run_dir: Path) -> dict[str, Any]:
     from slim.models.loading import torch_dtype
     from slim.models.materialize import materialize, release
     from slim.models.convert import prepare_source
+    from slim.quant.observers import resolve_input_clips
     from slim.quantize import resolve_amax
 
     with stages("load"):
@@ -250,6 +251,7 @@ def _layer_local(cfg: SlimConfig, stages, run_dir: Path) -> dict[str, Any]:
             with observe(mods, cfg.scheme.activation_observer) as obs, routing, torch.no_grad():
                 out = forward()
             if sim.scheme.static_activations:
+                resolve_input_clips(mods, obs)  # mse/percentile: the clip the input scale comes from
                 amax, fallbacks = resolve_amax(obs)
                 sim.amax.update(amax)
                 sim.fallbacks |= fallbacks
