@@ -129,9 +129,13 @@ class QuantizerGroup:
         for i, q in enumerate(self.quantizers):
             q.start(modules, everything and i == 0)
 
-    def write_rest(self, module, prefix: str, quantized: set[str]) -> None:
+    @property
+    def group_scale_dtype(self):
+        return self.quantizers[0].group_scale_dtype
+
+    def write_rest(self, module, prefix: str, quantized: set[str], changed: set[str] = frozenset()) -> None:
         for q in self.quantizers:
-            q.write_rest(module, prefix, quantized)
+            q.write_rest(module, prefix, quantized, changed)
 
     def quantize(self, modules, observers, static: bool, everything: bool = False) -> dict:
         out = {}

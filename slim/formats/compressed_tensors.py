@@ -219,7 +219,8 @@ class CompressedTensorsFormat:
         return QuantizationScheme(
             targets=self.targets,
             weights=_weights(spec, group_size),
-            input_activations=_fp8_activations(not spec.static_activations),
+            input_activations=None if spec.input_activations is None  # weight-only: W4A16 / W8A16
+            else _fp8_activations(not spec.static_activations),
             format=_WEIGHT_FORMATS[weight_key(spec.weights)],
         )
 

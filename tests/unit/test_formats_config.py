@@ -67,6 +67,18 @@ def test_schemes_equal_the_library_presets(scheme, preset):
         assert [getattr(a, f) for f in VLLM_FIELDS] == [getattr(b, f) for f in VLLM_FIELDS], part
 
 
+def test_a_weight_only_scheme_has_no_activation_quantization():
+    """scheme.input_activations=null: compressed-tensors' W4A16 preset (int4 weights, activations untouched), which
+    vLLM serves with its WNA16 path; writing FP8 activations there would quantize what the user left alone."""
+    from slim.quant.schemes import Scheme
+
+    w4a8 = SCHEMES["w4a8"]
+    ours = CT.scheme(Scheme("w4a16", w4a8.weights, None), 128)
+    theirs = preset_name_to_scheme("W4A16", ["Linear"])
+    assert ours.input_activations is None and theirs.input_activations is None
+    assert [getattr(ours.weights, f) for f in VLLM_FIELDS] == [getattr(theirs.weights, f) for f in VLLM_FIELDS]
+
+
 def test_scheme_arguments_fail_with_the_fix():
     with pytest.raises(ValueError, match="valid schemes: fp8_static, w4a8, w4a8_dynamic"):
         CT.quantization_config("int4", [], 128)
