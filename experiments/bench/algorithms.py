@@ -7,9 +7,8 @@ by article), and records the quantized checkpoint's perplexity against the unqua
 slim caches the baseline) and the quantize stage's wall time (``timings_s.quantize`` of results.json):
 
 - W4 (int4 symmetric, the largest group size that divides every Linear's input width: 192 for 576/1536) on every
-  Linear but lm_head, per algorithm: ``scheme=w4a8_dynamic``, whose FP8 per-token dynamic activations add little
-  to int4's error (a weight-only override, ``scheme.input_activations=null``, is written as the same
-  checkpoint: the compressed-tensors format records dynamic FP8 activations for it);
+  Linear but lm_head, per algorithm: ``scheme=w4a8_dynamic`` (what vLLM serves), whose FP8 per-token dynamic
+  activations add little to int4's error;
 - ``fp8_static`` on every Linear but lm_head, per activation observer x algorithm, and ``fp8_dynamic`` (per-token
   activation scales at run time) per algorithm: what is left when no static scale has to be chosen.
 
