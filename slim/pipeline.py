@@ -73,7 +73,7 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     from slim.models.checkpoint import CheckpointReader
     from slim.quant.schemes import scheme_from_config
     from slim.plan import GiB, plan_memory
-    from slim.algorithms import ALGORITHMS
+    from slim.algorithms import build_algorithm
     from slim.layer_loop import quantize_model
     from slim.quantize import kernel_path
     from slim.resume import ResumeStore
@@ -135,7 +135,8 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
             result = quantize_model(model=model, adapter=adapter, reader=reader, writer=writer, fmt=fmt,
                                     scheme=scheme, input_ids=None if ids is None else dist.shard(ids), cfg=cfg,
                                     device=dist.device, selection=selection, dist=dist, store=store, start=start,
-                                    hidden_device=hidden_device, algorithm=ALGORITHMS[cfg.algorithm.name]())
+                                    hidden_device=hidden_device,
+                                    algorithm=build_algorithm(cfg, scheme, fmt, dist, plan.expert_chunk))
     except BaseException as exc:
         writer.abandon()  # close the open shard file; the last commit point still describes it
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -13,10 +13,13 @@ class RoundToNearest:
 
     name = "rtn"
 
+    def __init__(self, ctx=None):
+        self.ctx = ctx
+
     @contextlib.contextmanager
     def collect(self, targets: dict[str, nn.Linear]) -> Iterator[None]:
         yield
 
-    def apply(self, targets: dict[str, nn.Linear], observers: dict) -> dict[str, dict]:
-        """Nothing to change; returns per-module notes for the records (none)."""
+    def apply(self, targets: dict[str, nn.Linear], observers: dict, rerun=None, wanted=None) -> dict:
+        """Nothing to decide: every target is quantized by round to nearest."""
         return {}
