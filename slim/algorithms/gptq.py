@@ -148,9 +148,10 @@ class GPTQ:
         for key, members in sorted(groups.items()):
             tokens = self.tokens.get(key, 0)
             if tokens < max(self.cfg.min_tokens, 1):
+                reason = f"{tokens} tokens < algorithm.min_tokens {self.cfg.min_tokens}" if tokens \
+                    else "no calibration token"
                 for n in members:
-                    out[n] = Solved(None, None, "rtn-fallback", f"{tokens} tokens < algorithm.min_tokens "
-                                                                f"{self.cfg.min_tokens}")
+                    out[n] = Solved(None, None, "rtn-fallback", reason)
             elif wanted is None or any(n in wanted for n in members):
                 todo.append((key, members))
             else:
