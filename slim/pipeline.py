@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import dataclasses
 import hashlib
 import json
 import logging
@@ -186,6 +187,9 @@ def checkpoint_config(cfg: SlimConfig, src_config: dict[str, Any], fmt, scheme, 
         },
         "fallback_input_scales": result.fallbacks,
     }
+    if cfg.algorithm.name != "rtn":  # its settings, and the modules it left to round to nearest (rtn: bytes as before)
+        config["slim"]["algorithm_config"] = dataclasses.asdict(cfg.algorithm)
+        config["slim"]["algorithm_fallbacks"] = sorted(m.name for m in result.modules if m.algorithm == "rtn-fallback")
     return config
 
 

@@ -33,23 +33,26 @@ from slim.quant import fp8, int4
 
 @dataclass(frozen=True)
 class Grid:
-    """What one column becomes: ``encode(w [B, R], s [B, R]) -> codes``, ``decode(codes, s) -> fp32``;
-    ``group_size`` None: one scale per problem (``s`` is then broadcast from [B, 1])."""
+    """What one column becomes: ``encode(w [B, R], s [B, R] fp32) -> codes`` (int4: their values as fp32, FP8: fp8),
+    ``decode(codes, s) -> fp32``; ``code_dtype``: what the codes are returned as; ``group_size`` None: one scale per
+    row of a problem, fixed up front."""
 
     encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    work_dtype: torch.dtype  # what ``encode`` returns (a block of columns is kept in it)
     code_dtype: torch.dtype
     group_size: int | None
 
 
 def int4_grid(group_size: int) -> Grid:
-    return Grid(encode=lambda w, s: torch.div(w, s.float()).round_().clamp_(int4.INT4_MIN, int4.INT4_MAX)
-                .to(torch.int8),
-                decode=lambda c, s: c.float() * s.float(), code_dtype=torch.int8, group_size=group_size)
+    """``clamp(round(w / s), -8, 7)`` with ``s`` the group scale as stored (slim.quant.int4.round_groups)."""
+    return Grid(encode=lambda w, s: torch.div(w, s).round_().clamp_(int4.INT4_MIN, int4.INT4_MAX),
+                decode=torch.mul, work_dtype=torch.float32, code_dtype=torch.int8, group_size=group_size)
 
 
 def fp8_grid() -> Grid:
-    return Grid(encode=fp8.quantize_fp8, decode=lambda c, s: fp8.fp8_to_float32(c).mul_(s.float()),
+    """``fp8(clamp(w / s, -448, 448))`` (slim.quant.fp8.quantize_fp8); decoded by torch's exact cast."""
+    return Grid(encode=fp8.quantize_fp8, decode=lambda c, s: c.float().mul_(s), work_dtype=fp8.FP8_DTYPE,
                 code_dtype=fp8.FP8_DTYPE, group_size=None)
 
 
@@ -103,31 +106,31 @@ def gptq_solve(
         raise ValueError("a per-tensor grid needs its scales fixed up front")
     codes = torch.empty((B, R, C), dtype=grid.code_dtype, device=weight.device)
     out_scales = scales
-    if g is not None and scales is None:
-        out_scales = None  # allocated at the first group, in the dtype group_scale returns
-    s = None if g is not None else (scales if scales.shape == (B, R) else scales.reshape(B, 1).expand(B, R))
+    s = None if g is not None else (scales if scales.shape == (B, R) else scales.reshape(B, 1).expand(B, R)).float()
     for i1 in range(0, C, block_size):
         i2 = min(i1 + block_size, C)
         w1 = weight[:, :, i1:i2].clone()  # the block's current weights
         err1 = torch.empty_like(w1)
+        q1 = torch.empty(w1.shape, dtype=grid.work_dtype, device=weight.device)
         hinv1 = hinv[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
             c = i1 + i
             if g is not None and c % g == 0:
                 if scales is not None:
-                    s = scales[:, :, c // g]
+                    s_stored = scales[:, :, c // g]
                 else:  # the group's current weights: inside this block, or from here on (a block starts here)
                     src = w1[:, :, i : i + g] if i + g <= i2 - i1 else weight[:, :, c : c + g]
-                    s = group_scale(src.reshape(B * R, g)).reshape(B, R)
-                    if out_scales is None:
-                        out_scales = torch.empty((B, R, C // g), dtype=s.dtype, device=weight.device)
-                    out_scales[:, :, c // g] = s
+                    s_stored = group_scale(src.reshape(B * R, g)).reshape(B, R)
+                    if out_scales is None:  # in the dtype the rule returns (the format's scale dtype)
+                        out_scales = torch.empty((B, R, C // g), dtype=s_stored.dtype, device=weight.device)
+                    out_scales[:, :, c // g] = s_stored
+                s = s_stored.float()
             w = w1[:, :, i]
-            code = grid.encode(w, s)
-            codes[:, :, c] = code
+            code = q1[:, :, i] = grid.encode(w, s)
             e = (w - grid.decode(code, s)).div_(hinv1[:, i, i].unsqueeze(1))  # [B, R]
             w1[:, :, i:] -= e.unsqueeze(-1) * hinv1[:, i, i:].unsqueeze(1)
             err1[:, :, i] = e
+        codes[:, :, i1:i2] = q1.to(grid.code_dtype)
         if i2 < C:
             weight[:, :, i2:] -= torch.bmm(err1, hinv[:, i1:i2, i2:])
     return codes, out_scales
