@@ -13,7 +13,7 @@ import torch
 
 from tests.distributed.test_gloo import COMMON, slim_main, tensors
 
-MAX_DIFFERING_CODES = 0.01  # fraction of int4 codes of the GPTQ'd Linears
+MAX_DIFFERING_CODES = 2e-3  # fraction of int4 codes of the GPTQ'd Linears (measured: 1.7e-4)
 
 
 def int4_codes(words: torch.Tensor) -> torch.Tensor:
