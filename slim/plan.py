@@ -131,11 +131,13 @@ def _gptq(cfg: SlimConfig, scheme, adapter, layers, targets: dict[str, nn.Linear
     prefixes = {adapter.layer_prefix(i) for i in range(len(layers))}
     from slim.layer_loop import group_by_prefix
 
-    plans = [plan_hessians(t, free, cfg.algorithm.expert_chunk) for t in group_by_prefix(targets, prefixes).values()]
+    itemsize = 8 if cfg.algorithm.hessian_dtype == "float64" else 4
+    plans = [plan_hessians(t, free, cfg.algorithm.expert_chunk, itemsize)
+             for t in group_by_prefix(targets, prefixes).values()]
     if not plans:
         return None
     worst = max(plans, key=lambda p: p.resident_bytes + p.solve_bytes)
-    where["GPTQ Hessians (fp32, one layer; routed experts one chunk)"] = worst.resident_bytes
+    where["GPTQ Hessians (one layer; routed experts one chunk)"] = worst.resident_bytes
     where["GPTQ solve temporaries"] = worst.solve_bytes
     return worst
 

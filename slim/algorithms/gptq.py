@@ -60,6 +60,7 @@ class GPTQ:
     def __init__(self, ctx):
         self.ctx, self.cfg = ctx, ctx.cfg
         self.per_group = ctx.scheme.per_group
+        self.dtype = getattr(torch, self.cfg.hessian_dtype)  # what x^T x is summed in
         # FP8 per-tensor weights: GPTQ only with algorithm.fp8_weights (docs/algorithms.md has the measurement)
         self.active = self.per_group or bool(self.cfg.fp8_weights)
         if not self.active:
@@ -90,10 +91,10 @@ class GPTQ:
             key = self.group_of.setdefault(name, hit if hit is not None else name)
             if hit == key or x.numel() == 0:
                 return
-            rows = x.detach().reshape(-1, x.shape[-1]).float()
+            rows = x.detach().reshape(-1, x.shape[-1]).to(self.dtype)
             h = self.hessian.get(key)
             if h is None:
-                h = self.hessian[key] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
+                h = self.hessian[key] = torch.zeros(x.shape[-1], x.shape[-1], dtype=self.dtype, device=x.device)
             h.addmm_(rows.t(), rows)
             self.tokens[key] = self.tokens.get(key, 0) + rows.shape[0]
             self.recent = [*self.recent[-(RECENT_INPUTS - 1):], (weakref.ref(x), key)]
@@ -169,7 +170,8 @@ class GPTQ:
 
     def _solve_batch(self, targets, observers, items, out) -> None:
         ctx = self.ctx
-        hess = torch.stack([self.hessian.pop(key) * (2.0 / self.tokens[key]) for key, _ in items])  # [B, C, C]
+        hess = torch.stack([(self.hessian.pop(key) * (2.0 / self.tokens[key])).float()
+                            for key, _ in items])  # [B, C, C] fp32
         weight = torch.stack([torch.cat([targets[n].weight.detach().float() for n in members])
                               for _, members in items]).to(hess.device)  # [B, R, C]
         original = weight.clone()
@@ -239,7 +241,7 @@ class GPTQ:
             local = self.hessian.get(key)
             if local is None:
                 size = targets[shapes[key]].in_features
-                local = torch.zeros(size, size, dtype=torch.float32, device=dist.device)
+                local = torch.zeros(size, size, dtype=self.dtype, device=dist.device)
             self.hessian[key] = dist.sum_in_rank_order(local.to(dist.device))
         keys = sorted(set(merged.values()))
         counts = dist.sum_in_rank_order(torch.tensor([float(self.tokens.get(k, 0)) for k in keys],

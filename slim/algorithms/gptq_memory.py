@@ -37,7 +37,8 @@ def groups(targets: dict[str, nn.Linear]) -> dict[str, int]:
     return out
 
 
-def plan_hessians(targets: dict[str, nn.Linear], free_bytes: float, expert_chunk: int = 0) -> HessianPlan:
+def plan_hessians(targets: dict[str, nn.Linear], free_bytes: float, expert_chunk: int = 0, itemsize: int = 4
+                  ) -> HessianPlan:
     """Hessian bytes of the layer whose ``targets`` are given, with the largest expert chunk whose Hessians fit in
     ``free_bytes`` beside the rest (or ``expert_chunk`` when set)."""
     by_group = groups(targets)
@@ -46,9 +47,9 @@ def plan_hessians(targets: dict[str, nn.Linear], free_bytes: float, expert_chunk
     for key, cols in by_group.items():
         m = EXPERT_ID.search(key + ".")
         if m:
-            experts[int(m.group(1))] = experts.get(int(m.group(1)), 0) + cols * cols * 4
+            experts[int(m.group(1))] = experts.get(int(m.group(1)), 0) + cols * cols * itemsize
         else:
-            dense += cols * cols * 4
+            dense += cols * cols * itemsize
     largest = max((m.in_features * m.in_features + 2 * m.out_features * m.in_features) * 4 * 3
                   for m in targets.values()) if targets else 0
     solve = max(SOLVE_BATCH_BYTES, largest)

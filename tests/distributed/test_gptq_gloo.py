@@ -5,7 +5,8 @@ in rank order (``Dist.sum_in_rank_order``): the same H on every rank, run after 
 products in another order (its batches hold other samples), so its H differs from the ranks' in the last bits of
 fp32, and GPTQ, whose every column's rounding feeds the next, may round a weight sitting at a rounding boundary the
 other way: a small fraction of codes differs, bounded here. Everything else (input scales, the tensors written
-unquantized) is bit-identical, and two 2-rank runs are bit-identical to each other.
+unquantized) is bit-identical, and two 2-rank runs are bit-identical to each other. With
+``algorithm.hessian_dtype=float64`` the sums agree to far more bits than the fp32 H keeps: the same codes.
 """
 
 import pytest
@@ -20,6 +21,21 @@ def int4_codes(words: torch.Tensor) -> torch.Tensor:
     """compressed-tensors' pack-quantized int32 words [out, in // 8] -> the 8 nibbles of each word."""
     shifts = torch.arange(0, 32, 4, dtype=torch.int32)
     return (words.unsqueeze(-1) >> shifts) & 0xF
+
+
+@pytest.mark.slow
+def test_float64_hessians_give_one_process_codes_on_two_ranks(tmp_path):
+    """Summed in float64, x^T x agrees across summation orders far below what rounding H to fp32 keeps."""
+    runs = {}
+    for hw in ("cpu", "cpu_x2"):
+        proc = slim_main(f"hardware={hw}", "scheme=w4a8", "algorithm=gptq", "algorithm.hessian_dtype=float64",
+                         *COMMON, f"hydra.run.dir={tmp_path / hw}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[hw] = tensors(tmp_path / hw / "checkpoint")
+    one, two = runs["cpu"], runs["cpu_x2"]
+    assert one.keys() == two.keys()
+    for name in one:
+        assert torch.equal(one[name], two[name]), name
 
 
 @pytest.mark.slow

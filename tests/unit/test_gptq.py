@@ -188,3 +188,18 @@ def test_expert_chunks_give_the_same_codes():
     for n in whole:
         assert torch.equal(whole[n].weight, chunked[n].weight) and torch.equal(whole[n].weight_scale,
                                                                              chunked[n].weight_scale), n
+
+
+def test_config_errors_name_the_fix():
+    from slim.config import validate
+    from slim.errors import SlimError
+    from tests.helpers.configs import compose_config
+
+    cfg = compose_config("scheme=w4a8", "algorithm=gptq")
+    assert cfg.algorithm.name == "gptq" and cfg.algorithm.block_size == 128 and cfg.algorithm.dampening_frac == 0.01
+    for overrides, fix in ((["algorithm.block_size=96"], "algorithm.block_size=128"),
+                           (["algorithm.dampening_frac=0"], "algorithm.dampening_frac"),
+                           (["algorithm.hessian_dtype=float16"], "float32, float64"),
+                           (["scheme=w4a8_dynamic", "calibration=none"], "algorithm=rtn")):
+        with pytest.raises(SlimError, match=fix):
+            validate(compose_config("scheme=w4a8", "algorithm=gptq", *overrides))

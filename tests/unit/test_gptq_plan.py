@@ -15,7 +15,7 @@ from slim.targets import select_targets
 from tests.helpers.configs import compose_config
 
 R1 = ASSETS / "configs" / "deepseek_r1"
-HESSIANS = "GPTQ Hessians (fp32, one layer; routed experts one chunk)"
+HESSIANS = "GPTQ Hessians (one layer; routed experts one chunk)"
 PER_EXPERT = (7168 * 7168 + 2048 * 2048) * 4  # gate/up share one H, down its own
 
 
@@ -50,6 +50,10 @@ def test_a_smaller_device_collects_experts_in_chunks(r1_skeleton):
     assert plan.device_bytes[HESSIANS] == plan.expert_chunk * PER_EXPERT
     assert plan.device_total <= 0.95 * 48 * GiB
     assert f"{plan.expert_chunk} experts per pass" in plan.table()
+    # float64 Hessians: twice the bytes per expert, so fewer experts per pass
+    wide = r1_plan(r1_skeleton, "hardware=h20x1_lowmem", "scheme=w4a8", "hardware.device_memory_gb=48",
+                   "algorithm.hessian_dtype=float64")
+    assert wide.device_bytes[HESSIANS] == wide.expert_chunk * 2 * PER_EXPERT and wide.expert_chunk < plan.expert_chunk
     # a chunk the user sets is what the plan counts
     fixed = r1_plan(r1_skeleton, "hardware=h20x8", "scheme=w4a8", "algorithm.expert_chunk=32")
     assert fixed.expert_chunk == 32 and fixed.calibration_passes == 8 and fixed.device_bytes[HESSIANS] == 32 * PER_EXPERT
@@ -81,3 +85,16 @@ def test_cli_plan_r1_gptq_feasible(tmp_path, hardware):
     assert res["plan"]["feasible"] and res["plan"]["expert_chunk"] > 128
     assert res["plan"]["device_bytes"][HESSIANS] == res["plan"]["expert_chunk"] * PER_EXPERT
     assert "GPTQ Hessians" in proc.stdout
+
+
+@pytest.mark.slow
+def test_cli_sweeps_rtn_and_gptq(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "-m", "slim.main", "-m", "algorithm=rtn,gptq", "mode=plan", "scheme=w4a8",
+                           "logger=none", f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plans = {p.parent.name.split(",")[0]: json.loads(p.read_text())["plan"]
+             for p in (tmp_path / "sweep").glob("*/results.json")}
+    assert sorted(plans) == ["0_algorithm=rtn", "1_algorithm=gptq"]
+    assert HESSIANS in plans["1_algorithm=gptq"]["host_bytes"] and HESSIANS not in plans["0_algorithm=rtn"]["host_bytes"]
