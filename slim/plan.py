@@ -137,6 +137,7 @@ def _gptq(cfg: SlimConfig, scheme, adapter, layers, targets: dict[str, nn.Linear
     if not plans:
         return None
     worst = max(plans, key=lambda p: p.resident_bytes + p.solve_bytes)
+    worst.result_bytes = max(p.result_bytes for p in plans)
     where["GPTQ Hessians (one layer; routed experts one chunk)"] = worst.resident_bytes
     where["GPTQ solve temporaries"] = worst.solve_bytes
     return worst
@@ -220,6 +221,8 @@ def plan_memory(cfg: SlimConfig, model, adapter, ignored: set[str]) -> MemoryPla
             hidden_on = "host"
 
     gptq = _gptq(cfg, scheme, adapter, layers, targets, device or host, hw)
+    if gptq is not None:  # the codes and scales GPTQ hands the writer wait in host memory for the layer's writes
+        host["GPTQ results (codes and scales of one layer)"] = gptq.result_bytes
 
     plan = MemoryPlan(
         model=cfg.model.name, hardware=hw.name, world_size=world, parameters=sum(p.numel() for p in model.parameters()),

@@ -224,7 +224,9 @@ class GPTQ:
                 q = QuantizedLinear(qw[0], qw[1], None, ctx.scheme.weight_bits, gs)
                 err = float(torch.linalg.vector_norm(F.linear(x, dequantize_weight(q, torch.float32)) - ref)) / norm
                 rtn_err, gptq_err = (err, gptq_err) if which == "rtn" else (rtn_err, err)
-        return Solved(codes, scale, "gptq", rtn_output_rel_err=rtn_err, output_rel_err=gptq_err)
+        # the layer's results wait in host memory for the writer (a byte per weight: on a device they would add half
+        # the bf16 layer to its peak); slim.plan counts them there
+        return Solved(codes.cpu(), scale.cpu(), "gptq", rtn_output_rel_err=rtn_err, output_rel_err=gptq_err)
 
     def _reduce(self, targets: dict[str, nn.Linear]) -> None:
         """Every rank's sums and token counts, added in rank order (the same H on every rank, run after run)."""

@@ -26,6 +26,7 @@ class HessianPlan:
     expert_chunk: int  # routed experts per calibration pass (0: the layer has none)
     passes: int  # calibration forward passes per layer
     problem: str = ""
+    result_bytes: int = 0  # the layer's codes (a byte per weight) and fp32 group scales, held until written
 
 
 def groups(targets: dict[str, nn.Linear]) -> dict[str, int]:
@@ -42,6 +43,8 @@ def plan_hessians(targets: dict[str, nn.Linear], free_bytes: float, expert_chunk
     """Hessian bytes of the layer whose ``targets`` are given, with the largest expert chunk whose Hessians fit in
     ``free_bytes`` beside the rest (or ``expert_chunk`` when set)."""
     by_group = groups(targets)
+    result = sum(m.in_features * m.out_features for m in targets.values())
+    result += result // 128 * 4  # group scales, at most fp32 per 128 weights (FP8: one per Linear)
     experts: dict[int, int] = {}
     dense = 0
     for key, cols in by_group.items():
@@ -54,7 +57,7 @@ def plan_hessians(targets: dict[str, nn.Linear], free_bytes: float, expert_chunk
                   for m in targets.values()) if targets else 0
     solve = max(SOLVE_BATCH_BYTES, largest)
     if not experts:
-        return HessianPlan(dense, solve, 0, 1)
+        return HessianPlan(dense, solve, 0, 1, result_bytes=result)
     per_expert = max(experts.values())
     n = len(experts)
     chunk = expert_chunk or min(n, int((free_bytes - dense - solve) // per_expert))
@@ -64,4 +67,4 @@ def plan_hessians(targets: dict[str, nn.Linear], free_bytes: float, expert_chunk
                    "beside the layer: lower calibration.batch_size, use a device with more memory, or algorithm=rtn")
         chunk = 1
     chunk = min(chunk, n)
-    return HessianPlan(dense + chunk * per_expert, solve, chunk, -(-n // chunk), problem)
+    return HessianPlan(dense + chunk * per_expert, solve, chunk, -(-n // chunk), problem, result)

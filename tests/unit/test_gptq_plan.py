@@ -41,6 +41,8 @@ def test_r1_w4a8_gptq_is_feasible_with_every_experts_hessian(r1_skeleton, hardwa
     assert plan.calibration_passes == -(-256 // plan.expert_chunk)
     assert plan.expert_chunk == {"h20x1_lowmem": 242, "h20x8": 256, "h20x16": 256}[hardware]
     assert plan.device_total <= 0.95 * plan.device_capacity
+    experts = 256 * 3 * 2048 * 7168  # the codes of one layer's routed experts wait on the host, a byte per weight
+    assert plan.host_bytes["GPTQ results (codes and scales of one layer)"] == experts + experts // 128 * 4
 
 
 def test_a_smaller_device_collects_experts_in_chunks(r1_skeleton):
