@@ -131,7 +131,10 @@ class Tracker:
         for r in rows:
             by_kind.setdefault(module_kind(r["name"]), []).extend(_finite([r.get("sqnr_db")]))
         self.summary({f"{key}/sqnr_db_mean/{kind}": sum(v) / len(v) for kind, v in by_kind.items() if v}
-                     | {f"{key}/count": len(rows), f"{key}/fallbacks": sum(bool(r.get("fallback")) for r in rows)})
+                     | {f"{key}/count": len(rows), f"{key}/fallbacks": sum(bool(r.get("fallback")) for r in rows)}
+                     # modules an algorithm (slim.algorithms) left to round to nearest; only where one ran
+                     | ({f"{key}/algorithm_fallbacks": sum(r.get("algorithm") == "rtn-fallback" for r in rows)}
+                        if any(r.get("algorithm", "rtn") != "rtn" for r in rows) else {}))
 
     def finish(self, exit_code: int = 0) -> None:
         if self.run is not None:

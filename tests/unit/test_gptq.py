@@ -203,3 +203,19 @@ def test_config_errors_name_the_fix():
                            (["scheme=w4a8_dynamic", "calibration=none"], "algorithm=rtn")):
         with pytest.raises(SlimError, match=fix):
             validate(compose_config("scheme=w4a8", "algorithm=gptq", *overrides))
+
+
+def test_wandb_summary_counts_algorithm_fallbacks(tmp_path):
+    from slim.config import LoggerConfig
+    from slim.tracking import Tracker
+    from tests.unit.test_tracking import _records, _rows, _summary
+
+    rows = _rows()
+    for r, alg in zip(rows, ("gptq", "rtn-fallback", "gptq", "gptq")):
+        r |= {"algorithm": alg, "algorithm_note": "no calibration token" if alg != "gptq" else ""}
+    tracker = Tracker(LoggerConfig(name="wandb", mode="offline"), tmp_path, {"logger": {"group": None}}, name="g")
+    try:
+        tracker.modules(rows)
+    finally:
+        tracker.finish()
+    assert _summary(_records(tmp_path))["modules/algorithm_fallbacks"] == 1
