@@ -82,9 +82,20 @@ class SchemeConfig:
 
 @dataclass
 class AlgorithmConfig:
-    """The per-layer step around observing a layer and quantizing it (slim.algorithms.ALGORITHMS)."""
+    """The per-layer step around observing a layer and quantizing it (slim.algorithms.ALGORITHMS); the fields after
+    ``name`` are GPTQ's and AWQ's (conf/algorithm/*.yaml; docs/algorithms.md)."""
 
     name: str = "rtn"
+    # gptq (slim.algorithms.gptq)
+    dampening_frac: float = 0.01  # added to H's diagonal: this fraction of its mean
+    dampening_retries: int = 2  # an H not positive definite is retried with 10x the fraction, this many times
+    block_size: int = 128  # columns per lazy block update; a multiple or divisor of scheme.group_size
+    min_tokens: int = 32  # a Hessian from fewer calibration tokens falls back to round to nearest
+    expert_chunk: int = 0  # routed experts whose Hessians are collected per calibration pass; 0: the plan picks
+    fp8_weights: bool = False  # GPTQ on FP8 per-tensor weights too (false: they stay round to nearest)
+    # what x^T x is summed in: float32 (as the references) | float64 (twice the memory; ranks and one process then
+    # solve the same H, so their codes agree)
+    hessian_dtype: str = "float32"
     # awq (slim.algorithms.awq): points of the smoothing-strength grid searched per mapping
     grid: int = 20
     # awq: weight means in the scales too (auto: for per-group weights, not per tensor) | true | false | both
@@ -261,6 +272,34 @@ def _scheme(s: SchemeConfig):
     return scheme
 
 
+def _algorithm(cfg: SlimConfig) -> None:
+    a = cfg.algorithm
+    if a.name.startswith("awq"):
+        _choice(str(a.duo_scaling).lower(), ("auto", "true", "false", "both"), "algorithm.duo_scaling")
+        if a.grid < 4:
+            raise SlimError(f"algorithm.grid={a.grid} is too small for awq's search; use at least 4 (default 20)")
+        if a.search_samples is not None and a.search_samples <= 0:
+            raise SlimError("algorithm.search_samples must be positive (or null: every calibration sample)")
+        if cfg.calibration.source == "none":
+            raise SlimError(f"algorithm={a.name} searches its scales on calibration activations: choose "
+                            "calibration=embedded (or jsonl/hf), or algorithm=rtn")
+    if "gptq" not in a.name:
+        return
+    if not 0 < a.dampening_frac < 1 or a.dampening_retries < 0:
+        raise SlimError(f"algorithm.dampening_frac={a.dampening_frac} must lie in (0, 1) (0.01 is GPTQ's usual) and "
+                        f"algorithm.dampening_retries={a.dampening_retries} must be >= 0")
+    _choice(a.hessian_dtype, ("float32", "float64"), "algorithm.hessian_dtype")
+    if a.block_size <= 0 or a.min_tokens < 0 or a.expert_chunk < 0:
+        raise SlimError("algorithm.block_size must be positive, algorithm.min_tokens and algorithm.expert_chunk >= 0")
+    g = cfg.scheme.group_size
+    if g and not (a.block_size % g == 0 or g % a.block_size == 0):
+        raise SlimError(f"algorithm.block_size={a.block_size} and scheme.group_size={g}: one must divide the other; "
+                        f"set algorithm.block_size={g}")
+    if cfg.calibration.source == "none" and cfg.mode == "quantize":
+        raise SlimError(f"algorithm={a.name} needs the layers' calibration inputs: choose calibration=embedded (or "
+                        "jsonl/hf), or algorithm=rtn")
+
+
 def validate(cfg: SlimConfig) -> SlimConfig:
     _choice(cfg.mode, MODES, "mode")
     _choice(cfg.model.load_type, LOAD_TYPES, "model.load_type")
@@ -282,16 +321,7 @@ def validate(cfg: SlimConfig) -> SlimConfig:
     from slim.algorithms import ALGORITHMS
 
     _choice(cfg.algorithm.name, tuple(ALGORITHMS), "algorithm")
-    if cfg.algorithm.name.startswith("awq"):
-        _choice(str(cfg.algorithm.duo_scaling).lower(), ("auto", "true", "false", "both"), "algorithm.duo_scaling")
-        if cfg.algorithm.grid < 4:
-            raise SlimError(f"algorithm.grid={cfg.algorithm.grid} is too small for awq's search; use at least 4 "
-                            "(default 20)")
-        if cfg.algorithm.search_samples is not None and cfg.algorithm.search_samples <= 0:
-            raise SlimError("algorithm.search_samples must be positive (or null: every calibration sample)")
-        if cfg.calibration.source == "none":
-            raise SlimError(f"algorithm={cfg.algorithm.name} searches its scales on calibration activations: choose "
-                            "calibration=embedded (or jsonl/hf), or algorithm=rtn")
+    _algorithm(cfg)
     _choice(cfg.scheme.format, FORMAT_NAMES, "scheme.format")  # before mode=plan, which counts by format
     _choice(cfg.export.moe_input_scale, MOE_INPUT_SCALES, "export.moe_input_scale")
     s = cfg.scheme

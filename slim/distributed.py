@@ -95,6 +95,18 @@ class Dist:
         self._collective(dist.broadcast_object_list, box, src=0)
         return box[0]
 
+    def sum_in_rank_order(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``tensor`` (same shape and dtype on each) added up in rank order: the same bits on every
+        rank and in every run (an all_reduce's summation order is the backend's)."""
+        if self.world == 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world)]
+        self._collective(dist.all_gather, parts, tensor.contiguous())
+        total = parts[0]
+        for p in parts[1:]:
+            total += p
+        return total
+
     def barrier(self) -> None:
         if self.world > 1:
             self._collective(dist.barrier)

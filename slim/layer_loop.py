@@ -113,6 +113,7 @@ class LayerLoop:
         # materialized (the torch path decodes whole tensors: in pieces on the writer thread it only contends)
         self.stream = kernel_path(self.calibrate, device.type)
         self.hidden: list[torch.Tensor] = []
+        self.progress = None  # the layer loop's progress bar (quantize_model), which names each step
 
     # ---- before and after the decoder layers ------------------------------------------------------------------
     def head(self) -> None:
@@ -202,14 +203,30 @@ class LayerLoop:
         log_expert_coverage(prefix.rstrip("."), obs)
         return obs, outputs
 
+    def run_algorithm(self, layer: nn.Module, prefix: str, targets: dict[str, nn.Linear],
+                      obs: dict[str, MinMaxObserver]) -> dict:
+        """The algorithm's codes and scales per target (none for rtn); ``rerun`` repeats the calibration forward
+        pass for algorithms that collect in several passes (GPTQ's expert chunks)."""
+        if not self.calibrate:
+            return {}
+
+        def rerun() -> None:
+            with route_all(layer, self.cfg.calibration.route_all_experts):
+                self.runner.forward(layer, self.hidden, prefix.rstrip("."))
+
+        return self.algorithm.apply(targets, obs, rerun=rerun, wanted=None if self.propagate_quantized
+                                    else self.lq.owned)
+
     def quantize_and_write(self, layer: nn.Module, prefix: str, targets: dict[str, nn.Linear],
-                           obs: dict[str, MinMaxObserver], changed: set[str] = frozenset()) -> dict:
+                           obs: dict[str, MinMaxObserver], changed: set[str] = frozenset(),
+                           solved: dict | None = None) -> dict:
         """The rest first: with background writes its bytes go to disk while the targets are quantized; streamed
         targets' kernels are queued before it, so they run while this thread writes the rest. ``changed``: tensors
         ``prepare`` changed, written from their values (see ``LayerQuantizer.write_rest``)."""
         self.lq.start(targets, everything=self.propagate_quantized)
         self.lq.write_rest(layer, prefix, set(targets), changed)
-        return self.lq.quantize(targets, obs, self.scheme.static_activations, everything=self.propagate_quantized)
+        return self.lq.quantize(targets, obs, self.scheme.static_activations, everything=self.propagate_quantized,
+                                solved=solved)
 
     def propagate(self, layer: nn.Module, prefix: str, targets: dict[str, nn.Linear], qs: dict) -> list[torch.Tensor]:
         """Layer i+1 sees the quantized layer i (``calibration.propagate=quantized``)."""
@@ -234,15 +251,26 @@ class LayerLoop:
             if self.dist.is_main:
                 self.store.commit(i)
 
+    def step(self, name: str) -> None:
+        """The progress bar names the step the current layer is in."""
+        if self.progress is not None:
+            self.progress.set_postfix_str(name, refresh=False)
+
     def layer(self, i: int) -> None:
         t0 = time.perf_counter()
         layer, prefix = self.layers[i], self.adapter.layer_prefix(i)
         targets = self.by_layer.get(prefix, {})
+        self.step("materialize")
         self.materialize(layer, prefix)
+        self.step("prepare")
         changed = self.prepare(layer, prefix, targets)
+        self.step("observe")
         obs, outputs = self.observe(layer, prefix, targets)
-        self.algorithm.apply(targets, obs)
-        qs = self.quantize_and_write(layer, prefix, targets, obs, changed)
+        self.step(self.algorithm.name)
+        solved = self.run_algorithm(layer, prefix, targets, obs)
+        self.step("quantize")
+        qs = self.quantize_and_write(layer, prefix, targets, obs, changed, solved)
+        del solved
         if self.propagate_quantized:
             outputs = self.propagate(layer, prefix, targets, qs)
         self.hidden = outputs
@@ -288,6 +316,7 @@ def quantize_model(
         _log_hidden(loop, hidden_device or device)
     progress = tqdm(range(first, len(loop.layers)), desc=f"quantize layers ({loop.algorithm.name})", unit="layer",
                     leave=False, initial=first, total=len(loop.layers))
+    loop.progress = progress
     for i in progress:
         loop.layer(i)
     if result.layer_seconds:

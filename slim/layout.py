@@ -133,14 +133,19 @@ class QuantizerGroup:
     def group_scale_dtype(self):
         return self.quantizers[0].group_scale_dtype
 
+    @property
+    def owned(self) -> set[str]:
+        """The modules this rank writes, over all its slots."""
+        return set().union(*(q.owned for q in self.quantizers))
+
     def write_rest(self, module, prefix: str, quantized: set[str], changed: set[str] = frozenset()) -> None:
         for q in self.quantizers:
             q.write_rest(module, prefix, quantized, changed)
 
-    def quantize(self, modules, observers, static: bool, everything: bool = False) -> dict:
+    def quantize(self, modules, observers, static: bool, everything: bool = False, solved: dict | None = None) -> dict:
         out = {}
         for i, q in enumerate(self.quantizers):
-            got = q.quantize(modules, observers, static, everything and i == 0)
+            got = q.quantize(modules, observers, static, everything and i == 0, solved=solved)
             out = out or got
         return out
 

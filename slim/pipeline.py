@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import dataclasses
 import hashlib
 import json
 import logging
@@ -75,7 +76,7 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
     from slim.models.checkpoint import CheckpointReader
     from slim.quant.schemes import scheme_from_config
     from slim.plan import GiB, plan_memory
-    from slim.algorithms import ALGORITHMS
+    from slim.algorithms import build_algorithm
     from slim.layer_loop import quantize_model
     from slim.layout import ResumeSet, WriterGroup, WriterLayout, shards_in_slot_order
     from slim.quantize import kernel_path
@@ -144,7 +145,8 @@ def quantize_stage(cfg: SlimConfig, source: Path, out_dir: Path, tokenizer, dist
             result = quantize_model(model=model, adapter=adapter, reader=reader, writer=writer, fmt=fmt,
                                     scheme=scheme, input_ids=None if ids is None else dist.shard(ids), cfg=cfg,
                                     device=dist.device, selection=selection, dist=dist, store=store, start=start,
-                                    hidden_device=hidden_device, algorithm=ALGORITHMS[cfg.algorithm.name]())
+                                    hidden_device=hidden_device,
+                                    algorithm=build_algorithm(cfg, scheme, fmt, dist, plan.expert_chunk))
     except BaseException as exc:
         writer.abandon()  # close the open shard file; the last commit point still describes it
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -196,6 +198,9 @@ def checkpoint_config(cfg: SlimConfig, src_config: dict[str, Any], fmt, scheme, 
         },
         "fallback_input_scales": result.fallbacks,
     }
+    if cfg.algorithm.name != "rtn":  # its settings, and the modules it left to round to nearest (rtn: bytes as before)
+        config["slim"]["algorithm_config"] = dataclasses.asdict(cfg.algorithm)
+        config["slim"]["algorithm_fallbacks"] = sorted(m.name for m in result.modules if m.algorithm == "rtn-fallback")
     return config
 
 

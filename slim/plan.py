@@ -58,6 +58,8 @@ class MemoryPlan:
     checkpoint_bytes: int = 0
     hidden_states_on: str = "device"  # device | host: where calibration hidden states wait between layers
     write_queue_bytes: int = MAX_QUEUED_BYTES  # the CheckpointWriter's bound on queued writes (write_queue_bytes())
+    expert_chunk: int = 0  # algorithm=gptq: routed experts whose Hessians one calibration pass collects (0: all)
+    calibration_passes: int = 1  # forward passes per decoder layer (GPTQ's expert chunks)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -85,6 +87,9 @@ class MemoryPlan:
         rows += [f"| host | {k} | {v / GiB:.2f} |" for k, v in self.host_bytes.items()]
         rows += [f"| host | **total** (share of node {self.host_capacity_per_rank / GiB:.0f}) | {self.host_total / GiB:.2f} |"]
         rows.append(f"calibration hidden states kept on the {self.hidden_states_on} between layers")
+        if self.calibration_passes > 1 or self.expert_chunk:
+            rows.append(f"GPTQ: routed experts' Hessians collected {self.expert_chunk} experts per pass, "
+                        f"{self.calibration_passes} calibration pass(es) per layer")
         rows.append(f"expected checkpoint size: {self.checkpoint_bytes / GiB:.2f} GiB")
         rows.append("feasible" if self.feasible else "NOT feasible: " + "; ".join(self.problems))
         return "\n".join(rows)
@@ -111,6 +116,31 @@ def checkpoint_bytes(cfg: SlimConfig, model, targets: dict[str, nn.Linear], dtyp
     if own_rest is None:
         return quantized + sum(p.numel() for _, p in rest) * dtype_bytes
     return quantized + sum(own_rest(n, tuple(p.shape), dtype_bytes) for n, p in rest)
+
+
+def _gptq(cfg: SlimConfig, scheme, adapter, layers, targets: dict[str, nn.Linear], where: dict[str, int], hw):
+    """algorithm=gptq: the worst layer's Hessians and solver temporaries, added to ``where`` (the device's
+    components, or the host's on a CPU), with the expert chunk that fits what is left there."""
+    from slim.algorithms.gptq_memory import plan_hessians
+
+    if cfg.algorithm.name != "gptq" or cfg.calibration.source == "none" or not (
+            scheme.per_group or cfg.algorithm.fp8_weights):
+        return None
+    capacity = hw.device_memory_gb if hw.device != "cpu" else hw.host_memory_gb / hw.procs_per_node
+    free = USABLE_FRACTION * capacity * GiB - sum(where.values())
+    prefixes = {adapter.layer_prefix(i) for i in range(len(layers))}
+    from slim.layer_loop import group_by_prefix
+
+    itemsize = 8 if cfg.algorithm.hessian_dtype == "float64" else 4
+    plans = [plan_hessians(t, free, cfg.algorithm.expert_chunk, itemsize)
+             for t in group_by_prefix(targets, prefixes).values()]
+    if not plans:
+        return None
+    worst = max(plans, key=lambda p: p.resident_bytes + p.solve_bytes)
+    worst.result_bytes = max(p.result_bytes for p in plans)
+    where["GPTQ Hessians (one layer; routed experts one chunk)"] = worst.resident_bytes
+    where["GPTQ solve temporaries"] = worst.solve_bytes
+    return worst
 
 
 def plan_memory(cfg: SlimConfig, model, adapter, ignored: set[str]) -> MemoryPlan:
@@ -190,6 +220,10 @@ def plan_memory(cfg: SlimConfig, model, adapter, ignored: set[str]) -> MemoryPla
             host["calibration hidden states (in + out)"] = all_hidden
             hidden_on = "host"
 
+    gptq = _gptq(cfg, scheme, adapter, layers, targets, device or host, hw)
+    if gptq is not None:  # the codes and scales GPTQ hands the writer wait in host memory for the layer's writes
+        host["GPTQ results (codes and scales of one layer)"] = gptq.result_bytes
+
     plan = MemoryPlan(
         model=cfg.model.name, hardware=hw.name, world_size=world, parameters=sum(p.numel() for p in model.parameters()),
         largest_layer=adapter.layer_prefix(big).rstrip("."), largest_layer_params=layer_params[big],
@@ -198,6 +232,10 @@ def plan_memory(cfg: SlimConfig, model, adapter, ignored: set[str]) -> MemoryPla
         checkpoint_bytes=checkpoint_bytes(cfg, model, targets, dtype_bytes),
         hidden_states_on=hidden_on, write_queue_bytes=queue,
     )
+    if gptq is not None:
+        plan.expert_chunk, plan.calibration_passes = gptq.expert_chunk, gptq.passes
+        if gptq.problem:
+            plan.problems.append(gptq.problem)
     if device and plan.device_total > USABLE_FRACTION * plan.device_capacity:
         plan.problems.append(
             f"needs {plan.device_total / GiB:.1f} GiB per device, {hw.name} has {hw.device_memory_gb:g} GiB: lower "

@@ -20,10 +20,10 @@ from slim.hostmem import TensorPool
 from slim.models.checkpoint import BLOCK_SCALE_SUFFIX, DECODE_CHUNK_BYTES, CheckpointReader, nonfinite_error
 from slim.models.materialize import check_shape
 from slim.quant.blockwise import CPU_BLOCK, Quality, quantize_blockwise
-from slim.quant.fp8 import FP8_DTYPE
+from slim.quant.fp8 import FP8_DTYPE, fake_quantize_input
 from slim.models.input_scales import merge_input_amax
 from slim.quant.observers import MinMaxObserver, resolve_input_clips
-from slim.quant.schemes import Scheme
+from slim.quant.schemes import Scheme, dequantize_weight
 from slim.quant.stats import all_finite
 from slim.quant.types import QuantizedLinear
 from slim.targets import ROUTED_EXPERT_RE, module_kind
@@ -61,6 +61,11 @@ class ModuleReport:
     fallback: bool = False
     kind: str = ""
     output_rel_err: float | None = None  # ||y_q - y|| / ||y|| on the first calibration rows it saw
+    # what decided the codes (slim.algorithms): rtn | gptq | rtn-fallback (the algorithm's reason in algorithm_note);
+    # rtn_output_rel_err: RTN's output error on the same rows, where an algorithm replaced it (weights only)
+    algorithm: str = "rtn"
+    algorithm_note: str = ""
+    rtn_output_rel_err: float | None = None
 
 
 @dataclass
@@ -219,10 +224,13 @@ class LayerQuantizer:
         return (n // 2 if self._pack else n) + n // self.group_size * scale_bytes
 
     def quantize(self, modules: dict[str, nn.Linear], observers: dict[str, MinMaxObserver],
-                 static: bool, everything: bool = False) -> dict[str, QuantizedLinear]:
+                 static: bool, everything: bool = False, solved: dict | None = None) -> dict[str, QuantizedLinear]:
         """Quantize and write the modules this rank owns. With ``everything`` (propagation) it quantizes all of
         them and returns their QuantizedLinears; otherwise each is dropped once written (a layer's int4/FP8
-        codes are a byte per weight: keeping them would add half a bf16 layer to the peak)."""
+        codes are a byte per weight: keeping them would add half a bf16 layer to the peak). ``solved``: the
+        algorithm's codes and scales per module (:class:`slim.algorithms.gptq.Solved`), written as they are with
+        the input scale from the observers; their quality is measured against the original weight."""
+        solved = solved or {}
         if static:  # activation observers that choose a clip given the weight (mse, percentile); minmax: no-op
             resolve_input_clips(modules, observers)
         amax, fallback = resolve_amax(observers) if static else ({}, set())
@@ -234,6 +242,7 @@ class LayerQuantizer:
         out = {}
 
         def finish(name: str, mod: nn.Linear, q: QuantizedLinear, quality: Quality) -> None:
+            sol = solved.get(name)
             if everything:
                 out[name] = q
             if name not in self.owned:
@@ -249,6 +258,8 @@ class LayerQuantizer:
                 weight_scale_max=scale_max, weight_scale_min=scale_min,
                 sqnr_db=quality.sqnr_db, fallback=name in fallback, kind=module_kind(name),
                 output_rel_err=quality.output_rel_err,
+                **({} if sol is None else {"algorithm": sol.algorithm, "algorithm_note": sol.reason,
+                                           "rtn_output_rel_err": sol.rtn_output_rel_err}),
             ))
 
         # streamed weights: the queued kernels run on the kernel worker threads while this thread reports one and
@@ -264,10 +275,32 @@ class LayerQuantizer:
                     self._pool.give(q.weight, q.packed, q.weight_scale)  # written, and nothing else holds them
                 continue
             block = CPU_BLOCK if mod.weight.device.type == "cpu" else None  # devices: whole tensors
+            sol = solved.get(name)
+            if sol is not None and sol.weight is not None:
+                finish(name, mod, *self._from_solved(mod, sol, scale_amax.get(name), observers[name].sample))
+                continue
             finish(name, mod, *quantize_blockwise(self.scheme, mod.weight, scale_amax.get(name), self.group_size,
                                                   self.weight_observer, self._scale_dtype, observers[name].sample,
                                                   block))
         return out
+
+    def _from_solved(self, mod: nn.Linear, sol, input_amax: torch.Tensor | None, sample: torch.Tensor | None
+                     ) -> tuple[QuantizedLinear, Quality]:
+        """The algorithm's codes and scales with this module's input scale, and their quality against the original
+        weight (SQNR; output error on ``sample`` with inputs quantized as exported), a block of rows at a time."""
+        q = QuantizedLinear(sol.weight.to(mod.weight.device), sol.weight_scale.to(mod.weight.device),
+                            self.scheme.input_scale(input_amax), self.scheme.weight_bits,
+                            self.group_size if self.scheme.per_group else None)
+        quality, x, xq = Quality(), None, None
+        if sample is not None and sample.numel():
+            x = sample.float().to(mod.weight.device)
+            xq = fake_quantize_input(x, q.input_scale)
+        rows = max(1, CPU_BLOCK // max(mod.in_features, 1))
+        for r in range(0, mod.out_features, rows):
+            part = QuantizedLinear(q.weight[r : r + rows], q.weight_scale if not self.scheme.per_group
+                                   else q.weight_scale[r : r + rows], None, q.weight_bits, q.group_size)
+            quality.add(mod.weight[r : r + rows].float(), dequantize_weight(part, torch.float32), x, xq)
+        return q, quality
 
     @property
     def _scale_dtype(self) -> torch.dtype | None:

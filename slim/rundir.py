@@ -50,7 +50,8 @@ def run_fingerprint(cfg: SlimConfig) -> str:
         "source_files": sorted((p.name, p.stat().st_size) for p in src.glob("*.safetensors")),
         "model": {k: getattr(cfg.model, k) for k in ("load_type", "dtype", "copy_mtp", "convert_from")},
         "scheme": dataclasses.asdict(cfg.scheme),
-        "algorithm": dataclasses.asdict(cfg.algorithm),
+        # rtn has no settings: its fingerprint stays what it was before algorithms had any
+        "algorithm": dataclasses.asdict(cfg.algorithm) if cfg.algorithm.name != "rtn" else {"name": "rtn"},
         "calibration": dataclasses.asdict(cfg.calibration),
         "max_shard_mb": cfg.export.max_shard_mb,
         "checksum": cfg.export.checksum,

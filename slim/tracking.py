@@ -214,6 +214,8 @@ def module_summary(rows: list[dict[str, Any]], key: str = "modules") -> dict[str
     out: dict[str, Any] = {f"{key}/count": len(rows), f"{key}/fallbacks": sum(bool(r.get("fallback")) for r in rows)}
     out |= {f"{key}/sqnr_db_mean/{kind}": sum(v) / len(v) for kind, v in by_kind.items() if v}
     out |= {f"{key}/sqnr_db_min/{kind}": min(v) for kind, v in by_kind.items() if v}
+    if any(r.get("algorithm", "rtn") != "rtn" for r in rows):  # modules an algorithm left to round to nearest
+        out[f"{key}/algorithm_fallbacks"] = sum(r.get("algorithm") == "rtn-fallback" for r in rows)
     scored = [(r["sqnr_db"], r["name"]) for r in rows if _finite([r.get("sqnr_db")])]
     if scored:
         worst = min(scored)

@@ -2,13 +2,15 @@
 
 An algorithm may change the layer before it is observed (``prepare``: AWQ smooths it, so the static FP8 input
 scales the observe step then measures are those of the smoothed layer), gather what it needs while the layer's
-calibration inputs run through it (``collect``) and change the values of the target Linears' weights before they
-are quantized (``apply``). It never changes which tensors are written or how, so every checkpoint format keeps
-working; tensors that ``prepare`` changed are written from their new values (``LayerQuantizer.write_rest``).
-``rtn`` (round to nearest, the default) does nothing: the weights are quantized as they are.
+calibration inputs run through it (``collect``) and decide the target Linears' codes and scales before they are
+written (``apply`` returns them per target, as :class:`slim.algorithms.gptq.Solved`; a target it returns nothing
+for, or no codes, is quantized by round to nearest). It never changes which tensors are written or how, so every
+checkpoint format keeps working; tensors that ``prepare`` changed are written from their new values
+(``LayerQuantizer.write_rest``). ``rtn`` (round to nearest, the default) does nothing: the weights are quantized as
+they are.
 
-    ALGORITHMS[name]() -> LayerAlgorithm          one entry per algorithm, one module each (slim/algorithms/*.py)
-    Composed(name, first, second)                 ``prepare`` of ``first``, ``collect``/``apply`` of ``second``
+    ALGORITHMS[name](ctx: AlgorithmContext) -> LayerAlgorithm   one entry per algorithm, one module each
+    Composed(name, first, second, ctx)        ``prepare`` of ``first``, ``collect``/``apply`` of ``second``
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import torch
 from torch import nn
 
 from slim.algorithms.awq import AWQ
+from slim.algorithms.gptq import GPTQ, Solved
 from slim.algorithms.rtn import RoundToNearest
-from slim.errors import SlimError
 from slim.quant.schemes import Scheme
 
 
@@ -52,6 +54,20 @@ class LayerContext:
     store_device: torch.device  # where cached activations wait (the calibration hidden states' device)
 
 
+@dataclass(frozen=True)
+class AlgorithmContext:
+    """What an algorithm needs beyond its config: the scheme's weight numerics (the scale rule and the dtype the
+    format stores group scales in), the ranks, and the plan's expert chunk (routed experts per calibration pass)."""
+
+    cfg: Any = None  # slim.config.AlgorithmConfig
+    scheme: Any = None  # slim.quant.schemes.Scheme
+    group_size: int | None = None
+    weight_observer: str = "minmax"
+    scale_dtype: torch.dtype | None = None
+    dist: Any = None  # slim.distributed.Dist
+    expert_chunk: int = 0  # 0: all routed experts of a layer in one pass
+
+
 class LayerAlgorithm(Protocol):
     """One layer at a time: ``prepare`` runs after the layer is materialized and before it is observed, and returns
     the full names of the tensors whose values it changed; ``collect`` wraps the layer's calibration forward pass;
@@ -63,12 +79,16 @@ class LayerAlgorithm(Protocol):
 
     def collect(self, targets: dict[str, nn.Linear]) -> contextlib.AbstractContextManager: ...
 
-    def apply(self, targets: dict[str, nn.Linear], observers: dict) -> dict[str, dict]: ...
+    def apply(self, targets: dict[str, nn.Linear], observers: dict, rerun: Callable[[], object] | None = None,
+              wanted: set[str] | None = None) -> dict[str, Solved]:
+        """``rerun``: the layer's calibration forward pass again (for algorithms that collect in several passes);
+        ``wanted``: the targets whose results this rank writes (None: all)."""
+        ...
 
 
 class Composed:
     """Two algorithms in one layer step: ``first`` prepares the layer (e.g. AWQ smooths it), ``second`` collects and
-    changes the weights (e.g. GPTQ). Both factories get the same arguments."""
+    decides the codes (e.g. GPTQ). Both factories get the same arguments."""
 
     def __init__(self, name: str, first: Callable[..., LayerAlgorithm], second: Callable[..., LayerAlgorithm],
                  *args, **kwargs):
@@ -81,18 +101,25 @@ class Composed:
     def collect(self, targets: dict[str, nn.Linear]) -> contextlib.AbstractContextManager:
         return self.second.collect(targets)
 
-    def apply(self, targets: dict[str, nn.Linear], observers: dict) -> Any:
-        return self.second.apply(targets, observers)
+    def apply(self, targets: dict[str, nn.Linear], observers: dict, rerun: Callable[[], object] | None = None,
+              wanted: set[str] | None = None) -> dict[str, Solved]:
+        return self.second.apply(targets, observers, rerun=rerun, wanted=wanted)
 
 
 def _awq_gptq(*args, **kwargs) -> Composed:
-    """AWQ's smoothing, then GPTQ's weights; GPTQ is looked up when the algorithm is built."""
-    if "gptq" not in ALGORITHMS:
-        raise SlimError("algorithm=awq_gptq needs GPTQ (slim/algorithms/gptq.py), which this slim does not have; "
-                        "choose algorithm=awq")
-    return Composed("awq_gptq", ALGORITHMS["awq"], ALGORITHMS["gptq"], *args, **kwargs)
+    """AWQ's smoothing, then GPTQ's codes."""
+    return Composed("awq_gptq", AWQ, GPTQ, *args, **kwargs)
 
 
-ALGORITHMS: dict[str, Callable[..., LayerAlgorithm]] = {"rtn": RoundToNearest, "awq": AWQ, "awq_gptq": _awq_gptq}
-"""``rtn``: round to nearest, the default; ``awq``: activation-aware smoothing (slim.algorithms.awq), then RTN;
-``awq_gptq``: AWQ's smoothing, then GPTQ (where slim.algorithms.gptq registers ``gptq``)."""
+ALGORITHMS: dict[str, Callable[..., LayerAlgorithm]] = {"rtn": RoundToNearest, "gptq": GPTQ, "awq": AWQ,
+                                                        "awq_gptq": _awq_gptq}
+"""``rtn``: round to nearest, the default; ``gptq``: GPTQ (slim.algorithms.gptq); ``awq``: activation-aware
+smoothing (slim.algorithms.awq), then RTN; ``awq_gptq``: AWQ's smoothing, then GPTQ."""
+
+
+def build_algorithm(cfg, scheme, fmt, dist=None, expert_chunk: int = 0) -> LayerAlgorithm:
+    """The configured algorithm for one run (``cfg``: the full SlimConfig)."""
+    ctx = AlgorithmContext(cfg=cfg.algorithm, scheme=scheme, group_size=cfg.scheme.group_size,
+                           weight_observer=cfg.scheme.weight_observer,
+                           scale_dtype=getattr(fmt, "group_scale_dtype", None), dist=dist, expert_chunk=expert_chunk)
+    return ALGORITHMS[cfg.algorithm.name](ctx)

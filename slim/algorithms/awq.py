@@ -172,7 +172,8 @@ class AWQ:
     def collect(self, targets: dict[str, nn.Linear]):
         return nullcontext()
 
-    def apply(self, targets: dict[str, nn.Linear], observers: dict) -> dict[str, dict]:
+    def apply(self, targets: dict[str, nn.Linear], observers: dict, rerun=None, wanted=None) -> dict:
+        """Nothing to decide: every target is quantized by round to nearest (of its smoothed weight)."""
         return {}
 
     # ---- one kind of mapping in one layer ----------------------------------------------------------------------

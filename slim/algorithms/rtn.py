@@ -11,8 +11,8 @@ class RoundToNearest:
 
     name = "rtn"
 
-    def __init__(self, *_args, **_kwargs) -> None:
-        pass
+    def __init__(self, ctx=None):
+        self.ctx = ctx
 
     def prepare(self, ctx) -> set[str]:
         """Nothing to change before observing."""
@@ -22,6 +22,6 @@ class RoundToNearest:
     def collect(self, targets: dict[str, nn.Linear]) -> Iterator[None]:
         yield
 
-    def apply(self, targets: dict[str, nn.Linear], observers: dict) -> dict[str, dict]:
-        """Nothing to change; returns per-module notes for the records (none)."""
+    def apply(self, targets: dict[str, nn.Linear], observers: dict, rerun=None, wanted=None) -> dict:
+        """Nothing to decide: every target is quantized by round to nearest."""
         return {}
