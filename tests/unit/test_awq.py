@@ -351,16 +351,16 @@ def test_composed_prepares_with_the_first_and_quantizes_with_the_second(embedded
 
 
 def test_awq_gptq_is_awq_then_gptq():
-    if "gptq" not in ALGORITHMS:  # this branch has no GPTQ: building awq_gptq names the fix
-        from slim.errors import SlimError
+    from slim.algorithms import build_algorithm
+    from slim.algorithms.gptq import GPTQ
+    from slim.config import validate
+    from slim.quant.schemes import scheme_from_config
 
-        with pytest.raises(SlimError, match="needs GPTQ"):
-            ALGORITHMS["awq_gptq"]()
-        pytest.skip("slim.algorithms.gptq is not on this branch: the composition is checked where it is")
-    algo = ALGORITHMS["awq_gptq"]()
-    assert algo.name == "awq_gptq" and isinstance(algo.first, AWQ)
-    assert type(algo.second) is type(ALGORITHMS["gptq"]())
+    cfg = validate(compose_config("algorithm=awq_gptq", "scheme=w4a8"))
+    algo = build_algorithm(cfg, scheme_from_config(cfg.scheme), fmt=None)
+    assert algo.name == "awq_gptq" and isinstance(algo.first, AWQ) and isinstance(algo.second, GPTQ)
     assert algo.collect.__func__ is Composed.collect and algo.apply.__func__ is Composed.apply
+    assert algo.second.ctx.cfg.dampening_frac == 0.01 and algo.first  # GPTQ's settings reach the composed one
 
 
 def test_awq_config_validation():
