@@ -89,7 +89,7 @@ class AlgorithmConfig:
     # gptq (slim.algorithms.gptq)
     dampening_frac: float = 0.01  # added to H's diagonal: this fraction of its mean
     dampening_retries: int = 2  # an H not positive definite is retried with 10x the fraction, this many times
-    block_size: int = 128  # columns per lazy block update; a multiple or divisor of scheme.group_size
+    block_size: int = 128  # columns per lazy block update (the group size where the two do not divide one another)
     min_tokens: int = 32  # a Hessian from fewer calibration tokens falls back to round to nearest
     expert_chunk: int = 0  # routed experts whose Hessians are collected per calibration pass; 0: the plan picks
     fp8_weights: bool = False  # GPTQ on FP8 per-tensor weights too (false: they stay round to nearest)
@@ -291,10 +291,6 @@ def _algorithm(cfg: SlimConfig) -> None:
     _choice(a.hessian_dtype, ("float32", "float64"), "algorithm.hessian_dtype")
     if a.block_size <= 0 or a.min_tokens < 0 or a.expert_chunk < 0:
         raise SlimError("algorithm.block_size must be positive, algorithm.min_tokens and algorithm.expert_chunk >= 0")
-    g = cfg.scheme.group_size
-    if g and not (a.block_size % g == 0 or g % a.block_size == 0):
-        raise SlimError(f"algorithm.block_size={a.block_size} and scheme.group_size={g}: one must divide the other; "
-                        f"set algorithm.block_size={g}")
     if cfg.calibration.source == "none" and cfg.mode == "quantize":
         raise SlimError(f"algorithm={a.name} needs the layers' calibration inputs: choose calibration=embedded (or "
                         "jsonl/hf), or algorithm=rtn")

@@ -52,6 +52,14 @@ class Solved:
     output_rel_err: float | None = None
 
 
+def block_for(block_size: int, group_size: int | None) -> int:
+    """The lazy-update block GPTQ runs with: ``algorithm.block_size`` where it and the group size divide one another
+    (each group's scale is then fixed from weights every earlier block has updated), else the group size."""
+    if group_size is None or block_size % group_size == 0 or group_size % block_size == 0:
+        return block_size
+    return group_size
+
+
 class GPTQ:
     """``gptq`` (see module docstring); ``ctx``: :class:`slim.algorithms.AlgorithmContext`."""
 
@@ -185,7 +193,8 @@ class GPTQ:
             def group_scale(g: torch.Tensor) -> torch.Tensor:  # the scheme's own rule, scale dtype included
                 return ctx.scheme.handler.quantize(g, observe, ctx.group_size, ctx.scale_dtype, None)[1].reshape(-1)
 
-            codes, scales = solver.gptq_solve(weight, hinv, grid, block_size=self.cfg.block_size,
+            codes, scales = solver.gptq_solve(weight, hinv, grid, block_size=block_for(self.cfg.block_size,
+                                                                                       ctx.group_size),
                                               group_scale=group_scale)
         else:  # one scale per Linear, from its weight as RTN computes it, fixed up front
             grid = solver.fp8_grid()

@@ -197,12 +197,19 @@ def test_config_errors_name_the_fix():
 
     cfg = compose_config("scheme=w4a8", "algorithm=gptq")
     assert cfg.algorithm.name == "gptq" and cfg.algorithm.block_size == 128 and cfg.algorithm.dampening_frac == 0.01
-    for overrides, fix in ((["algorithm.block_size=96"], "algorithm.block_size=128"),
+    for overrides, fix in ((["algorithm.block_size=0"], "algorithm.block_size must be positive"),
                            (["algorithm.dampening_frac=0"], "algorithm.dampening_frac"),
                            (["algorithm.hessian_dtype=float16"], "float32, float64"),
                            (["scheme=w4a8_dynamic", "calibration=none"], "algorithm=rtn")):
         with pytest.raises(SlimError, match=fix):
             validate(compose_config("scheme=w4a8", "algorithm=gptq", *overrides))
+
+
+def test_a_block_that_does_not_divide_the_group_runs_with_the_group_size():
+    from slim.algorithms.gptq import block_for
+
+    assert block_for(128, 192) == 192 and block_for(128, 64) == 128 and block_for(32, 128) == 32
+    assert block_for(128, None) == 128  # per-tensor FP8: no groups
 
 
 def test_wandb_summary_counts_algorithm_fallbacks(tmp_path):
