@@ -130,3 +130,11 @@ def test_every_mode_has_a_runner():
     from slim.pipeline import MODE_RUNNERS
 
     assert tuple(MODE_RUNNERS) == MODES
+
+
+def test_test_modules_have_unique_names():
+    """pytest imports test modules by basename (the test folders are not packages): two of one name stop the whole
+    suite at collection."""
+    tests = ROOT.parent / "tests"
+    names = [p.name for p in tests.rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
