@@ -118,6 +118,10 @@ class GPTQ:
                 h.remove()
             self.recent = []
 
+    def prepare(self, ctx) -> set[str]:
+        """Nothing to change before observing (``awq_gptq`` smooths first: slim.algorithms.Composed)."""
+        return set()
+
     @contextlib.contextmanager
     def collect(self, targets: dict[str, nn.Linear]) -> Iterator[None]:
         self._reset()

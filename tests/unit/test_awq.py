@@ -397,3 +397,16 @@ def test_linear_bias_is_divided_too():
     changed = set()
     AWQ._fold(C, R, torch.tensor([2.0, 0.5, 3.0]), changed)
     assert torch.allclose(bal(smooth(x)), y, atol=1e-6) and changed == {"p.b.weight", "p.s.weight", "p.s.bias"}
+
+
+def test_every_algorithm_has_every_step_of_the_layer_loop():
+    """The layer loop calls prepare, collect and apply on whatever algorithm the config names."""
+    from slim.algorithms import ALGORITHMS, build_algorithm
+    from slim.config import validate
+    from slim.quant.schemes import scheme_from_config
+
+    for name in ALGORITHMS:
+        cfg = validate(compose_config(f"algorithm={name}", "scheme=w4a8"))
+        algo = build_algorithm(cfg, scheme_from_config(cfg.scheme), fmt=None)
+        assert algo.name == name
+        assert all(callable(getattr(algo, step, None)) for step in ("prepare", "collect", "apply")), name
