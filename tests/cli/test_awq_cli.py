@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from slim.config import ASSETS
+from tests.helpers.accuracy import kl_to_bf16
 from tests.helpers.cli import slim_main
 
 pytestmark = pytest.mark.slow
@@ -58,24 +59,6 @@ def test_smoothed_norm_and_router_are_written(runs):
 
 
 def test_kl_to_bf16_next_to_rtn(runs):
-    from transformers import AutoTokenizer
-
-    from slim.models.loading import load_model
-
-    src = ASSETS / "tiny_deepseek"
-    tok = AutoTokenizer.from_pretrained(str(src))
-    texts = [json.loads(line)["text"] for line in (ASSETS / "data" / "heldout_ppl.jsonl").read_text().splitlines()]
-    ids = torch.tensor(sum((tok(t)["input_ids"] for t in texts), [])[: 8 * 256]).reshape(8, 256)
-
-    def logprobs(path):
-        model = load_model(str(path), load_type="fp8", dtype="bfloat16", device="cpu")
-        with torch.no_grad():
-            return torch.cat([model(batch).logits.float().log_softmax(-1) for batch in ids.split(4)])
-
-    base = logprobs(src)
-    kl = {}
-    for algo, ckpt in runs.items():
-        lp = logprobs(ckpt)
-        kl[algo] = (base.exp() * (base - lp)).sum(-1).mean().item()
+    kl = kl_to_bf16(ASSETS / "tiny_deepseek", runs, rows=8, batch=4)
     print(f"KL(bf16 || w4a8) on held-out text: rtn {kl['rtn']:.5f}, awq {kl['awq']:.5f}")
     assert 0 < kl["awq"] < 2 * kl["rtn"], kl  # smoothing folded in consistently (a broken fold is far worse)

@@ -9,12 +9,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from transformers import AutoTokenizer
 
 from slim.config import ASSETS
-from slim.models.loading import load_model
 from tests.cli.test_faults import fault_env, files
+from tests.helpers import accuracy
 from tests.helpers.cli import slim_main
 
 pytestmark = pytest.mark.slow  # every test runs the CLI
@@ -38,18 +36,7 @@ def exported(tmp_path_factory):
 
 def kl_to_bf16(paths):
     """KL(bf16 || quantized) of next-token distributions, mean over 32 x 256 held-out positions."""
-    src = ASSETS / "tiny_deepseek"
-    tok = AutoTokenizer.from_pretrained(str(src))
-    texts = [json.loads(line)["text"] for line in (ASSETS / "data" / "heldout_ppl.jsonl").read_text().splitlines()]
-    ids = torch.tensor(sum((tok(t)["input_ids"] for t in texts), [])[: 32 * 256]).reshape(32, 256)
-
-    def logprobs(path):
-        model = load_model(str(path), load_type="fp8", dtype="bfloat16", device="cpu")
-        with torch.no_grad():
-            return torch.cat([model(batch).logits.float().log_softmax(-1) for batch in ids.split(8)])
-
-    base = logprobs(src)
-    return {name: (base.exp() * (base - logprobs(p))).sum(-1).mean().item() for name, p in paths.items()}
+    return accuracy.kl_to_bf16(ASSETS / "tiny_deepseek", paths)
 
 
 def test_gptq_is_closer_to_bf16_than_rtn(exported):

@@ -6,15 +6,11 @@ perplexity differences between the two observers are below the resolution of the
 the KL divergence from the bf16 model is not, and mse is closer.
 """
 
-import json
-
 import pytest
-import torch
 from transformers import AutoTokenizer
 
-from slim.config import ASSETS
-from slim.models.loading import load_model
 from slim.pipeline import eval_stage, quantize_stage
+from tests.helpers.accuracy import kl_to_bf16
 from tests.helpers.configs import compose_config
 
 
@@ -59,18 +55,5 @@ def test_mse_observer_not_worse_than_minmax_on_w4a8(scores):
 def test_mse_observer_output_closer_to_bf16_than_minmax(scores, embedded_model_path):
     """KL(bf16 || w4a8) of the next-token distributions on held-out text: the distortion each observer's
     weights cause, free of the noise a small perplexity set has (where minmax even lands below bf16)."""
-    tok = AutoTokenizer.from_pretrained(str(embedded_model_path))
-    texts = [json.loads(line)["text"] for line in (ASSETS / "data" / "heldout_ppl.jsonl").read_text().splitlines()]
-    ids = torch.tensor(sum((tok(t)["input_ids"] for t in texts), [])[: 32 * 256]).reshape(32, 256)
-
-    def logprobs(path):
-        model = load_model(str(path), load_type="fp8", dtype="bfloat16", device="cpu")
-        with torch.no_grad():
-            return torch.cat([model(batch).logits.float().log_softmax(-1) for batch in ids.split(8)])
-
-    base = logprobs(embedded_model_path)
-    kl = {}
-    for name in ("w4a8", "w4a8_mse"):
-        lp = logprobs(scores["work"] / name)
-        kl[name] = (base.exp() * (base - lp)).sum(-1).mean().item()
+    kl = kl_to_bf16(embedded_model_path, {n: scores["work"] / n for n in ("w4a8", "w4a8_mse")})
     assert 0 < kl["w4a8_mse"] <= kl["w4a8"], kl
