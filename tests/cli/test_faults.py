@@ -11,14 +11,15 @@ import textwrap
 
 import pytest
 
-from tests.helpers.cli import slim_main
+from tests.helpers.cli import sitecustomize_env, slim_main
 
 QUICK = ["eval=none", "logger=none", "calibration.num_samples=4", "calibration.seq_len=64", "export.max_shard_mb=1"]
 
 SITE = textwrap.dedent('''
     import importlib, os, signal
     spec = os.environ.get("SLIM_TEST_FAULT")  # module:attr[.method]:n:action
-    if spec:
+    # only in the process of rank $SLIM_TEST_FAULT_RANK (default 0; a single process counts as rank 0)
+    if spec and os.environ.get("RANK", "0") == os.environ.get("SLIM_TEST_FAULT_RANK", "0"):
         mod_name, target, n, action = spec.split(":")
         n, owner = int(n), importlib.import_module(mod_name)
         *path, attr = target.split(".")
@@ -36,11 +37,9 @@ SITE = textwrap.dedent('''
 ''')
 
 
-def fault_env(tmp_path, spec):
-    site = tmp_path / "site"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(SITE)
-    return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]), "SLIM_TEST_FAULT": spec}
+def fault_env(tmp_path, spec, rank=0):
+    """Environment that makes the ``spec`` fault (``module:attr[.method]:n:kill|enospc``) happen in rank ``rank``."""
+    return {**sitecustomize_env(tmp_path, SITE), "SLIM_TEST_FAULT": spec, "SLIM_TEST_FAULT_RANK": str(rank)}
 
 
 def files(directory):

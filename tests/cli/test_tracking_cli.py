@@ -5,12 +5,11 @@ run (one run id) and logs the scores with their deltas against the baseline, as 
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
 from slim.tracking import run_id
-from tests.helpers.cli import slim_main
+from tests.helpers.cli import sitecustomize_env, slim_main
 from tests.unit.test_tracking import _history, _records, _summary
 
 pytestmark = pytest.mark.slow  # two CLI runs
@@ -20,9 +19,8 @@ FAST = ["calibration.num_samples=4", "eval.limit=4"]
 
 def _fail_quantized_eval(tmp_path):
     """A sitecustomize that makes the evaluation of the quantized checkpoint raise (after the baseline is scored)."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
+    return sitecustomize_env(
+        tmp_path,
         "import os\n"
         "if os.environ.get('SLIM_TEST_FAIL_EVAL'):\n"
         "    import slim.pipeline as p\n"
@@ -31,9 +29,7 @@ def _fail_quantized_eval(tmp_path):
         "        if target.name == 'checkpoint':\n"
         "            raise RuntimeError('injected evaluation failure')\n"
         "        return original(cfg, target, *args, **kwargs)\n"
-        "    p.eval_stage = eval_stage\n"
-    )
-    return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+        "    p.eval_stage = eval_stage\n")
 
 
 def _run_record(records):

@@ -2,14 +2,13 @@
 same scores, both ranks scoring batches, and a rank's failure failing the job promptly, naming the rank."""
 
 import json
-import os
 import re
 import time
 
 import pytest
 
 from slim.eval_ranks import assign
-from tests.helpers.cli import slim_main
+from tests.helpers.cli import sitecustomize_env, slim_main
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 EVAL = ["eval.backend=streamed", "eval.limit=6", "eval.batch_size=2", "logger=none"]
@@ -47,17 +46,13 @@ def test_two_ranks_score_what_one_process_scores(tmp_path):
 
 @pytest.mark.slow
 def test_a_rank_failing_while_scoring_fails_the_job_naming_it(tmp_path):
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
-        "import os\n"
-        "if os.environ.get('RANK') == '1':\n"
-        "    import slim.evaluate_streamed as e\n"
-        "    def broken(self, jobs):\n"
-        "        raise RuntimeError('injected scoring fault')\n"
-        "    e.LayerScorer.score_jobs = broken\n"
-    )
-    env = {**ONE_THREAD, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    env = {**ONE_THREAD, **sitecustomize_env(tmp_path,
+                                             "import os\n"
+                                             "if os.environ.get('RANK') == '1':\n"
+                                             "    import slim.evaluate_streamed as e\n"
+                                             "    def broken(self, jobs):\n"
+                                             "        raise RuntimeError('injected scoring fault')\n"
+                                             "    e.LayerScorer.score_jobs = broken\n")}
     start = time.monotonic()
     proc = slim_main("hardware=cpu_x2", "mode=eval", *EVAL, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
                      env=env, timeout=280)

@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from slim.quant.fp8 import FP8_DTYPE
+from tests.helpers.cli import sitecustomize_env
 
 
 def slim_main(*args, cwd, env=None, timeout=600):
@@ -60,17 +61,13 @@ def test_two_ranks_bit_identical_to_one(tmp_path, scheme, overrides):
 
 def _inject(tmp_path, body):
     """A sitecustomize that breaks rank 1 only (imported by every rank's interpreter at start-up)."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
-        "import os\n"
-        "if os.environ.get('RANK') == '1':\n"
-        "    import slim.quantize as q\n"
-        "    def broken(*args, **kwargs):\n"
-        f"        {body}\n"
-        "    q.LayerQuantizer.quantize = broken\n"
-    )
-    return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    return sitecustomize_env(tmp_path,
+                             "import os\n"
+                             "if os.environ.get('RANK') == '1':\n"
+                             "    import slim.quantize as q\n"
+                             "    def broken(*args, **kwargs):\n"
+                             f"        {body}\n"
+                             "    q.LayerQuantizer.quantize = broken\n")
 
 
 def failed_ranks(err: str) -> dict[int, int]:

@@ -2,47 +2,15 @@
 and finishes byte-identical to an uninterrupted run on the world size that started it (``slim.layout``)."""
 
 import json
-import os
 import signal
-import textwrap
 
 import pytest
 
+from tests.cli.test_faults import fault_env, files
 from tests.helpers.cli import slim_main
 
 QUICK = ["eval=none", "logger=none", "calibration.num_samples=6", "calibration.seq_len=64", "export.max_shard_mb=1"]
 HW = {1: "hardware=cpu", 2: "hardware=cpu_x2"}
-
-# kills the process of rank $SLIM_TEST_FAULT_RANK (a single process counts as rank 0) on the n-th call
-SITE = textwrap.dedent('''
-    import importlib, os, signal
-    spec = os.environ.get("SLIM_TEST_FAULT")  # module:attr[.method]:n
-    if spec and os.environ.get("RANK", "0") == os.environ.get("SLIM_TEST_FAULT_RANK", "0"):
-        mod_name, target, n = spec.split(":")
-        n, owner = int(n), importlib.import_module(mod_name)
-        *path, attr = target.split(".")
-        for p in path:
-            owner = getattr(owner, p)
-        original, calls = getattr(owner, attr), [0]
-        def wrapped(*args, **kwargs):
-            calls[0] += 1
-            if calls[0] == n:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return original(*args, **kwargs)
-        setattr(owner, attr, wrapped)
-''')
-
-
-def fault_env(tmp_path, spec, rank):
-    site = tmp_path / "site"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(SITE)
-    return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
-            "SLIM_TEST_FAULT": spec, "SLIM_TEST_FAULT_RANK": str(rank)}
-
-
-def files(directory):
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +32,7 @@ def test_killed_export_resumes_on_another_world_size_byte_identical(tmp_path, un
     run = tmp_path / "run"
     # the third commit point's save: layers 0 and 1 are committed, layer 2 is written but not committed
     killed = slim_main(HW[started], *QUICK, f"hydra.run.dir={run}", cwd=tmp_path,
-                       env=fault_env(tmp_path, "slim.layout:ResumeSet.save_layer:3", killed_rank))
+                       env=fault_env(tmp_path, "slim.layout:ResumeSet.save_layer:3:kill", killed_rank))
     assert killed.returncode != 0, killed.stderr[-2000:]
     if started == 1:
         assert killed.returncode == -signal.SIGKILL

@@ -19,3 +19,12 @@ def assert_refused(proc, *fragments):
     assert "Traceback" not in proc.stderr
     for fragment in fragments:
         assert fragment in proc.stderr, proc.stderr[-2000:]
+
+
+def sitecustomize_env(tmp_path, source: str) -> dict[str, str]:
+    """Environment whose Python processes (every rank's too) run ``source`` at start-up, as ``sitecustomize``: how
+    tests inject a fault into the real CLI."""
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(source)
+    return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
