@@ -93,6 +93,8 @@ class AlgorithmConfig:
     min_tokens: int = 32  # a Hessian from fewer calibration tokens falls back to round to nearest
     expert_chunk: int = 0  # routed experts whose Hessians are collected per calibration pass; 0: the plan picks
     fp8_weights: bool = False  # GPTQ on FP8 per-tensor weights too (false: they stay round to nearest)
+    # static: columns solved in decreasing H-diagonal order, group scales fixed up front, nothing stored | none
+    actorder: str = "static"
     # what x^T x is summed in: float32 (as the references) | float64 (twice the memory; ranks and one process then
     # solve the same H, so their codes agree)
     hessian_dtype: str = "float32"
@@ -289,6 +291,7 @@ def _algorithm(cfg: SlimConfig) -> None:
         raise SlimError(f"algorithm.dampening_frac={a.dampening_frac} must lie in (0, 1) (0.01 is GPTQ's usual) and "
                         f"algorithm.dampening_retries={a.dampening_retries} must be >= 0")
     _choice(a.hessian_dtype, ("float32", "float64"), "algorithm.hessian_dtype")
+    _choice(a.actorder, ("static", "none"), "algorithm.actorder")
     if a.block_size <= 0 or a.min_tokens < 0 or a.expert_chunk < 0:
         raise SlimError("algorithm.block_size must be positive, algorithm.min_tokens and algorithm.expert_chunk >= 0")
     if cfg.calibration.source == "none" and cfg.mode == "quantize":

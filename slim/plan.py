@@ -123,15 +123,18 @@ def _gptq(cfg: SlimConfig, scheme, adapter, layers, targets: dict[str, nn.Linear
     components, or the host's on a CPU), with the expert chunk that fits what is left there."""
     from slim.algorithms.gptq_memory import plan_hessians
 
-    if cfg.algorithm.name != "gptq" or cfg.calibration.source == "none" or not (
+    if "gptq" not in cfg.algorithm.name or cfg.calibration.source == "none" or not (
             scheme.per_group or cfg.algorithm.fp8_weights):
         return None
     capacity = hw.device_memory_gb if hw.device != "cpu" else hw.host_memory_gb / hw.procs_per_node
-    free = USABLE_FRACTION * capacity * GiB - sum(where.values())
+    itemsize = 8 if cfg.algorithm.hessian_dtype == "float64" else 4
+    world = hw.nodes * hw.procs_per_node
+    # ranks add their sums in rank order from an all-gather, one Hessian at a time: world copies of the largest
+    gather = world * max((m.in_features ** 2 for m in targets.values()), default=0) * itemsize if world > 1 else 0
+    free = USABLE_FRACTION * capacity * GiB - sum(where.values()) - gather
     prefixes = {adapter.layer_prefix(i) for i in range(len(layers))}
     from slim.layer_loop import group_by_prefix
 
-    itemsize = 8 if cfg.algorithm.hessian_dtype == "float64" else 4
     plans = [plan_hessians(t, free, cfg.algorithm.expert_chunk, itemsize)
              for t in group_by_prefix(targets, prefixes).values()]
     if not plans:
@@ -140,6 +143,8 @@ def _gptq(cfg: SlimConfig, scheme, adapter, layers, targets: dict[str, nn.Linear
     worst.result_bytes = max(p.result_bytes for p in plans)
     where["GPTQ Hessians (one layer; routed experts one chunk)"] = worst.resident_bytes
     where["GPTQ solve temporaries"] = worst.solve_bytes
+    if gather:
+        where["GPTQ Hessian all-gather (ranks x the largest H)"] = gather
     return worst
 
 

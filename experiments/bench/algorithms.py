@@ -8,9 +8,10 @@ slim caches the baseline) and the quantize stage's wall time (``timings_s.quanti
 
 - W4 (int4 symmetric, the largest group size that divides every Linear's input width: 192 for 576/1536) on every
   Linear but lm_head, per algorithm: ``scheme=w4a8_dynamic`` (what vLLM serves), whose FP8 per-token dynamic
-  activations add little to int4's error;
+  activations add little to int4's error; each with the minmax and the mse group-scale observer (``*_wmse``);
 - ``fp8_static`` on every Linear but lm_head, per activation observer x algorithm, and ``fp8_dynamic`` (per-token
-  activation scales at run time) per algorithm: what is left when no static scale has to be chosen.
+  activation scales at run time) per algorithm: what is left when no static scale has to be chosen. The GPTQ
+  algorithms run with ``algorithm.fp8_weights=true`` there (without it they leave FP8 weights to round to nearest).
 
 Algorithms missing from this build of slim (``slim.algorithms.ALGORITHMS``) are skipped with a note. It prints
 the ratios issue 28 sets as targets and writes everything to ``experiments/bench/results/algorithms.json``
@@ -92,6 +93,8 @@ def main() -> None:
     ap.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS))
     ap.add_argument("--observers", nargs="+", default=list(OBSERVERS))
     ap.add_argument("--parts", nargs="+", default=["w4", "fp8"], choices=["w4", "fp8"])
+    ap.add_argument("--weight-observers", nargs="+", default=["minmax", "mse"], choices=["minmax", "mse"],
+                    help="W4 group-scale observers (scheme.weight_observer); mse runs are named *_wmse")
     ap.add_argument("--num-samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--dtype", default="auto", help="model.dtype of every run (auto: bf16 where the CPU has it)")
@@ -113,16 +116,17 @@ def main() -> None:
               "scheme.ignore_layers=[lm_head]"]
     runs = []
     for a in algos:
-        if "w4" in args.parts:
-            runs.append(run(f"w4g{group}_{a}", model, args.work, [
-                "scheme=w4a8_dynamic", f"scheme.group_size={group}", f"algorithm={a}"],
-                common, args.timeout, args.reuse))
+        fp8_gptq = ["algorithm.fp8_weights=true"] if "gptq" in a else []  # else GPTQ leaves FP8 weights to RTN
+        for wo in args.weight_observers if "w4" in args.parts else ():
+            runs.append(run(f"w4g{group}_{a}" + ("" if wo == "minmax" else f"_w{wo}"), model, args.work, [
+                "scheme=w4a8_dynamic", f"scheme.group_size={group}", f"scheme.weight_observer={wo}",
+                f"algorithm={a}"], common, args.timeout, args.reuse))
         if "fp8" in args.parts:  # reference: per-token dynamic activations, the floor static scales could reach
-            runs.append(run(f"fp8_dynamic_{a}", model, args.work, ["scheme=fp8_dynamic", f"algorithm={a}"],
-                            common, args.timeout, args.reuse))
+            runs.append(run(f"fp8_dynamic_{a}", model, args.work, ["scheme=fp8_dynamic", f"algorithm={a}",
+                                                                  *fp8_gptq], common, args.timeout, args.reuse))
         for o in args.observers if "fp8" in args.parts else ():
             runs.append(run(f"fp8_static_{o}_{a}", model, args.work, [
-                "scheme=fp8_static", f"scheme.activation_observer={o}", f"algorithm={a}"],
+                "scheme=fp8_static", f"scheme.activation_observer={o}", f"algorithm={a}", *fp8_gptq],
                 common, args.timeout, args.reuse))
     base = next((r["baseline"] for r in runs if r.get("baseline")), None)
     for r in runs:
@@ -144,6 +148,9 @@ def main() -> None:
         "gptq_over_rtn (target <= 0.5)": ratio(f"{w4}_gptq", f"{w4}_rtn"),
         "awq_over_rtn (target <= 0.7)": ratio(f"{w4}_awq", f"{w4}_rtn"),
         "awq_gptq_over_rtn": ratio(f"{w4}_awq_gptq", f"{w4}_rtn"),
+        "gptq_wmse_over_rtn (mse group scales)": ratio(f"{w4}_gptq_wmse", f"{w4}_rtn"),
+        "awq_gptq_wmse_over_rtn": ratio(f"{w4}_awq_gptq_wmse", f"{w4}_rtn"),
+        "rtn_wmse_over_rtn": ratio(f"{w4}_rtn_wmse", f"{w4}_rtn"),
         "gptq_quantize_wall_over_rtn (target <= 2)": ratio(f"{w4}_gptq", f"{w4}_rtn", "quantize_s"),
         f"best_fp8 ({best and best['name']}) over minmax+rtn (target <= 0.5)":
             ratio(best["name"], "fp8_static_minmax_rtn") if best else None,

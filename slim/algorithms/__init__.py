@@ -103,7 +103,16 @@ class Composed:
 
     def apply(self, targets: dict[str, nn.Linear], observers: dict, rerun: Callable[[], object] | None = None,
               wanted: set[str] | None = None) -> dict[str, Solved]:
-        return self.second.apply(targets, observers, rerun=rerun, wanted=wanted)
+        """``second``'s results; what ``first`` says of a target (its ``reason``, e.g. AWQ's search result) is kept
+        in the target's note, and a target ``second`` left alone keeps ``first``'s entry."""
+        said = self.first.apply(targets, observers, rerun=None, wanted=wanted)
+        out = self.second.apply(targets, observers, rerun=rerun, wanted=wanted)
+        for name, first in said.items():
+            if name not in out:
+                out[name] = first
+            elif first.reason:
+                out[name].reason = "; ".join(r for r in (first.reason, out[name].reason) if r)
+        return out
 
 
 def _awq_gptq(*args, **kwargs) -> Composed:

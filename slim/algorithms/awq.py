@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from slim.algorithms.awq_mappings import MAPPINGS, Resolved, resolve
+from slim.algorithms.gptq import Solved
 from slim.errors import SlimError
 from slim.quant.observers import WEIGHT_OBSERVERS
 from slim.quant.schemes import dequantize_weight
@@ -131,6 +132,7 @@ class AWQ:
 
     def __init__(self, *_args, **_kwargs) -> None:
         self.records: list[dict] = []
+        self.notes: dict[str, str] = {}  # this layer's smoothed targets -> their mapping's result, for modules.json
 
     # ---- the layer-loop protocol -------------------------------------------------------------------------------
     def prepare(self, ctx) -> set[str]:
@@ -167,14 +169,17 @@ class AWQ:
                      ctx.prefix.rstrip("."), len(done), ratios[len(ratios) // 2] if ratios else 1.0,
                      ratios[-1] if ratios else 1.0)
         self.records += done
+        self.notes = {f"{ctx.prefix}{b}": _note(r) for r in done for b in r["balance_names"] if b in targets}
         return changed
 
     def collect(self, targets: dict[str, nn.Linear]):
         return nullcontext()
 
-    def apply(self, targets: dict[str, nn.Linear], observers: dict, rerun=None, wanted=None) -> dict:
-        """Nothing to decide: every target is quantized by round to nearest (of its smoothed weight)."""
-        return {}
+    def apply(self, targets: dict[str, nn.Linear], observers: dict, rerun=None, wanted=None) -> dict[str, Solved]:
+        """No codes to decide: every target is quantized by round to nearest (of its smoothed weight). The smoothed
+        ones are returned without codes, as ``awq`` with their mapping's search result (modules.json, W&B)."""
+        notes, self.notes = self.notes, {}
+        return {n: Solved(None, None, "awq", note) for n, note in notes.items() if n in targets}
 
     # ---- one kind of mapping in one layer ----------------------------------------------------------------------
     def _smooth(self, ctx, kind: list[Resolved], merged: list[torch.Tensor], inputs: dict[str, list],
@@ -207,7 +212,7 @@ class AWQ:
             self._fold(ctx, r, candidates[best], changed)
             ratio, use_duo = grid[best]
             done.append({"layer": ctx.prefix.rstrip("."), "smooth": r.smooth_name, "parent": r.parent_name,
-                         "balance": len(r.balance), "ratio": ratio, "duo": use_duo,
+                         "balance": len(r.balance), "balance_names": list(r.balance), "ratio": ratio, "duo": use_duo,
                          "error_before": err[0], "error_after": err[best]})
             log.debug("%s%s: ratio %.3f%s, output error %.4g -> %.4g", ctx.prefix, r.smooth_name, ratio,
                       " (duo)" if use_duo else "", err[0], err[best])
@@ -280,6 +285,13 @@ class AWQ:
         if getattr(smooth, "bias", None) is not None:
             smooth.bias.data.copy_((smooth.bias.float() / sv).to(smooth.bias.dtype))
             changed.add(f"{ctx.prefix}{r.smooth_name}.bias")
+
+
+def _note(record: dict) -> str:
+    """One mapping's search result, as modules.json's ``algorithm_note`` of each Linear it balanced."""
+    duo = " duo" if record["duo"] else ""
+    return (f"awq: scales from {record['smooth']} (ratio {record['ratio']:.2f}{duo}); {record['parent']} output "
+            f"error {record['error_before']:.4g} -> {record['error_after']:.4g}")
 
 
 def _local_samples(dist, search_samples: int | None) -> int | None:

@@ -187,25 +187,36 @@ class GPTQ:
         weight = torch.stack([torch.cat([targets[n].weight.detach().float() for n in members])
                               for _, members in items]).to(hess.device)  # [B, R, C]
         original = weight.clone()
+        perm = solver.activation_order(hess) if self.cfg.actorder == "static" else None
+        if perm is not None:  # solved in activation order, written in the original one (nothing stored)
+            hess, weight = solver.permute_hessian(hess, perm), solver.permute_columns(weight, perm)
         hinv, ok, damp = solver.inverse_hessian_factor(hess, weight, self.cfg.dampening_frac,
                                                        self.cfg.dampening_retries)
         del hess
         observe = WEIGHT_OBSERVERS[ctx.weight_observer]
         if self.per_group:
-            grid = solver.int4_grid(ctx.group_size)
+            g = ctx.group_size
+            grid = solver.int4_grid(g)
 
-            def group_scale(g: torch.Tensor) -> torch.Tensor:  # the scheme's own rule, scale dtype included
-                return ctx.scheme.handler.quantize(g, observe, ctx.group_size, ctx.scale_dtype, None)[1].reshape(-1)
+            def group_scale(w: torch.Tensor) -> torch.Tensor:  # the scheme's own rule, scale dtype included
+                return ctx.scheme.handler.quantize(w, observe, g, ctx.scale_dtype, None)[1].reshape(-1)
 
-            codes, scales = solver.gptq_solve(weight, hinv, grid, block_size=block_for(self.cfg.block_size,
-                                                                                       ctx.group_size),
-                                              group_scale=group_scale)
+            if perm is None:
+                codes, scales = solver.gptq_solve(weight, hinv, grid, block_size=block_for(self.cfg.block_size, g),
+                                                  group_scale=group_scale)
+            else:  # every group's scale fixed up front from its weights (dead columns zeroed), original order
+                B, R, C = weight.shape
+                scales = group_scale(solver.unpermute_columns(weight, perm).reshape(-1, g)).reshape(B, R, C // g)
+                codes, _ = solver.gptq_solve(weight, hinv, grid, block_size=self.cfg.block_size, scales=scales,
+                                             column_groups=perm // g)
         else:  # one scale per Linear, from its weight as RTN computes it, fixed up front
             grid = solver.fp8_grid()
             row_scales = torch.stack([torch.cat([
                 ctx.scheme.handler.quantize(targets[n].weight.detach().float(), observe, None, None, None)[1]
                 .to(weight.device).expand(targets[n].out_features) for n in members]) for _, members in items])
             codes, scales = solver.gptq_solve(weight, hinv, grid, block_size=self.cfg.block_size, scales=row_scales)
+        if perm is not None:
+            codes = solver.unpermute_columns(codes, perm)
         for b, (_, members) in enumerate(items):
             if not ok[b]:
                 for n in members:

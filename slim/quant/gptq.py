@@ -18,7 +18,14 @@ Grids: int4 per group (slim's rule: ``group_scale`` is the scheme's own scale fu
 format's group-scale dtype, applied to the *current updated* weights of the group when its first column comes, or
 fixed ``scales`` given up front as llm-compressor does) or FP8 with one tensor scale fixed up front. Codes are
 ``clamp(round(w / s), -8, 7)`` / ``fp8(clamp(w / s))`` exactly as :mod:`slim.quant.int4` / :mod:`slim.quant.fp8`
-compute them, so the codes and scales returned are what RTN code would read back. No activation-order permutation.
+compute them, so the codes and scales returned are what RTN code would read back.
+
+Activation order without a stored permutation ("static groups": GPTQModel's ``desc_act`` with ``static_groups``,
+llm-compressor's ``actorder="weight"``): the columns are solved in decreasing order of H's diagonal (the input
+channels with the most energy first, while the most columns are left to absorb their error), every group's scale
+fixed up front from the weights in their original order, and the codes put back in that order. The groups stay
+contiguous in the checkpoint, so nothing (no ``g_idx``) is stored: :func:`activation_order`,
+:func:`permute_columns`, :func:`permute_hessian`, :func:`unpermute_columns` and ``gptq_solve(column_groups=)``.
 """
 
 from __future__ import annotations
@@ -95,12 +102,18 @@ def gptq_solve(
     block_size: int = 128,
     group_scale: Callable[[torch.Tensor], torch.Tensor] | None = None,  # [N, g] fp32 -> [N] scales
     scales: torch.Tensor | None = None,  # fixed up front: [B, R, C // g] per group; [B, 1] or [B, R] per tensor
+    column_groups: torch.Tensor | None = None,  # [B, C] int64: each (permuted) column's group in ``scales``
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (codes [B, R, C] of ``grid.code_dtype``, scales [B, R, C // g] or [B, 1]). Per group, the scale is
-    ``group_scale`` of the group's current weights when its first column comes, unless ``scales`` fixes them."""
+    ``group_scale`` of the group's current weights when its first column comes, unless ``scales`` fixes them.
+    ``column_groups``: the columns come permuted (activation order); column c is coded with the fixed scale of
+    group ``column_groups[:, c]``."""
     B, R, C = weight.shape
     g = grid.group_size
-    if g is not None and not (block_size % g == 0 or g % block_size == 0):
+    if column_groups is not None:
+        if g is None or scales is None:
+            raise ValueError("column_groups needs a per-group grid and its scales fixed up front")
+    elif g is not None and not (block_size % g == 0 or g % block_size == 0):
         raise ValueError(f"GPTQ block_size {block_size} and group_size {g}: one must divide the other")
     if g is None and scales is None:
         raise ValueError("a per-tensor grid needs its scales fixed up front")
@@ -113,9 +126,13 @@ def gptq_solve(
         err1 = torch.empty_like(w1)
         q1 = torch.empty(w1.shape, dtype=grid.work_dtype, device=weight.device)
         hinv1 = hinv[:, i1:i2, i1:i2]
+        if column_groups is not None:  # every column's fixed scale in this block, gathered once
+            block_scales = torch.gather(scales, 2, column_groups[:, i1:i2].unsqueeze(1).expand(B, R, i2 - i1)).float()
         for i in range(i2 - i1):
             c = i1 + i
-            if g is not None and c % g == 0:
+            if column_groups is not None:
+                s = block_scales[:, :, i]
+            elif g is not None and c % g == 0:
                 if scales is not None:
                     s_stored = scales[:, :, c // g]
                 else:  # the group's current weights: inside this block, or from here on (a block starts here)
@@ -134,6 +151,30 @@ def gptq_solve(
         if i2 < C:
             weight[:, :, i2:] -= torch.bmm(err1, hinv[:, i1:i2, i2:])
     return codes, out_scales
+
+
+def activation_order(hessian: torch.Tensor) -> torch.Tensor:
+    """H [B, C, C] -> [B, C] int64: the columns by decreasing diagonal (ties keep their index order)."""
+    return torch.argsort(torch.diagonal(hessian, dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)
+
+
+def permute_columns(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """t [B, R, C], perm [B, C] -> t[b][:, perm[b]] for every b."""
+    return torch.gather(t, 2, perm.unsqueeze(1).expand(-1, t.shape[1], -1))
+
+
+def unpermute_columns(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`permute_columns` (FP8 codes moved as their bytes)."""
+    raw = t.view(torch.uint8) if t.dtype == fp8.FP8_DTYPE else t
+    out = torch.empty_like(raw).scatter_(2, perm.unsqueeze(1).expand(-1, t.shape[1], -1), raw)
+    return out.view(t.dtype)
+
+
+def permute_hessian(hessian: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """H [B, C, C], perm [B, C] -> H[b][perm[b]][:, perm[b]] for every b (a new tensor)."""
+    C = hessian.shape[-1]
+    rows = torch.gather(hessian, 1, perm.unsqueeze(2).expand(-1, -1, C))
+    return torch.gather(rows, 2, perm.unsqueeze(1).expand(-1, C, -1))
 
 
 def hessian_objective(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:

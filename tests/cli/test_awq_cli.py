@@ -45,6 +45,12 @@ def test_awq_checkpoint_verifies_and_records_the_algorithm(runs):
     assert json.loads((ckpt / "config.json").read_text())["slim"]["algorithm"] == "awq"
     assert json.loads((ckpt / "config.json").read_text())["quantization_config"] == \
         json.loads((runs["rtn"] / "config.json").read_text())["quantization_config"]  # the same layout
+    # every smoothed Linear says so in modules.json, with its mapping's search result
+    mods = {m["name"]: m for m in json.loads((ckpt.parent / "modules.json").read_text())}
+    smoothed = {n: m for n, m in mods.items() if m["algorithm"] == "awq"}
+    assert "model.layers.1.mlp.experts.0.gate_proj" in smoothed, sorted(mods)[:8]
+    assert all(m["algorithm_note"].startswith("awq: scales from ") for m in smoothed.values())
+    assert {m["algorithm"] for m in mods.values()} <= {"awq", "rtn"}
 
 
 def test_smoothed_norm_and_router_are_written(runs):

@@ -347,6 +347,13 @@ def test_composed_prepares_with_the_first_and_quantizes_with_the_second(embedded
     before = ctx.layer.input_layernorm.weight.clone()
     assert algo.prepare(ctx) and not torch.equal(ctx.layer.input_layernorm.weight, before)
     assert algo.first.records and isinstance(algo.second, RoundToNearest)
+    # no codes from either; the smoothed targets carry AWQ's search result for modules.json, once
+    said = algo.apply(ctx.targets, {})
+    balanced = {f"{ctx.prefix}{b}" for r in algo.first.records for b in r["balance_names"]} & set(ctx.targets)
+    assert balanced and set(said) == balanced
+    for name, s in said.items():
+        assert s.weight is None and s.algorithm == "awq", name
+        assert s.reason.startswith("awq: scales from ") and "output error" in s.reason, s.reason
     assert algo.apply(ctx.targets, {}) == {}
 
 

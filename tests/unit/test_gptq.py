@@ -114,6 +114,81 @@ def test_matches_plain_reference_and_group_scales_follow_slims_rule():
         assert (codes.int() - ref_codes.int()).abs().max() <= 1
 
 
+def solve_static(w, h, group_size=32, block_size=64):
+    """Activation order with static groups, as slim.algorithms.gptq runs it: w [R, C], h [C, C] -> (codes, scales)."""
+    weight, hess = w.clone()[None], h.clone()[None]
+    perm = solver.activation_order(hess)
+    hess, weight = solver.permute_hessian(hess, perm), solver.permute_columns(weight, perm)
+    hinv, ok, _ = solver.inverse_hessian_factor(hess, weight, 0.01)
+    assert bool(ok.all())
+    scales = group_scale_fn(group_size)(w.reshape(-1, group_size)).reshape(1, w.shape[0], -1)
+    codes, _ = solver.gptq_solve(weight, hinv, solver.int4_grid(group_size), block_size=block_size, scales=scales,
+                                 column_groups=perm // group_size)
+    return solver.unpermute_columns(codes, perm)[0], scales[0]
+
+
+def reference_static(w, h, group_size, dampening=0.01):
+    """The plain elimination of ``reference_gptq`` over the columns in decreasing diag(H) order, each coded with
+    its group's scale from the original weights (no lazy blocks, fp64)."""
+    order = torch.argsort(h.diagonal(), descending=True, stable=True).tolist()
+    w = w.double().clone()
+    h = h.double().clone()
+    h += torch.eye(h.shape[0], dtype=h.dtype) * dampening * h.diagonal().mean()
+    hp = h[order][:, order]
+    hinv = torch.linalg.inv(hp)
+    wp = w[:, order]
+    scales = group_scale_fn(group_size)(w.float().reshape(-1, group_size)).reshape(w.shape[0], -1)
+    codes = torch.empty(w.shape, dtype=torch.int8)
+    for q, col in enumerate(order):
+        s = scales[:, col // group_size].double()
+        c = torch.div(wp[:, q], s).round().clamp(-8, 7)
+        codes[:, col] = c.to(torch.int8)
+        err = (wp[:, q] - c * s) / hinv[q, q]
+        wp[:, q:] -= err[:, None] * hinv[q, q:][None, :]
+        hinv = hinv - hinv[:, q : q + 1] @ hinv[q : q + 1, :] / hinv[q, q]
+    return codes, scales
+
+
+def test_activation_order_matches_plain_reference_and_stores_no_permutation():
+    x = correlated(1024, 128, seed=5)
+    h = 2 / x.shape[0] * x.T @ x
+    assert not torch.equal(solver.activation_order(h[None])[0], torch.arange(128))  # a real permutation
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(6))
+    ref_codes, ref_scales = reference_static(w, h, 32)
+    for block in (16, 48, 128):  # any block: the scales are fixed, a group may straddle blocks
+        codes, scales = solve_static(w, h, group_size=32, block_size=block)
+        assert torch.equal(scales, ref_scales)  # RTN's own scales, in the original column order
+        assert (codes != ref_codes).float().mean() < 0.005, block
+        assert (codes.int() - ref_codes.int()).abs().max() <= 1
+    # the objective is far below round to nearest's, and the codes read back with the contiguous groups
+    rtn = W4.quantize(w, None, 32, "minmax", torch.bfloat16)
+    assert torch.equal(scales, rtn.weight_scale)
+    ours = dequantize_weight(QuantizedLinear(codes, scales, None, 4, 32))
+    assert solver.hessian_objective(w, ours, h) < 0.5 * solver.hessian_objective(w, dequantize_weight(rtn), h)
+
+
+def test_activation_order_with_a_diagonal_hessian_is_rtn_bit_for_bit():
+    """No correlation, no error to spread: whatever the order, the codes are round to nearest's."""
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(16, 96, generator=gen).to(torch.bfloat16).float()
+    h = torch.diag(torch.rand(96, generator=gen) + 0.1)
+    codes, scales = solve_static(w, h, group_size=32, block_size=64)
+    rtn = W4.quantize(w, None, 32, "minmax", torch.bfloat16)
+    assert torch.equal(codes, rtn.weight) and torch.equal(scales, rtn.weight_scale)
+
+
+def test_permutations_invert_fp8_codes_included():
+    gen = torch.Generator().manual_seed(8)
+    t = torch.randn(2, 3, 10, generator=gen)
+    perm = torch.stack([torch.randperm(10, generator=gen) for _ in range(2)])
+    assert torch.equal(solver.unpermute_columns(solver.permute_columns(t, perm), perm), t)
+    f8 = t.to(torch.float8_e4m3fn)
+    back = solver.unpermute_columns(solver.permute_columns(f8.float(), perm).to(torch.float8_e4m3fn), perm)
+    assert torch.equal(back.view(torch.uint8), f8.view(torch.uint8))
+    h = torch.randn(2, 10, 10, generator=gen)
+    assert torch.equal(solver.permute_hessian(h, perm)[1], h[1][perm[1]][:, perm[1]])
+
+
 def test_dead_columns_and_not_positive_definite():
     w = torch.randn(2, 8, 4)
     h = torch.stack([torch.diag(torch.tensor([1.0, 0.0, 2.0, 3.0])), torch.diag(torch.tensor([1.0, -1.0, 1.0, -1.0]))])
@@ -179,6 +254,27 @@ def test_shared_inputs_share_one_hessian_and_few_tokens_fall_back():
     assert s.weight.dtype == torch.int8 and s.weight_scale.dtype == torch.bfloat16 and s.weight_scale.shape == (32, 2)
 
 
+def test_actorder_static_and_none_through_the_algorithm():
+    """The algorithm's two orders: both far below round to nearest on the layer's own H, scales of static = RTN's,
+    and codes that differ (the order changes how errors spread)."""
+    torch.manual_seed(0)
+    block = Block(experts=1)
+    x = correlated(256, 64, seed=9)
+    static, _ = run_gptq(block, x, [256])
+    none, _ = run_gptq(block, x, [256], actorder="none")
+    w = block.experts[0]["gate"].weight.detach()
+    h = 2 / x.shape[0] * x.T @ x
+    rtn = W4.quantize(w, None, 32, "minmax", torch.bfloat16)
+    assert torch.equal(static["mlp.experts.0.gate_proj"].weight_scale, rtn.weight_scale)
+    objective = {}
+    for name, solved in (("static", static), ("none", none)):
+        s = solved["mlp.experts.0.gate_proj"]
+        objective[name] = solver.hessian_objective(w, dequantize_weight(QuantizedLinear(s.weight, s.weight_scale,
+                                                                                         None, 4, 32)), h)
+    assert max(objective.values()) < 0.7 * solver.hessian_objective(w, dequantize_weight(rtn), h), objective
+    assert not torch.equal(static["mlp.experts.0.gate_proj"].weight, none["mlp.experts.0.gate_proj"].weight)
+
+
 def test_expert_chunks_give_the_same_codes():
     torch.manual_seed(0)
     block, x = Block(experts=3), torch.randn(200, 64)
@@ -200,6 +296,7 @@ def test_config_errors_name_the_fix():
     for overrides, fix in ((["algorithm.block_size=0"], "algorithm.block_size must be positive"),
                            (["algorithm.dampening_frac=0"], "algorithm.dampening_frac"),
                            (["algorithm.hessian_dtype=float16"], "float32, float64"),
+                           (["algorithm.actorder=desc"], "static, none"),
                            (["scheme=w4a8_dynamic", "calibration=none"], "algorithm=rtn")):
         with pytest.raises(SlimError, match=fix):
             validate(compose_config("scheme=w4a8", "algorithm=gptq", *overrides))

@@ -38,7 +38,8 @@ from safetensors.torch import load_file, save_file
 from compressed_tensors.quantization import QuantizationArgs
 from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
 t = load_file(sys.argv[1])
-args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=int(sys.argv[3]))
+args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=int(sys.argv[3]),
+                        actorder=sys.argv[5] if len(sys.argv) > 5 else None)
 w, _, fallback = quantize_weight(t["w"], t["h"], t["scale"], torch.zeros_like(t["scale"], dtype=torch.int8), None,
                                  args, blocksize=int(sys.argv[4]), percdamp=0.01)
 save_file({"w": w.contiguous(), "fallback": fallback.to(torch.int8)}, sys.argv[2])
@@ -66,10 +67,11 @@ def problem(batch=3, rows=64, cols=256, seed=0):
     return w, h
 
 
-def run_peer(tmp_path, w, h, scale, group_size, block):
+def run_peer(tmp_path, w, h, scale, group_size, block, actorder=None):
     save_file({"w": w.contiguous(), "h": h.contiguous(), "scale": scale.contiguous()}, tmp_path / "in.safetensors")
     proc = subprocess.run([str(PEER), "-c", PEER_SCRIPT, str(tmp_path / "in.safetensors"),
-                           str(tmp_path / "out.safetensors"), str(group_size), str(block)],
+                           str(tmp_path / "out.safetensors"), str(group_size), str(block),
+                           *([actorder] if actorder else [])],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = load_file(tmp_path / "out.safetensors")
@@ -121,3 +123,26 @@ def test_scales_at_group_start_differ_from_llm_compressors_fixed_ones_and_fit_be
         assert o_ours < 1.05 * o_peer, (o_ours, o_peer)
     differing = (codes.float() != (peer.reshape(B, R, -1, g) / scale[..., None]).round().reshape(B, R, C)).float()
     assert 0 < differing.mean() < 0.5
+
+
+def test_activation_order_equals_llm_compressors_weight_actorder(tmp_path):
+    """slim's ``algorithm.actorder=static`` is llm-compressor's ``actorder="weight"``: columns by decreasing H
+    diagonal, every group's scale fixed from the original weights, codes put back in the original order (no
+    ``g_idx``). With the same scales the codes are equal bit for bit."""
+    w, h = problem(seed=2)
+    B, R, C = w.shape
+    g = 64
+    rule = SCHEMES["w4a8_dynamic"].handler.quantize
+    scale = rule(w.reshape(-1, g), WEIGHT_OBSERVERS["minmax"], g, torch.bfloat16, None)[1].reshape(B, R, C // g)
+    peer = run_peer(tmp_path, w, h, scale.float(), g, 128, actorder="weight")
+    perm = solver.activation_order(h)
+    hess, weight = solver.permute_hessian(h, perm), solver.permute_columns(w, perm)
+    hinv, ok, _ = solver.inverse_hessian_factor(hess, weight, 0.01)
+    assert bool(ok.all())
+    codes, _ = solver.gptq_solve(weight, hinv, solver.int4_grid(g), block_size=128, scales=scale,
+                                 column_groups=perm // g)
+    codes = solver.unpermute_columns(codes, perm)
+    peer_codes = (peer.reshape(B, R, -1, g) / scale.float()[..., None]).round().reshape(B, R, C)
+    assert torch.equal(codes.float(), peer_codes)
+    plain, _ = slim_solve(w, h, g, 128, scales=scale.float())  # the same scales in the original order
+    assert not torch.equal(plain, codes)

@@ -41,6 +41,9 @@ def test_r1_w4a8_gptq_is_feasible_with_every_experts_hessian(r1_skeleton, hardwa
     assert plan.calibration_passes == -(-256 // plan.expert_chunk)
     assert plan.expert_chunk == {"h20x1_lowmem": 242, "h20x8": 256, "h20x16": 256}[hardware]
     assert plan.device_total <= 0.95 * plan.device_capacity
+    # ranks add their Hessians from an all-gather, one H at a time: world copies of the largest (gate/up's)
+    gather = plan.device_bytes.get("GPTQ Hessian all-gather (ranks x the largest H)", 0)
+    assert gather == {"h20x1_lowmem": 0, "h20x8": 8, "h20x16": 16}[hardware] * 7168 * 7168 * 4
     experts = 256 * 3 * 2048 * 7168  # the codes of one layer's routed experts wait on the host, a byte per weight
     assert plan.host_bytes["GPTQ results (codes and scales of one layer)"] == experts + experts // 128 * 4
 
@@ -64,6 +67,12 @@ def test_a_smaller_device_collects_experts_in_chunks(r1_skeleton):
 def test_no_room_for_one_expert_is_refused_with_the_fix(r1_skeleton):
     plan = r1_plan(r1_skeleton, "hardware=h20x1_lowmem", "scheme=w4a8", "hardware.device_memory_gb=26")
     assert not plan.feasible and any("algorithm=rtn" in p for p in plan.problems), plan.problems
+
+
+def test_awq_gptq_plans_the_same_hessians_as_gptq(r1_skeleton):
+    gptq = r1_plan(r1_skeleton, "hardware=h20x8", "scheme=w4a8")
+    both = r1_plan(r1_skeleton, "hardware=h20x8", "scheme=w4a8", "algorithm=awq_gptq")
+    assert both.device_bytes[HESSIANS] == gptq.device_bytes[HESSIANS] > 0 and both.expert_chunk == gptq.expert_chunk
 
 
 def test_rtn_and_fp8_weights_plan_no_hessians(r1_skeleton):
